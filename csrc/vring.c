@@ -1,0 +1,261 @@
+/*
+ * vring.c: guest memory and split virtqueues, written for a guest we do not trust.
+ *
+ * Every address the guest hands us is translated through the memory table with bounds
+ * checks; every index is checked against the queue size; chains are bounded so a loop
+ * cannot hold the worker. Descriptors are copied out of shared memory before use, so the
+ * guest cannot change one between our check and our use of it.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "vring.h"
+
+int vpv_memory_map(struct vpv_memory *mem, const struct vpv_mem_region_desc *regions,
+                   uint32_t count)
+{
+    vpv_memory_unmap(mem);
+    if (count > VPV_MAX_REGIONS)
+        return -E2BIG;
+    for (uint32_t i = 0; i < count; i++) {
+        const struct vpv_mem_region_desc *d = &regions[i];
+        uint64_t map_size = d->memory_size + d->mmap_offset;
+        if (d->memory_size == 0 || map_size < d->memory_size ||
+            d->guest_phys_addr + d->memory_size < d->guest_phys_addr ||
+            d->userspace_addr + d->memory_size < d->userspace_addr) {
+            vpv_memory_unmap(mem);
+            return -EINVAL;
+        }
+        void *base = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, d->fd, 0);
+        if (base == MAP_FAILED) {
+            int err = -errno;
+            vpv_memory_unmap(mem);
+            return err;
+        }
+        struct vpv_region *r = &mem->regions[mem->count++];
+        r->gpa = d->guest_phys_addr;
+        r->size = d->memory_size;
+        r->uaddr = d->userspace_addr;
+        r->mmap_base = base;
+        r->mmap_size = map_size;
+        r->host = (uint8_t *)base + d->mmap_offset;
+    }
+    return 0;
+}
+
+void vpv_memory_unmap(struct vpv_memory *mem)
+{
+    for (uint32_t i = 0; i < mem->count; i++)
+        munmap(mem->regions[i].mmap_base, mem->regions[i].mmap_size);
+    memset(mem, 0, sizeof(*mem));
+}
+
+static const struct vpv_region *find_gpa(const struct vpv_memory *mem, uint64_t gpa)
+{
+    for (uint32_t i = 0; i < mem->count; i++) {
+        const struct vpv_region *r = &mem->regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size)
+            return r;
+    }
+    return NULL;
+}
+
+void *vpv_gpa_to_host(const struct vpv_memory *mem, uint64_t gpa, uint64_t len)
+{
+    const struct vpv_region *r = find_gpa(mem, gpa);
+    if (!r || len > r->size - (gpa - r->gpa))
+        return NULL;
+    return r->host + (gpa - r->gpa);
+}
+
+void *vpv_uaddr_to_host(const struct vpv_memory *mem, uint64_t uaddr, uint64_t len)
+{
+    for (uint32_t i = 0; i < mem->count; i++) {
+        const struct vpv_region *r = &mem->regions[i];
+        if (uaddr >= r->uaddr && uaddr - r->uaddr < r->size &&
+            len <= r->size - (uaddr - r->uaddr))
+            return r->host + (uaddr - r->uaddr);
+    }
+    return NULL;
+}
+
+int vpv_vring_init(struct vpv_vring *vr, const struct vpv_memory *mem,
+                   const struct vpv_vring_config *cfg)
+{
+    memset(vr, 0, sizeof(*vr));
+    /* The split ring needs a power-of-two size for its free-running indices. */
+    if (cfg->num == 0 || cfg->num > VPV_MAX_QUEUE_SIZE || (cfg->num & (cfg->num - 1)))
+        return -EINVAL;
+    uint64_t desc_len = 16ull * cfg->num;
+    uint64_t avail_len = 6 + 2ull * cfg->num;
+    uint64_t used_len = 6 + 8ull * cfg->num;
+    vr->desc = vpv_uaddr_to_host(mem, cfg->desc_user_addr, desc_len);
+    vr->avail = vpv_uaddr_to_host(mem, cfg->avail_user_addr, avail_len);
+    vr->used = vpv_uaddr_to_host(mem, cfg->used_user_addr, used_len);
+    if (!vr->desc || !vr->avail || !vr->used)
+        return -EFAULT;
+    /* Alignment the spec guarantees; a frontend breaking it would give torn accesses. */
+    if (((uintptr_t)vr->desc & 15) || ((uintptr_t)vr->avail & 1) || ((uintptr_t)vr->used & 3))
+        return -EINVAL;
+    vr->num = cfg->num;
+    vr->event_idx = cfg->event_idx;
+    vr->indirect = cfg->indirect;
+    vr->last_avail_idx = cfg->base;
+    /* Resume where the used ring is; on a fresh ring both are zero. */
+    vr->used_idx = __atomic_load_n(&vr->used->idx, __ATOMIC_ACQUIRE);
+    vr->signalled_valid = 0;
+    return 0;
+}
+
+/* Append [gpa, gpa+len) as one or more iovecs (split at region borders). */
+static int add_buffer(struct vpv_chain *chain, const struct vpv_memory *mem, uint64_t gpa,
+                      uint32_t len, int writable)
+{
+    uint64_t remaining = len;
+    if (gpa + remaining < gpa)
+        return -EFAULT;
+    while (remaining > 0) {
+        const struct vpv_region *r = find_gpa(mem, gpa);
+        if (!r)
+            return -EFAULT;
+        uint64_t off = gpa - r->gpa;
+        uint64_t chunk = r->size - off;
+        if (chunk > remaining)
+            chunk = remaining;
+        uint32_t slot = chain->n_in + chain->n_out;
+        if (slot >= VPV_MAX_IOV)
+            return -E2BIG;
+        chain->iov[slot].iov_base = r->host + off;
+        chain->iov[slot].iov_len = chunk;
+        if (writable) {
+            chain->n_out++;
+            chain->out_bytes += chunk;
+        } else {
+            chain->n_in++;
+            chain->in_bytes += chunk;
+        }
+        gpa += chunk;
+        remaining -= chunk;
+    }
+    return 0;
+}
+
+enum vpv_pop vpv_vring_pop(struct vpv_vring *vr, const struct vpv_memory *mem,
+                           struct vpv_chain *chain)
+{
+    uint16_t avail_idx = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
+    uint16_t pending = (uint16_t)(avail_idx - vr->last_avail_idx);
+    if (pending == 0)
+        return VPV_POP_EMPTY;
+    if (pending > vr->num)
+        return VPV_POP_BROKEN;   /* the driver claims more entries than the ring holds */
+    uint16_t head = __atomic_load_n(&vr->avail->ring[vr->last_avail_idx % vr->num],
+                                    __ATOMIC_RELAXED);
+    if (head >= vr->num)
+        return VPV_POP_BROKEN;   /* nothing we could ever complete */
+    vr->last_avail_idx++;
+
+    chain->head = head;
+    chain->n_in = chain->n_out = 0;
+    chain->in_bytes = chain->out_bytes = 0;
+    chain->bad = 0;
+    chain->status_ok = 0;
+
+    const struct vring_desc *table = vr->desc;
+    uint32_t table_len = vr->num;
+    uint32_t idx = head;
+    uint32_t seen = 0;
+    int in_indirect = 0;
+    for (;;) {
+        if (idx >= table_len || ++seen > table_len)
+            return VPV_POP_BAD_CHAIN;   /* index out of range, or a loop */
+        struct vring_desc d;
+        memcpy(&d, &table[idx], sizeof(d));
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            if (!vr->indirect || in_indirect || (d.flags & VRING_DESC_F_NEXT) ||
+                d.len == 0 || d.len % sizeof(struct vring_desc) ||
+                d.len / sizeof(struct vring_desc) > VPV_MAX_QUEUE_SIZE)
+                return VPV_POP_BAD_CHAIN;
+            table = vpv_gpa_to_host(mem, d.addr, d.len);
+            if (!table)
+                return VPV_POP_BAD_CHAIN;
+            table_len = d.len / sizeof(struct vring_desc);
+            idx = 0;
+            seen = 0;
+            in_indirect = 1;
+            continue;
+        }
+        int writable = (d.flags & VRING_DESC_F_WRITE) != 0;
+        if (!writable && chain->n_out > 0)
+            return VPV_POP_BAD_CHAIN;   /* readable after writable breaks the framing */
+        int err = add_buffer(chain, mem, d.addr, d.len, writable);
+        if (err == -E2BIG)
+            return VPV_POP_BAD_CHAIN;
+        if (err) {
+            /* Keep walking: the status descriptor may still be usable for an IOERR. */
+            chain->bad = 1;
+            chain->status_ok = 0;
+        } else {
+            chain->status_ok = writable && d.len > 0;
+        }
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            break;
+        idx = d.next;
+    }
+    return VPV_POP_OK;
+}
+
+void vpv_vring_push(struct vpv_vring *vr, uint16_t head, uint32_t written)
+{
+    struct vring_used_elem *e = &vr->used->ring[vr->used_idx % vr->num];
+    e->id = head;
+    e->len = written;
+    vr->used_idx++;
+    /* The element must be visible before the index that publishes it. */
+    __atomic_store_n(&vr->used->idx, vr->used_idx, __ATOMIC_RELEASE);
+}
+
+int vpv_vring_should_notify(struct vpv_vring *vr)
+{
+    /* Our used->idx store must be ordered before we read the driver's suppression state. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (!vr->event_idx)
+        return !(__atomic_load_n(&vr->avail->flags, __ATOMIC_RELAXED) &
+                 VRING_AVAIL_F_NO_INTERRUPT);
+    uint16_t used_event = __atomic_load_n(&vr->avail->ring[vr->num], __ATOMIC_RELAXED);
+    uint16_t new_idx = vr->used_idx;
+    uint16_t old_idx = vr->signalled_used;
+    int valid = vr->signalled_valid;
+    vr->signalled_used = new_idx;
+    vr->signalled_valid = 1;
+    if (!valid)
+        return 1;
+    /* vring_need_event(): notify if used_event lies in (old_idx, new_idx]. */
+    return (uint16_t)(new_idx - used_event - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+int vpv_vring_enable_kicks(struct vpv_vring *vr)
+{
+    if (vr->event_idx) {
+        uint16_t *avail_event = (uint16_t *)&vr->used->ring[vr->num];
+        __atomic_store_n(avail_event, vr->last_avail_idx, __ATOMIC_RELAXED);
+    } else {
+        uint16_t flags = __atomic_load_n(&vr->used->flags, __ATOMIC_RELAXED);
+        __atomic_store_n(&vr->used->flags, (uint16_t)(flags & ~VRING_USED_F_NO_NOTIFY),
+                         __ATOMIC_RELAXED);
+    }
+    /* Publish the request for kicks before re-reading avail->idx, or a kick is lost. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
+}
+
+void vpv_vring_disable_kicks(struct vpv_vring *vr)
+{
+    if (!vr->event_idx) {
+        uint16_t flags = __atomic_load_n(&vr->used->flags, __ATOMIC_RELAXED);
+        __atomic_store_n(&vr->used->flags, (uint16_t)(flags | VRING_USED_F_NO_NOTIFY),
+                         __ATOMIC_RELAXED);
+    }
+}

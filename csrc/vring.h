@@ -1,0 +1,113 @@
+/*
+ * vring.h: split virtqueue internals shared by vring.c and blk.c. Not part of the cffi
+ * interface (that is vhost_pv.h); nothing here is visible to Python.
+ */
+#ifndef VHOST_PV_VRING_H
+#define VHOST_PV_VRING_H
+
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "vhost_pv.h"
+
+/* Layouts from the virtio 1.x specification, section "Split Virtqueues". */
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+#define VRING_USED_F_NO_NOTIFY 1
+
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+struct vring_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];   /* ring[num], then used_event */
+};
+
+struct vring_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+
+struct vring_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct vring_used_elem ring[];  /* ring[num], then avail_event */
+};
+
+struct vpv_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t uaddr;
+    uint8_t *host;        /* start of the region in our address space */
+    void *mmap_base;      /* what to munmap */
+    uint64_t mmap_size;
+};
+
+struct vpv_memory {
+    uint32_t count;
+    struct vpv_region regions[VPV_MAX_REGIONS];
+};
+
+/* One request's buffers after walking its descriptor chain: device-readable iovecs first,
+ * then device-writable ones, as the spec requires. */
+struct vpv_chain {
+    uint16_t head;
+    uint32_t n_in;        /* readable (driver -> device) iovecs, iov[0 .. n_in) */
+    uint32_t n_out;       /* writable (device -> driver) iovecs, iov[n_in .. n_in+n_out) */
+    uint64_t in_bytes;
+    uint64_t out_bytes;
+    int bad;              /* some buffer lies outside guest memory: fail the request */
+    int status_ok;        /* the last descriptor is writable and mapped: status can be set */
+    struct iovec iov[VPV_MAX_IOV];
+};
+
+struct vpv_vring {
+    uint32_t num;
+    int event_idx;
+    int indirect;
+    struct vring_desc *desc;
+    struct vring_avail *avail;
+    struct vring_used *used;
+    uint16_t last_avail_idx;
+    uint16_t used_idx;
+    uint16_t signalled_used;     /* used_idx when we last notified (EVENT_IDX) */
+    int signalled_valid;
+};
+
+/* Map a region set; returns 0 or -errno. */
+int vpv_memory_map(struct vpv_memory *mem, const struct vpv_mem_region_desc *regions,
+                   uint32_t count);
+void vpv_memory_unmap(struct vpv_memory *mem);
+/* Host pointer for [gpa, gpa+len) if it lies inside one region, else NULL. */
+void *vpv_gpa_to_host(const struct vpv_memory *mem, uint64_t gpa, uint64_t len);
+void *vpv_uaddr_to_host(const struct vpv_memory *mem, uint64_t uaddr, uint64_t len);
+
+/* Resolve ring addresses; returns 0 or -EFAULT/-EINVAL. */
+int vpv_vring_init(struct vpv_vring *vr, const struct vpv_memory *mem,
+                   const struct vpv_vring_config *cfg);
+
+/* Result of vpv_vring_pop. */
+enum vpv_pop {
+    VPV_POP_EMPTY = 0,     /* nothing available */
+    VPV_POP_OK = 1,        /* chain is valid and filled */
+    VPV_POP_BAD_CHAIN = 2, /* the chain is malformed: complete it with an error, go on */
+    VPV_POP_BROKEN = 3,    /* the ring itself is corrupt: stop the queue */
+};
+
+enum vpv_pop vpv_vring_pop(struct vpv_vring *vr, const struct vpv_memory *mem,
+                           struct vpv_chain *chain);
+void vpv_vring_push(struct vpv_vring *vr, uint16_t head, uint32_t written);
+/* After a batch: should the driver be interrupted? */
+int vpv_vring_should_notify(struct vpv_vring *vr);
+/* Ask for kicks again (EVENT_IDX: publish avail_event); returns 1 if more work arrived. */
+int vpv_vring_enable_kicks(struct vpv_vring *vr);
+void vpv_vring_disable_kicks(struct vpv_vring *vr);
+
+#endif

@@ -1,0 +1,211 @@
+"""The `vhost-pv` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vhost_pv.control import client
+from vhost_pv.control.server import AccessList
+from vhost_pv.daemon import Daemon, DaemonConfig
+from vhost_pv.volume.header import HeaderError, ReadPolicy, RingFullPolicy, TtlAction
+from vhost_pv.volume.volume import DEFAULT_RING_SIZE, CreateOptions, create_volume, parse_size, read_header
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ids: {text!r}") from None
+
+
+def _choice(kind: type[ReadPolicy] | type[RingFullPolicy] | type[TtlAction]) -> list[str]:
+    return [member.name.lower() for member in kind]
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    options = CreateOptions(
+        size=args.size,
+        ring_size=args.ring_size,
+        owner=args.owner or "",
+        read_only=args.read_only,
+        read_policy=ReadPolicy[args.read_policy.upper()],
+        ring_full_policy=RingFullPolicy[args.ring_full.upper()],
+        ttl_seconds=args.ttl,
+        ttl_action=TtlAction[args.ttl_action.upper()],
+        allowed_uids=args.allow_uids if args.allow_uids is not None else (os.getuid(),),
+        allowed_gids=args.allow_gids or (),
+    )
+    try:
+        header = create_volume(Path(args.path), options)
+    except FileExistsError:
+        print(f"vhost-pv: {args.path} exists; refusing to overwrite a volume", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"vhost-pv: {exc}", file=sys.stderr)
+        return 2
+    print(f"created {args.path}: {header.capacity >> 20} MiB data, {header.ring_size >> 20} MiB "
+          f"quarantine ring, uuid {header.uuid}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        header = read_header(Path(args.path))
+    except HeaderError as exc:
+        print(f"vhost-pv: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"vhost-pv: {args.path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    info = header.to_dict()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(key) for key in info)
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    if not 1 <= args.queues <= 16:
+        print("vhost-pv: --queues must be between 1 and 16", file=sys.stderr)
+        return 2
+    config = DaemonConfig(
+        volumes=[Path(p) for p in args.volumes],
+        socket_dir=Path(args.socket_dir),
+        control_path=Path(args.control),
+        queues=args.queues,
+        read_only=args.read_only,
+        control_access=AccessList(
+            uids=frozenset(args.control_uids or ()) | {os.getuid()},
+            gids=frozenset(args.control_gids or ()),
+        ),
+    )
+    for path in config.volumes:
+        try:
+            read_header(path)
+        except (HeaderError, OSError) as exc:
+            print(f"vhost-pv: {path}: {exc}", file=sys.stderr)
+            return 1
+    uvloop.run(Daemon(config).run())
+    return 0
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    print(f"daemon pid {status['pid']}")
+    for volume in status["volumes"]:
+        header = volume["header"]
+        line = (f"  {volume['name']}: {header['capacity'] >> 20} MiB, state {header['state']}, "
+                f"socket {volume['socket']}")
+        print(line)
+        connection = volume["connection"]
+        if connection is None:
+            print("    no frontend attached")
+            continue
+        print(f"    frontend pid {connection['pid']} uid {connection['uid']}, "
+              f"queues running {connection['queues_running']}")
+        for index, queue in enumerate(connection["queues"]):
+            print(f"    q{index}: {queue['requests']} requests, {queue['reads']} reads, "
+                  f"{queue['writes']} writes, {queue['io_errors']} errors, "
+                  f"{queue['bad_requests']} bad, broken={bool(queue['broken'])}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        status = client.status(Path(args.control))
+    except (OSError, client.ControlError) as exc:
+        print(f"vhost-pv: {args.control}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vhost_pv.demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None, size=args.size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vhost-pv", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("create", help="create a volume file")
+    p.add_argument("path")
+    p.add_argument("--size", type=_size, required=True, help="data region size, e.g. 1G")
+    p.add_argument("--ring-size", type=_size, default=DEFAULT_RING_SIZE,
+                   help="quarantine ring size (default 16M)")
+    p.add_argument("--owner", help="owning container id or name")
+    p.add_argument("--read-only", action="store_true", help="the guest may only read")
+    p.add_argument("--read-policy", choices=_choice(ReadPolicy), default="deny",
+                   help="reads while dangling")
+    p.add_argument("--ring-full", choices=_choice(RingFullPolicy), default="reject",
+                   help="writes while dangling when the ring is full")
+    p.add_argument("--ttl", type=int, default=0, help="seconds dangling before the TTL action")
+    p.add_argument("--ttl-action", choices=_choice(TtlAction), default="alert")
+    p.add_argument("--allow-uids", type=_ids, help="uids whose frontends may attach "
+                   "(default: yours)")
+    p.add_argument("--allow-gids", type=_ids, help="gids whose frontends may attach")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("inspect", help="show a volume's header")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("serve", help="serve volumes to vhost-user-blk frontends")
+    p.add_argument("volumes", nargs="+", metavar="VOLUME")
+    p.add_argument("--socket-dir", required=True, help="where DIR/<volume>.sock are created")
+    p.add_argument("--control", required=True, help="control socket path")
+    p.add_argument("--queues", type=int, default=1, help="virtqueues offered per volume")
+    p.add_argument("--read-only", action="store_true", help="serve every volume read-only")
+    p.add_argument("--control-uids", type=_ids, help="more uids allowed on the control socket")
+    p.add_argument("--control-gids", type=_ids, help="gids allowed on the control socket")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="ask a running daemon for its state")
+    p.add_argument("--control", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="create a volume, serve it, run fio in a QEMU guest")
+    p.add_argument("--workdir", help="where the demo volume lives (default: the cache)")
+    p.add_argument("--size", type=_size, default=parse_size("256M"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The control socket: admin commands, for peers on the allow-list only (SO_PEERCRED)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from construct import ConstructError
+
+from vhost_pv.control.wire import (
+    CONTROL_VERSION,
+    FLAG_REPLY,
+    MAX_CONTROL_PAYLOAD,
+    Command,
+    ControlHeader,
+    ReplyStatus,
+)
+
+log = logging.getLogger("vhost_pv.control")
+
+Handler = Callable[[bytes], Awaitable[bytes]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessList:
+    """Who may use the control socket. Root is always allowed."""
+
+    uids: frozenset[int] = frozenset({0})
+    gids: frozenset[int] = frozenset()
+
+    def allows(self, peer: PeerCredentials) -> bool:
+        return peer.uid == 0 or peer.uid in self.uids or peer.gid in self.gids
+
+
+class CommandError(Exception):
+    """A command failed; `errno` goes back to the caller with the message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+class ControlServer:
+    def __init__(self, path: Path, access: AccessList, handlers: dict[Command, Handler]) -> None:
+        self.path = path
+        self.access = access
+        self.handlers = handlers
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        # Create the socket with mode 0600 from the start: no window where others can connect.
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old_umask)
+        log.info("control socket at %s", self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock: socket.socket = writer.get_extra_info("socket")
+        peer = peer_credentials(sock)
+        try:
+            if not self.access.allows(peer):
+                log.warning(
+                    "control: refused peer pid=%d uid=%d gid=%d (not on the allow-list)",
+                    peer.pid, peer.uid, peer.gid,
+                )
+                await self._reply(writer, 0, 0, -errno.EACCES, b"permission denied: uid not allowed")
+                return
+            while True:
+                try:
+                    raw = await reader.readexactly(ControlHeader.sizeof())
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial:
+                        log.warning("control: truncated request header from pid %d", peer.pid)
+                    return
+                try:
+                    header = ControlHeader.parse(raw)
+                except ConstructError:
+                    log.warning("control: bad magic from pid %d, closing", peer.pid)
+                    await self._reply(writer, 0, 0, -errno.EPROTO, b"bad magic: not a vhost-pv request")
+                    return
+                if header.version != CONTROL_VERSION or header.length > MAX_CONTROL_PAYLOAD:
+                    log.warning("control: unsupported request from pid %d: %s", peer.pid, dict(header))
+                    await self._reply(writer, header.cmd, header.seq, -errno.EPROTO,
+                                      b"unsupported version or oversized payload")
+                    return
+                payload = await reader.readexactly(header.length)
+                await self._dispatch(writer, header.cmd, header.seq, payload, peer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _dispatch(
+        self, writer: asyncio.StreamWriter, cmd: int, seq: int, payload: bytes, peer: PeerCredentials
+    ) -> None:
+        try:
+            handler = self.handlers[Command(cmd)]
+        except (ValueError, KeyError):
+            log.warning("control: unknown command %#x from pid %d", cmd, peer.pid)
+            await self._reply(writer, cmd, seq, -errno.ENOTTY, f"unknown command {cmd:#x}".encode())
+            return
+        try:
+            result = await handler(payload)
+        except CommandError as exc:
+            await self._reply(writer, cmd, seq, -exc.errno, str(exc).encode())
+            return
+        except (ConstructError, ValueError, json.JSONDecodeError) as exc:
+            await self._reply(writer, cmd, seq, -errno.EINVAL, f"malformed request: {exc}".encode())
+            return
+        await self._reply(writer, cmd, seq, 0, result)
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, cmd: int, seq: int, status: int, body: bytes) -> None:
+        payload = ReplyStatus.build(status) + body
+        header = ControlHeader.build(
+            {"version": CONTROL_VERSION, "flags": FLAG_REPLY, "cmd": cmd, "seq": seq, "length": len(payload)}
+        )
+        writer.write(header + payload)
+        await writer.drain()

@@ -1,0 +1,227 @@
+"""The virtio-blk device: features, config space, and the C data path per connection."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+
+from vhost_pv._native import ffi, lib
+from vhost_pv.protocol.channel import ProtocolError
+from vhost_pv.protocol.messages import CONFIG_SPACE_MAX, ProtocolFeature
+from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup
+from vhost_pv.volume.header import SECTOR_SIZE, STATE_WORD_OFFSET
+from vhost_pv.volume.volume import Volume
+
+log = logging.getLogger("vhost_pv.blk")
+
+
+class BlkFeature:
+    """virtio-blk feature bits (virtio 1.x, 5.2.3)."""
+
+    SIZE_MAX = 1
+    SEG_MAX = 2
+    GEOMETRY = 4
+    RO = 5
+    BLK_SIZE = 6
+    FLUSH = 9
+    TOPOLOGY = 10
+    CONFIG_WCE = 11
+    MQ = 12
+    DISCARD = 13
+    WRITE_ZEROES = 14
+
+
+VirtioBlkConfig = Struct(
+    "capacity" / Int64ul,
+    "size_max" / Int32ul,
+    "seg_max" / Int32ul,
+    "cylinders" / Int16ul,
+    "heads" / Int8ul,
+    "sectors" / Int8ul,
+    "blk_size" / Int32ul,
+    "physical_block_exp" / Int8ul,
+    "alignment_offset" / Int8ul,
+    "min_io_size" / Int16ul,
+    "opt_io_size" / Int32ul,
+    "writeback" / Int8ul,
+    Padding(1),
+    "num_queues" / Int16ul,
+    "max_discard_sectors" / Int32ul,
+    "max_discard_seg" / Int32ul,
+    "discard_sector_alignment" / Int32ul,
+    "max_write_zeroes_sectors" / Int32ul,
+    "max_write_zeroes_seg" / Int32ul,
+    "write_zeroes_may_unmap" / Int8ul,
+    Padding(3),
+)
+"""C: struct virtio_blk_config (linux/virtio_blk.h) up to write_zeroes_may_unmap, 60 bytes."""
+
+# Largest single discard / write-zeroes segment, in sectors (matches the C check).
+MAX_DISCARD_SECTORS = 1 << 22
+MAX_SEGMENT_SIZE = 1 << 20
+
+
+@dataclasses.dataclass
+class BlkStats:
+    """Counters summed over the queues of one connection."""
+
+    queues: list[dict[str, int]]
+
+    def total(self, key: str) -> int:
+        return sum(q[key] for q in self.queues)
+
+
+class BlkDevice:
+    """One frontend connection's view of a volume; implements protocol.DeviceBackend."""
+
+    def __init__(self, volume: Volume, num_queues: int, *, read_only: bool) -> None:
+        self.volume = volume
+        self.num_queues = num_queues
+        self.read_only = read_only or volume.read_only
+        header = volume.header
+        err = ffi.new("int *")
+        flags = lib.VPV_BLK_READ_ONLY if self.read_only else 0
+        handle = lib.vpv_blk_new(
+            volume.fd,
+            header.data_offset,
+            header.capacity,
+            STATE_WORD_OFFSET,
+            flags,
+            header.serial,
+            err,
+        )
+        if handle == ffi.NULL:
+            raise OSError(-err[0], f"cannot set up the data path for {volume.path}")
+        self._handle: Any = handle
+        self._started: set[int] = set()
+
+    # -- DeviceBackend ----------------------------------------------------------------------
+
+    def device_features(self) -> int:
+        features = (
+            (1 << BlkFeature.SIZE_MAX)
+            | (1 << BlkFeature.SEG_MAX)
+            | (1 << BlkFeature.BLK_SIZE)
+            | (1 << BlkFeature.TOPOLOGY)
+            | (1 << BlkFeature.FLUSH)
+            | (1 << BlkFeature.MQ)
+        )
+        if self.read_only:
+            features |= 1 << BlkFeature.RO
+        else:
+            features |= (1 << BlkFeature.DISCARD) | (1 << BlkFeature.WRITE_ZEROES)
+        return features
+
+    def device_protocol_features(self) -> int:
+        return 1 << ProtocolFeature.CONFIG
+
+    def max_queues(self) -> int:
+        return self.num_queues
+
+    def config_space(self) -> bytes:
+        header = self.volume.header
+        raw: bytes = VirtioBlkConfig.build(
+            {
+                "capacity": header.capacity // SECTOR_SIZE,
+                "size_max": MAX_SEGMENT_SIZE,
+                "seg_max": lib.VPV_SEG_MAX,
+                "cylinders": 0,
+                "heads": 0,
+                "sectors": 0,
+                "blk_size": SECTOR_SIZE,
+                "physical_block_exp": 3,  # 4 KiB physical blocks: page-sized I/O is fastest
+                "alignment_offset": 0,
+                "min_io_size": 1,
+                "opt_io_size": 0,
+                "writeback": 1,
+                "num_queues": self.num_queues,
+                "max_discard_sectors": MAX_DISCARD_SECTORS,
+                "max_discard_seg": lib.VPV_MAX_DISCARD_SEGMENTS,
+                "discard_sector_alignment": 8,
+                "max_write_zeroes_sectors": MAX_DISCARD_SECTORS,
+                "max_write_zeroes_seg": lib.VPV_MAX_DISCARD_SEGMENTS,
+                "write_zeroes_may_unmap": 1,
+            }
+        )
+        return raw.ljust(CONFIG_SPACE_MAX, b"\0")
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return self.config_space()[offset : offset + size]
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        # Nothing in our config space is writable (CONFIG_WCE is not offered).
+        log.info("%s: ignoring SET_CONFIG at offset %d (%d bytes)", self.volume.name, offset, len(data))
+
+    def set_memory(self, regions: list[MemoryRegionSpec]) -> None:
+        table = ffi.new("struct vpv_mem_region_desc[]", len(regions))
+        for slot, region in zip(table, regions, strict=True):
+            slot.guest_phys_addr = region.guest_phys_addr
+            slot.memory_size = region.memory_size
+            slot.userspace_addr = region.userspace_addr
+            slot.mmap_offset = region.mmap_offset
+            slot.fd = region.fd
+        rc = lib.vpv_blk_set_memory(self._handle, table, len(regions))
+        if rc < 0:
+            raise ProtocolError(f"memory table does not map: {_strerror(rc)}")
+
+    def start_queue(self, setup: VringSetup) -> None:
+        cfg = ffi.new(
+            "struct vpv_vring_config *",
+            {
+                "num": setup.num,
+                "base": setup.base,
+                "event_idx": int(setup.event_idx),
+                "indirect": int(setup.indirect),
+                "desc_user_addr": setup.desc_user_addr,
+                "avail_user_addr": setup.avail_user_addr,
+                "used_user_addr": setup.used_user_addr,
+                "kick_fd": setup.kick_fd,
+                "call_fd": setup.call_fd,
+            },
+        )
+        rc = lib.vpv_blk_queue_start(self._handle, setup.index, cfg)
+        if rc < 0:
+            raise ProtocolError(f"queue {setup.index} cannot start: {_strerror(rc)}")
+        self._started.add(setup.index)
+
+    def stop_queue(self, index: int) -> int:
+        rc = lib.vpv_blk_queue_stop(self._handle, index)
+        self._started.discard(index)
+        if rc < 0:
+            raise ProtocolError(f"queue {index} cannot stop: {_strerror(rc)}")
+        return int(rc)
+
+    def process_queue(self, index: int) -> int:
+        """Drain a queue started without a kick fd in this thread (tests, polling)."""
+        return int(lib.vpv_blk_queue_process(self._handle, index))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            lib.vpv_blk_free(self._handle)
+            self._handle = None
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def stats(self) -> BlkStats:
+        out = ffi.new("struct vpv_queue_stats *")
+        queues = []
+        for index in range(self.num_queues):
+            if self._handle is None:
+                break
+            lib.vpv_blk_queue_stats(self._handle, index, out)
+            queues.append({name: int(getattr(out, name)) for name in _STAT_FIELDS})
+        return BlkStats(queues)
+
+
+_STAT_FIELDS = [
+    name for name, _ in ffi.typeof("struct vpv_queue_stats").fields if not name.startswith("_")
+]
+
+
+def _strerror(rc: int) -> str:
+    import os
+
+    return f"{os.strerror(-rc)} (errno {-rc})"

@@ -1,0 +1,154 @@
+"""Reading and writing vhost-user messages on a unix socket, with their fds (SCM_RIGHTS).
+
+asyncio's socket helpers do not pass ancillary data, so the channel waits for readability
+itself and calls recvmsg() on the non-blocking socket.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import dataclasses
+import os
+import socket
+
+from vhost_pv.protocol.messages import (
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    FLAG_VERSION_MASK,
+    HEADER_SIZE,
+    MAX_FDS_PER_MESSAGE,
+    MAX_PAYLOAD_SIZE,
+    PROTOCOL_VERSION,
+    MessageHeader,
+)
+
+# A message whose header arrived must be complete soon after; a peer that stalls mid-message
+# is broken or hostile.
+PAYLOAD_TIMEOUT_S = 5.0
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+
+
+class ProtocolError(Exception):
+    """A malformed or unsupported message: the connection that sent it is closed."""
+
+
+class PeerClosed(Exception):
+    """The frontend closed the connection."""
+
+
+@dataclasses.dataclass
+class Message:
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int]
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def take_fds(self) -> list[int]:
+        """Hand the fds to the caller, who becomes responsible for closing them."""
+        fds, self.fds = self.fds, []
+        return fds
+
+
+def _extract_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+class MessageChannel:
+    """One connected vhost-user socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+
+    async def _readable(self) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._loop.add_reader(fd, ready)
+        try:
+            await fut
+        finally:
+            self._loop.remove_reader(fd)
+
+    async def _recv_exact(self, size: int, fds: list[int]) -> bytes:
+        chunks: list[bytes] = []
+        remaining = size
+        while remaining > 0:
+            try:
+                data, ancdata, msg_flags, _ = self.sock.recvmsg(remaining, _ANCILLARY_SPACE)
+            except BlockingIOError:
+                await self._readable()
+                continue
+            except ConnectionResetError:
+                raise PeerClosed() from None
+            fds.extend(_extract_fds(ancdata))
+            if msg_flags & socket.MSG_CTRUNC:
+                raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message")
+            if not data:
+                if remaining == size and not chunks and size == HEADER_SIZE:
+                    raise PeerClosed()
+                raise ProtocolError(f"connection closed mid-message ({size - remaining}/{size})")
+            chunks.append(data)
+            remaining -= len(data)
+        return b"".join(chunks)
+
+    async def receive(self) -> Message:
+        fds: list[int] = []
+        try:
+            raw_header = await self._recv_exact(HEADER_SIZE, fds)
+            header = MessageHeader.parse(raw_header)
+            if header.flags & FLAG_VERSION_MASK != PROTOCOL_VERSION:
+                raise ProtocolError(f"unsupported protocol version in flags {header.flags:#x}")
+            if header.size > MAX_PAYLOAD_SIZE:
+                raise ProtocolError(
+                    f"request {header.request}: payload of {header.size} bytes exceeds "
+                    f"{MAX_PAYLOAD_SIZE}"
+                )
+            try:
+                payload = await asyncio.wait_for(
+                    self._recv_exact(header.size, fds), PAYLOAD_TIMEOUT_S
+                )
+            except TimeoutError:
+                raise ProtocolError(
+                    f"request {header.request}: payload of {header.size} bytes did not arrive "
+                    f"within {PAYLOAD_TIMEOUT_S:.0f} s"
+                ) from None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return Message(header.request, header.flags, payload, fds)
+
+    def send(self, request: int, payload: bytes, *, reply: bool = True) -> None:
+        flags = PROTOCOL_VERSION | (FLAG_REPLY if reply else 0)
+        data = MessageHeader.build({"request": request, "flags": flags, "size": len(payload)})
+        # Replies are a few bytes: the socket buffer always has room, so a blocking send
+        # is never needed; a peer that stopped reading is treated as gone.
+        try:
+            self.sock.sendall(data + payload)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            raise PeerClosed() from None
+
+    def close(self) -> None:
+        self.sock.close()

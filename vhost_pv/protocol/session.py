@@ -1,0 +1,452 @@
+"""The vhost-user session state machine, independent of the device behind it.
+
+A session owns what the frontend tells us (features, memory table, ring addresses, kick and
+call fds) and decides when a queue may run. The device (devices/) owns the data path and
+implements `DeviceBackend`; this module never imports a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from construct import ConstructError
+
+from vhost_pv.protocol.channel import Message, MessageChannel, PeerClosed, ProtocolError
+from vhost_pv.protocol.messages import (
+    CONFIG_SPACE_HEADER_SIZE,
+    CONFIG_SPACE_MAX,
+    MAX_MEMORY_REGIONS,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    VRING_FILE_INDEX_MASK,
+    VRING_FILE_NOFD,
+    ConfigSpace,
+    MemoryRegion,
+    MemoryTable,
+    ProtocolFeature,
+    Request,
+    U64Payload,
+    VringAddress,
+    VringState,
+)
+
+log = logging.getLogger("vhost_pv.protocol")
+
+# Features every device served here offers, on top of its own.
+TRANSPORT_FEATURES = (
+    (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+)
+BASE_PROTOCOL_FEATURES = (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK)
+MAX_QUEUE_SIZE = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRegionSpec:
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+    fd: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VringSetup:
+    """Everything a device needs to run one queue."""
+
+    index: int
+    num: int
+    base: int
+    desc_user_addr: int
+    avail_user_addr: int
+    used_user_addr: int
+    kick_fd: int
+    call_fd: int
+    event_idx: bool
+    indirect: bool
+
+
+class DeviceBackend(Protocol):
+    """What a device provides to the protocol layer."""
+
+    def device_features(self) -> int: ...
+
+    def device_protocol_features(self) -> int: ...
+
+    def max_queues(self) -> int: ...
+
+    def get_config(self, offset: int, size: int) -> bytes: ...
+
+    def set_config(self, offset: int, data: bytes) -> None: ...
+
+    def set_memory(self, regions: list[MemoryRegionSpec]) -> None:
+        """Map the regions (the fds stay the caller's). Raises ProtocolError if they do not."""
+
+    def start_queue(self, setup: VringSetup) -> None:
+        """Start serving a queue. Raises ProtocolError if its rings are not in memory."""
+
+    def stop_queue(self, index: int) -> int:
+        """Stop a queue and return its last_avail_idx."""
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass
+class QueueState:
+    num: int = 0
+    base: int = 0
+    addr: tuple[int, int, int] | None = None  # desc, avail, used user addresses
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    enabled: bool = True
+    running: bool = False
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+class VhostUserSession:
+    """Serves one frontend connection until it closes or misbehaves."""
+
+    def __init__(self, channel: MessageChannel, backend: DeviceBackend, name: str) -> None:
+        self.channel = channel
+        self.backend = backend
+        self.name = name
+        self.features = 0
+        self.protocol_features = 0
+        self.memory_mapped = False
+        self.queues = [QueueState() for _ in range(backend.max_queues())]
+        self.messages = 0
+        self._handlers: dict[int, Callable[[Message], bytes | None]] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: self._no_payload,
+            Request.RESET_OWNER: self._reset_owner,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+        }
+        # Requests whose answer is a reply of their own (REPLY_ACK does not apply).
+        self._replying = {
+            Request.GET_FEATURES,
+            Request.GET_PROTOCOL_FEATURES,
+            Request.GET_QUEUE_NUM,
+            Request.GET_VRING_BASE,
+            Request.GET_CONFIG,
+        }
+
+    # -- main loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                message = await self.channel.receive()
+                self.messages += 1
+                try:
+                    self._dispatch(message)
+                finally:
+                    message.close_fds()
+        except PeerClosed:
+            log.info("%s: frontend disconnected", self.name)
+        except ProtocolError as exc:
+            log.error("%s: protocol error, closing connection: %s", self.name, exc)
+        finally:
+            self.shutdown()
+
+    def _dispatch(self, message: Message) -> None:
+        handler = self._handlers.get(message.request)
+        if handler is None:
+            try:
+                what = Request(message.request).name
+            except ValueError:
+                what = f"unknown request {message.request}"
+            raise ProtocolError(f"{what} is not supported by this backend")
+        name = Request(message.request).name
+        try:
+            reply = handler(message)
+        except (ConstructError, ValueError) as exc:
+            raise ProtocolError(f"{name}: malformed payload: {exc}") from None
+        if reply is not None:
+            self.channel.send(message.request, reply)
+        elif message.need_reply and self._negotiated(ProtocolFeature.REPLY_ACK):
+            self.channel.send(message.request, U64Payload.build(0))
+
+    def shutdown(self) -> None:
+        """Stop every queue and release what the frontend gave us."""
+        for index, queue in enumerate(self.queues):
+            if queue.running:
+                self.backend.stop_queue(index)
+                queue.running = False
+            queue.close_fds()
+        self.backend.close()
+        self.channel.close()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _negotiated(self, feature: ProtocolFeature) -> bool:
+        return bool(self.protocol_features & (1 << feature))
+
+    @staticmethod
+    def _expect(message: Message, size: int, fds: int = 0) -> None:
+        name = Request(message.request).name
+        if len(message.payload) != size:
+            raise ProtocolError(f"{name}: payload is {len(message.payload)} bytes, expected {size}")
+        if len(message.fds) != fds:
+            raise ProtocolError(f"{name}: carries {len(message.fds)} fds, expected {fds}")
+
+    def _queue(self, index: int, request: str) -> QueueState:
+        if not 0 <= index < len(self.queues):
+            raise ProtocolError(f"{request}: queue {index} does not exist ({len(self.queues)} queues)")
+        return self.queues[index]
+
+    def _offered_features(self) -> int:
+        return TRANSPORT_FEATURES | self.backend.device_features()
+
+    def _offered_protocol_features(self) -> int:
+        return BASE_PROTOCOL_FEATURES | self.backend.device_protocol_features()
+
+    def _maybe_start(self, index: int) -> None:
+        queue = self.queues[index]
+        if (
+            queue.running
+            or not queue.enabled
+            or queue.kick_fd < 0
+            or queue.addr is None
+            or queue.num == 0
+            or not self.memory_mapped
+        ):
+            return
+        desc, avail, used = queue.addr
+        self.backend.start_queue(
+            VringSetup(
+                index=index,
+                num=queue.num,
+                base=queue.base,
+                desc_user_addr=desc,
+                avail_user_addr=avail,
+                used_user_addr=used,
+                kick_fd=queue.kick_fd,
+                call_fd=queue.call_fd,
+                event_idx=bool(self.features & (1 << VIRTIO_RING_F_EVENT_IDX)),
+                indirect=bool(self.features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
+            )
+        )
+        queue.running = True
+        log.debug("%s: queue %d started (num=%d base=%d)", self.name, index, queue.num, queue.base)
+
+    def _pause(self, index: int) -> None:
+        queue = self.queues[index]
+        if queue.running:
+            queue.base = self.backend.stop_queue(index)
+            queue.running = False
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def _no_payload(self, message: Message) -> None:
+        self._expect(message, 0)
+
+    def _get_features(self, message: Message) -> bytes:
+        self._expect(message, 0)
+        return bytes(U64Payload.build(self._offered_features()))
+
+    def _set_features(self, message: Message) -> None:
+        self._expect(message, 8)
+        features = U64Payload.parse(message.payload)
+        extra = features & ~self._offered_features()
+        if extra:
+            raise ProtocolError(f"SET_FEATURES: acks features never offered: {extra:#x}")
+        self.features = features
+
+    def _reset_owner(self, message: Message) -> None:
+        self._expect(message, 0)
+        for index, queue in enumerate(self.queues):
+            self._pause(index)
+            queue.close_fds()
+            self.queues[index] = QueueState()
+        self.features = 0
+
+    def _get_protocol_features(self, message: Message) -> bytes:
+        self._expect(message, 0)
+        return bytes(U64Payload.build(self._offered_protocol_features()))
+
+    def _set_protocol_features(self, message: Message) -> None:
+        self._expect(message, 8)
+        features = U64Payload.parse(message.payload)
+        extra = features & ~self._offered_protocol_features()
+        if extra:
+            raise ProtocolError(f"SET_PROTOCOL_FEATURES: acks features never offered: {extra:#x}")
+        self.protocol_features = features
+
+    def _get_queue_num(self, message: Message) -> bytes:
+        self._expect(message, 0)
+        return bytes(U64Payload.build(len(self.queues)))
+
+    def _set_mem_table(self, message: Message) -> None:
+        if len(message.payload) < 8:
+            raise ProtocolError(f"SET_MEM_TABLE: payload is {len(message.payload)} bytes")
+        count = int.from_bytes(message.payload[:4], "little")
+        if not 1 <= count <= MAX_MEMORY_REGIONS:
+            raise ProtocolError(f"SET_MEM_TABLE: {count} regions (1..{MAX_MEMORY_REGIONS} allowed)")
+        self._expect(message, 8 + count * MemoryRegion.sizeof(), fds=count)
+        table = MemoryTable.parse(message.payload)
+        regions = [
+            MemoryRegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
+            for r, fd in zip(table.regions, message.fds, strict=True)
+        ]
+        # The table can change while rings run (memory hot-plug): pause, remap, resume.
+        running = [i for i, q in enumerate(self.queues) if q.running]
+        for index in running:
+            self._pause(index)
+        self.memory_mapped = False
+        self.backend.set_memory(regions)
+        self.memory_mapped = True
+        log.info(
+            "%s: memory table: %s",
+            self.name,
+            ", ".join(f"{r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in regions),
+        )
+        for index in running:
+            self._maybe_start(index)
+
+    def _set_vring_num(self, message: Message) -> None:
+        self._expect(message, VringState.sizeof())
+        state = VringState.parse(message.payload)
+        queue = self._queue(state.index, "SET_VRING_NUM")
+        num = state.num
+        if num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise ProtocolError(f"SET_VRING_NUM: size {num} is not a power of two <= {MAX_QUEUE_SIZE}")
+        if queue.running:
+            raise ProtocolError(f"SET_VRING_NUM: queue {state.index} is running")
+        queue.num = num
+
+    def _set_vring_addr(self, message: Message) -> None:
+        self._expect(message, VringAddress.sizeof())
+        addr = VringAddress.parse(message.payload)
+        queue = self._queue(addr.index, "SET_VRING_ADDR")
+        if queue.running:
+            raise ProtocolError(f"SET_VRING_ADDR: queue {addr.index} is running")
+        queue.addr = (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
+
+    def _set_vring_base(self, message: Message) -> None:
+        self._expect(message, VringState.sizeof())
+        state = VringState.parse(message.payload)
+        queue = self._queue(state.index, "SET_VRING_BASE")
+        if queue.running:
+            raise ProtocolError(f"SET_VRING_BASE: queue {state.index} is running")
+        if state.num > 0xFFFF:
+            raise ProtocolError(f"SET_VRING_BASE: base {state.num} does not fit 16 bits")
+        queue.base = state.num
+
+    def _get_vring_base(self, message: Message) -> bytes:
+        self._expect(message, VringState.sizeof())
+        state = VringState.parse(message.payload)
+        queue = self._queue(state.index, "GET_VRING_BASE")
+        # GET_VRING_BASE stops the ring: the frontend will send a new kick fd to restart it.
+        self._pause(state.index)
+        queue.close_fds()
+        return bytes(VringState.build({"index": state.index, "num": queue.base}))
+
+    def _vring_file(self, message: Message, request: str) -> tuple[QueueState, int, int]:
+        self._expect(message, 8, fds=len(message.fds))
+        word = U64Payload.parse(message.payload)
+        index = word & VRING_FILE_INDEX_MASK
+        nofd = bool(word & VRING_FILE_NOFD)
+        if len(message.fds) != (0 if nofd else 1):
+            raise ProtocolError(
+                f"{request}: carries {len(message.fds)} fds but the no-fd flag is {nofd}"
+            )
+        queue = self._queue(index, request)
+        fd = -1 if nofd else message.take_fds()[0]
+        return queue, index, fd
+
+    def _set_vring_kick(self, message: Message) -> None:
+        queue, index, fd = self._vring_file(message, "SET_VRING_KICK")
+        if fd < 0:
+            raise ProtocolError("SET_VRING_KICK: polling mode (no kick fd) is not supported")
+        self._pause(index)
+        if queue.kick_fd >= 0:
+            os.close(queue.kick_fd)
+        queue.kick_fd = fd
+        self._maybe_start(index)
+
+    def _set_vring_call(self, message: Message) -> None:
+        queue, index, fd = self._vring_file(message, "SET_VRING_CALL")
+        # The worker writes to the call fd: swap it only while the worker is stopped.
+        was_running = queue.running
+        self._pause(index)
+        if queue.call_fd >= 0:
+            os.close(queue.call_fd)
+        queue.call_fd = fd
+        if was_running:
+            self._maybe_start(index)
+
+    def _set_vring_err(self, message: Message) -> None:
+        queue, _, fd = self._vring_file(message, "SET_VRING_ERR")
+        if queue.err_fd >= 0:
+            os.close(queue.err_fd)
+        queue.err_fd = fd
+
+    def _set_vring_enable(self, message: Message) -> None:
+        self._expect(message, VringState.sizeof())
+        state = VringState.parse(message.payload)
+        queue = self._queue(state.index, "SET_VRING_ENABLE")
+        if state.num not in (0, 1):
+            raise ProtocolError(f"SET_VRING_ENABLE: value {state.num} is not 0 or 1")
+        queue.enabled = bool(state.num)
+        if queue.enabled:
+            self._maybe_start(state.index)
+        else:
+            self._pause(state.index)
+
+    def _parse_config(self, message: Message, request: str) -> tuple[int, int, bytes]:
+        if len(message.payload) < CONFIG_SPACE_HEADER_SIZE:
+            raise ProtocolError(f"{request}: payload is {len(message.payload)} bytes")
+        config = ConfigSpace.parse(message.payload)
+        if config.size > CONFIG_SPACE_MAX or config.offset + config.size > CONFIG_SPACE_MAX:
+            raise ProtocolError(f"{request}: offset {config.offset} size {config.size} out of range")
+        self._expect(message, CONFIG_SPACE_HEADER_SIZE + config.size)
+        return config.offset, config.size, bytes(config.payload)
+
+    def _get_config(self, message: Message) -> bytes:
+        offset, size, _ = self._parse_config(message, "GET_CONFIG")
+        data = self.backend.get_config(offset, size)
+        return bytes(ConfigSpace.build({"offset": offset, "size": size, "flags": 0, "payload": data}))
+
+    def _set_config(self, message: Message) -> None:
+        offset, _, data = self._parse_config(message, "SET_CONFIG")
+        self.backend.set_config(offset, data)
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "features": f"{self.features:#x}",
+            "protocol_features": f"{self.protocol_features:#x}",
+            "messages": self.messages,
+            "memory_mapped": self.memory_mapped,
+            "queues_running": [i for i, q in enumerate(self.queues) if q.running],
+        }

@@ -1,0 +1,296 @@
+"""The volume header: layout, validation and crash-safe updates.
+
+A volume file is `[header area | data region | quarantine ring]`. The header area holds two
+copies ("slots") of the header record, each with a generation number and a CRC32. An update
+writes the slot holding the older generation and syncs it, so a crash at any byte leaves
+the other slot intact: the reader takes the valid slot with the highest generation, which
+is either the old or the new state, never a mix.
+
+The header area also holds the *live state word* that the C hot path reads on every
+request (see csrc/vhost_pv.h, VPV_STATE_*). It mirrors the durable state while a daemon
+serves the volume and is rewritten from the slots each time the volume is opened, so a
+stale value there is never trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import uuid
+import zlib
+from typing import Any
+
+from construct import (
+    Array,
+    Bytes,
+    Checksum,
+    ChecksumError,
+    Const,
+    ConstError,
+    Int8ul,
+    Int16ul,
+    Int32sl,
+    Int32ul,
+    Int64ul,
+    PaddedString,
+    Padding,
+    RawCopy,
+    StreamError,
+    Struct,
+    this,
+)
+
+MAGIC = b"VHOSTPV\x01"
+FORMAT_VERSION = 1
+SECTOR_SIZE = 512
+SLOT_SIZE = 4096
+SLOT_OFFSETS = (0, SLOT_SIZE)
+# Offset of the live state word (uint32) read by the C hot path, on its own page.
+STATE_WORD_OFFSET = 2 * SLOT_SIZE
+# Data starts 1 MiB in: room for later header-area tables and good alignment for the guest.
+DATA_OFFSET = 1 << 20
+MAX_ALLOWED_IDS = 8
+NO_ID = -1
+
+
+class VolumeState(enum.IntEnum):
+    """Values of the state field and the live state word (VPV_STATE_* in vhost_pv.h)."""
+
+    ATTACHED = 1
+    DANGLING = 2
+
+
+class ReadPolicy(enum.IntEnum):
+    """What reads of a dangling volume return."""
+
+    DENY = 0
+    ZEROS = 1
+    ALLOW = 2
+
+
+class RingFullPolicy(enum.IntEnum):
+    """What a write to a dangling volume does when the quarantine ring is full."""
+
+    REJECT = 0
+    OVERWRITE = 1
+
+
+class TtlAction(enum.IntEnum):
+    """What happens when a dangling volume's time limit passes."""
+
+    ALERT = 0
+    DELETE = 1
+
+
+FLAG_READ_ONLY = 1 << 0
+
+HeaderBody = Struct(
+    "magic" / Const(MAGIC),
+    "version" / Int16ul,
+    Padding(2),
+    "flags" / Int32ul,
+    "generation" / Int64ul,
+    "uuid" / Bytes(16),
+    "created_ns" / Int64ul,
+    "data_offset" / Int64ul,
+    "capacity" / Int64ul,
+    "ring_offset" / Int64ul,
+    "ring_size" / Int64ul,
+    "state" / Int32ul,
+    "read_policy" / Int8ul,
+    "ring_full_policy" / Int8ul,
+    "ttl_action" / Int8ul,
+    Padding(1),
+    "ttl_seconds" / Int64ul,
+    "dangling_since_ns" / Int64ul,
+    "reason" / PaddedString(64, "utf8"),
+    "owner" / PaddedString(128, "utf8"),
+    "allowed_uids" / Array(MAX_ALLOWED_IDS, Int32sl),
+    "allowed_gids" / Array(MAX_ALLOWED_IDS, Int32sl),
+)
+"""C: struct vpv_header_body (little-endian, packed), 368 bytes:
+u8 magic[8]; u16 version; u16 pad; u32 flags; u64 generation; u8 uuid[16]; u64 created_ns;
+u64 data_offset, capacity, ring_offset, ring_size; u32 state; u8 read_policy,
+ring_full_policy, ttl_action, pad; u64 ttl_seconds, dangling_since_ns; char reason[64];
+char owner[128]; i32 allowed_uids[8]; i32 allowed_gids[8]."""
+
+HeaderSlot = Struct(
+    "body" / RawCopy(HeaderBody),
+    "checksum" / Checksum(Int32ul, lambda data: zlib.crc32(data), this.body.data),
+)
+"""C: struct vpv_header_slot { struct vpv_header_body body; u32 crc32_of_body; }, stored at
+offsets 0 and 4096 of the volume, zero-padded to 4096 bytes."""
+
+
+class HeaderError(Exception):
+    """The header cannot be used; the message names what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeHeader:
+    """One header record, in Python terms."""
+
+    uuid: uuid.UUID
+    capacity: int
+    data_offset: int
+    ring_offset: int
+    ring_size: int
+    created_ns: int
+    generation: int = 1
+    state: VolumeState = VolumeState.ATTACHED
+    read_only: bool = False
+    read_policy: ReadPolicy = ReadPolicy.DENY
+    ring_full_policy: RingFullPolicy = RingFullPolicy.REJECT
+    ttl_action: TtlAction = TtlAction.ALERT
+    ttl_seconds: int = 0
+    dangling_since_ns: int = 0
+    reason: str = ""
+    owner: str = ""
+    allowed_uids: tuple[int, ...] = (0,)
+    allowed_gids: tuple[int, ...] = ()
+
+    @property
+    def dangling(self) -> bool:
+        return self.state == VolumeState.DANGLING
+
+    @property
+    def serial(self) -> bytes:
+        """The 20-byte virtio-blk serial (GET_ID): derived from the UUID, stable per volume."""
+        return self.uuid.hex[:20].encode("ascii")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view for `inspect --json` and status."""
+        return {
+            "uuid": str(self.uuid),
+            "generation": self.generation,
+            "capacity": self.capacity,
+            "data_offset": self.data_offset,
+            "ring_offset": self.ring_offset,
+            "ring_size": self.ring_size,
+            "created_ns": self.created_ns,
+            "state": self.state.name.lower(),
+            "dangling": self.dangling,
+            "dangling_since_ns": self.dangling_since_ns,
+            "reason": self.reason,
+            "owner": self.owner,
+            "read_only": self.read_only,
+            "read_policy": self.read_policy.name.lower(),
+            "ring_full_policy": self.ring_full_policy.name.lower(),
+            "ttl_seconds": self.ttl_seconds,
+            "ttl_action": self.ttl_action.name.lower(),
+            "allowed_uids": list(self.allowed_uids),
+            "allowed_gids": list(self.allowed_gids),
+            "serial": self.serial.decode("ascii"),
+        }
+
+
+def _pad_ids(ids: tuple[int, ...], what: str) -> list[int]:
+    if len(ids) > MAX_ALLOWED_IDS:
+        raise HeaderError(f"at most {MAX_ALLOWED_IDS} {what} can be recorded, got {len(ids)}")
+    return list(ids) + [NO_ID] * (MAX_ALLOWED_IDS - len(ids))
+
+
+def encode_slot(header: VolumeHeader) -> bytes:
+    """The 4096-byte slot image of a header record."""
+    for field, limit in (("reason", 64), ("owner", 128)):
+        if len(getattr(header, field).encode()) > limit:
+            raise HeaderError(f"{field} is longer than {limit} bytes")
+    body = {
+        "version": FORMAT_VERSION,
+        "flags": FLAG_READ_ONLY if header.read_only else 0,
+        "generation": header.generation,
+        "uuid": header.uuid.bytes,
+        "created_ns": header.created_ns,
+        "data_offset": header.data_offset,
+        "capacity": header.capacity,
+        "ring_offset": header.ring_offset,
+        "ring_size": header.ring_size,
+        "state": int(header.state),
+        "read_policy": int(header.read_policy),
+        "ring_full_policy": int(header.ring_full_policy),
+        "ttl_action": int(header.ttl_action),
+        "ttl_seconds": header.ttl_seconds,
+        "dangling_since_ns": header.dangling_since_ns,
+        "reason": header.reason,
+        "owner": header.owner,
+        "allowed_uids": _pad_ids(header.allowed_uids, "uids"),
+        "allowed_gids": _pad_ids(header.allowed_gids, "gids"),
+    }
+    raw: bytes = HeaderSlot.build({"body": {"value": body}})
+    return raw.ljust(SLOT_SIZE, b"\0")
+
+
+def _enum(kind: type[enum.IntEnum], value: int, field: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise HeaderError(f"{field} has unknown value {value}") from None
+
+
+def decode_slot(raw: bytes) -> VolumeHeader:
+    """Parse and validate one slot image; HeaderError says what is wrong with it."""
+    if len(raw) < HeaderSlot.sizeof():
+        raise HeaderError(f"truncated: {len(raw)} bytes, a header needs {HeaderSlot.sizeof()}")
+    if raw[: len(MAGIC)] != MAGIC:
+        raise HeaderError(f"bad magic {raw[:len(MAGIC)]!r}: not a vhost-pv volume")
+    version = int.from_bytes(raw[8:10], "little")
+    if version != FORMAT_VERSION:
+        raise HeaderError(f"unsupported format version {version} (this build reads {FORMAT_VERSION})")
+    try:
+        parsed = HeaderSlot.parse(raw)
+    except ChecksumError:
+        raise HeaderError("checksum mismatch: the header record is damaged") from None
+    except (ConstError, StreamError, UnicodeDecodeError) as exc:
+        raise HeaderError(f"unreadable header record: {exc}") from None
+    body = parsed.body.value
+    header = VolumeHeader(
+        uuid=uuid.UUID(bytes=bytes(body.uuid)),
+        capacity=body.capacity,
+        data_offset=body.data_offset,
+        ring_offset=body.ring_offset,
+        ring_size=body.ring_size,
+        created_ns=body.created_ns,
+        generation=body.generation,
+        state=_enum(VolumeState, body.state, "state"),
+        read_only=bool(body.flags & FLAG_READ_ONLY),
+        read_policy=_enum(ReadPolicy, body.read_policy, "read_policy"),
+        ring_full_policy=_enum(RingFullPolicy, body.ring_full_policy, "ring_full_policy"),
+        ttl_action=_enum(TtlAction, body.ttl_action, "ttl_action"),
+        ttl_seconds=body.ttl_seconds,
+        dangling_since_ns=body.dangling_since_ns,
+        reason=body.reason,
+        owner=body.owner,
+        allowed_uids=tuple(i for i in body.allowed_uids if i != NO_ID),
+        allowed_gids=tuple(i for i in body.allowed_gids if i != NO_ID),
+    )
+    check_geometry(header)
+    return header
+
+
+def check_geometry(header: VolumeHeader) -> None:
+    """Regions must be sector aligned, in order and not overlapping."""
+    if header.capacity <= 0 or header.capacity % SECTOR_SIZE:
+        raise HeaderError(f"capacity {header.capacity} is not a positive multiple of {SECTOR_SIZE}")
+    if header.data_offset < STATE_WORD_OFFSET + SLOT_SIZE or header.data_offset % SECTOR_SIZE:
+        raise HeaderError(f"data offset {header.data_offset} overlaps the header area")
+    if header.ring_offset < header.data_offset + header.capacity:
+        raise HeaderError(
+            f"ring offset {header.ring_offset} overlaps the data region "
+            f"[{header.data_offset}, {header.data_offset + header.capacity})"
+        )
+    if header.ring_size < 0 or header.ring_offset % SECTOR_SIZE:
+        raise HeaderError(f"ring at {header.ring_offset} size {header.ring_size} is misaligned")
+
+
+def choose_slot(slots: list[bytes]) -> tuple[int, VolumeHeader]:
+    """Pick the valid slot with the highest generation, or say why none is valid."""
+    valid: list[tuple[int, VolumeHeader]] = []
+    problems: list[str] = []
+    for index, raw in enumerate(slots):
+        try:
+            valid.append((index, decode_slot(raw)))
+        except HeaderError as exc:
+            problems.append(f"copy {index}: {exc}")
+    if not valid:
+        raise HeaderError("no valid header (" + "; ".join(problems) + ")")
+    return max(valid, key=lambda item: item[1].generation)

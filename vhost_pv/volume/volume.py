@@ -1,0 +1,186 @@
+"""Volume files: create, open, inspect, and update the header crash-safely."""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import re
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from vhost_pv.volume.header import (
+    DATA_OFFSET,
+    SECTOR_SIZE,
+    SLOT_OFFSETS,
+    SLOT_SIZE,
+    STATE_WORD_OFFSET,
+    HeaderError,
+    ReadPolicy,
+    RingFullPolicy,
+    TtlAction,
+    VolumeHeader,
+    choose_slot,
+    encode_slot,
+)
+
+DEFAULT_RING_SIZE = 16 << 20
+MIN_RING_SIZE = 1 << 20
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096' -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 4G)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateOptions:
+    size: int
+    ring_size: int = DEFAULT_RING_SIZE
+    owner: str = ""
+    read_only: bool = False
+    read_policy: ReadPolicy = ReadPolicy.DENY
+    ring_full_policy: RingFullPolicy = RingFullPolicy.REJECT
+    ttl_seconds: int = 0
+    ttl_action: TtlAction = TtlAction.ALERT
+    allowed_uids: tuple[int, ...] = (0,)
+    allowed_gids: tuple[int, ...] = ()
+
+
+def create_volume(path: Path, options: CreateOptions) -> VolumeHeader:
+    """Write a new sparse volume file; refuses to replace an existing file."""
+    if options.size <= 0 or options.size % SECTOR_SIZE:
+        raise ValueError(f"size {options.size} must be a positive multiple of {SECTOR_SIZE}")
+    if options.ring_size < MIN_RING_SIZE or options.ring_size % SECTOR_SIZE:
+        raise ValueError(f"ring size must be at least {MIN_RING_SIZE} bytes, sector aligned")
+    header = VolumeHeader(
+        uuid=uuid.uuid4(),
+        capacity=options.size,
+        data_offset=DATA_OFFSET,
+        ring_offset=DATA_OFFSET + options.size,
+        ring_size=options.ring_size,
+        created_ns=time.time_ns(),
+        generation=1,
+        read_only=options.read_only,
+        read_policy=options.read_policy,
+        ring_full_policy=options.ring_full_policy,
+        ttl_seconds=options.ttl_seconds,
+        ttl_action=options.ttl_action,
+        owner=options.owner,
+        allowed_uids=options.allowed_uids,
+        allowed_gids=options.allowed_gids,
+    )
+    slot = encode_slot(header)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, header.ring_offset + header.ring_size)
+        # Both copies start identical, so either one alone is a valid header.
+        for offset in SLOT_OFFSETS:
+            os.pwrite(fd, slot, offset)
+        os.pwrite(fd, struct.pack("<I", int(header.state)), STATE_WORD_OFFSET)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    _fsync_dir(path.parent)
+    return header
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_header(path: Path) -> VolumeHeader:
+    """The current header of a volume file (HeaderError if it has none that is valid)."""
+    with open(path, "rb") as f:
+        slots = [_read_at(f.fileno(), offset) for offset in SLOT_OFFSETS]
+    header = choose_slot(slots)[1]
+    size = path.stat().st_size
+    if size < header.ring_offset + header.ring_size:
+        raise HeaderError(
+            f"file is {size} bytes but the header describes "
+            f"{header.ring_offset + header.ring_size}: truncated volume"
+        )
+    return header
+
+
+def _read_at(fd: int, offset: int) -> bytes:
+    return os.pread(fd, SLOT_SIZE, offset)
+
+
+class Volume:
+    """An open volume: its fd, header, and the live state word the C path reads."""
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        self.path = path
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(path, flags)
+        try:
+            slots = [_read_at(self.fd, offset) for offset in SLOT_OFFSETS]
+            self._slot, self.header = choose_slot(slots)
+            size = os.fstat(self.fd).st_size
+            end = self.header.ring_offset + self.header.ring_size
+            if size < end:
+                raise HeaderError(f"file is {size} bytes, header describes {end}: truncated")
+            self._state_map: mmap.mmap | None = None
+            if not read_only:
+                self._state_map = mmap.mmap(
+                    self.fd, mmap.PAGESIZE, offset=STATE_WORD_OFFSET - STATE_WORD_OFFSET % mmap.PAGESIZE
+                )
+                self._publish_state()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def read_only(self) -> bool:
+        return self.header.read_only
+
+    def _publish_state(self) -> None:
+        """Make the live state word equal to the durable state."""
+        assert self._state_map is not None
+        offset = STATE_WORD_OFFSET % mmap.PAGESIZE
+        self._state_map[offset : offset + 4] = struct.pack("<I", int(self.header.state))
+
+    def update(self, **changes: Any) -> VolumeHeader:
+        """Durably replace header fields (crash-safe: the older slot is rewritten)."""
+        new = dataclasses.replace(self.header, generation=self.header.generation + 1, **changes)
+        target = 1 - self._slot
+        os.pwrite(self.fd, encode_slot(new), SLOT_OFFSETS[target])
+        os.fdatasync(self.fd)
+        self._slot, self.header = target, new
+        if self._state_map is not None:
+            self._publish_state()
+        return new
+
+    def close(self) -> None:
+        if self._state_map is not None:
+            self._state_map.close()
+            self._state_map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
