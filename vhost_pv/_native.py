@@ -6,16 +6,11 @@ never touches cffi objects it did not get from this module.
 
 from __future__ import annotations
 
-from typing import Any
-
 try:
     from vhost_pv._vhost_pv_native import ffi, lib
 except ImportError as exc:  # pragma: no cover - only when the build step was skipped
     raise ImportError(
         "the C data path is not built: run `make install` (or `python build.py`)"
     ) from exc
-
-ffi: Any
-lib: Any
 
 __all__ = ["ffi", "lib"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
@@ -29,6 +30,13 @@ from vhost_pv.volume.volume import Volume
 
 log = logging.getLogger("vhost_pv.daemon")
 
+# Queue counters that add up across queues and connections (not indices or flags).
+_SUMMED = frozenset({
+    "requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
+    "unsupported", "bytes_read", "bytes_written", "io_errors", "bad_requests", "kicks",
+    "notifications",
+})
+
 
 @dataclasses.dataclass
 class Connection:
@@ -49,6 +57,14 @@ class ServedVolume:
     connection: Connection | None = None
     connections_total: int = 0
     refused_total: int = 0
+    # Counters of connections that have ended, so totals survive a reconnect.
+    finished: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def totals(self) -> dict[str, int]:
+        totals = dict(self.finished)
+        if self.connection is not None:
+            _add_counters(totals, self.connection.device.stats().queues)
+        return totals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +74,7 @@ class DaemonConfig:
     control_path: Path
     queues: int = 1
     read_only: bool = False
-    control_access: AccessList = AccessList()
+    control_access: AccessList = dataclasses.field(default_factory=AccessList)
 
 
 class Daemon:
@@ -118,10 +134,8 @@ class Daemon:
                 served.socket_path.unlink(missing_ok=True)
             if served.connection is not None:
                 served.connection.task.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await served.connection.task
-                except asyncio.CancelledError:
-                    pass
             served.volume.close()
         self.served.clear()
         log.info("stopped")
@@ -169,7 +183,9 @@ class Daemon:
         try:
             await session.run()
         finally:
-            served.connection = None
+            connection, served.connection = served.connection, None
+            if connection is not None:
+                _add_counters(served.finished, connection.device.stats().queues)
 
     # -- control commands -------------------------------------------------------------------
 
@@ -189,6 +205,7 @@ class Daemon:
                 "header": served.volume.header.to_dict(),
                 "connections_total": served.connections_total,
                 "refused_total": served.refused_total,
+                "totals": served.totals(),
                 "connection": None,
             }
             connection = served.connection
@@ -205,12 +222,16 @@ class Daemon:
         return {"pid": os.getpid(), "started_at": self.started_at, "volumes": volumes}
 
 
+def _add_counters(into: dict[str, int], queues: list[dict[str, int]]) -> None:
+    for queue in queues:
+        for key, value in queue.items():
+            if key in _SUMMED:
+                into[key] = into.get(key, 0) + value
+
+
 def _listen(path: Path) -> socket.socket:
     """A listening unix socket with mode 0600 from birth."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    path.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o177)
     try:

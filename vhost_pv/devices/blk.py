@@ -97,6 +97,7 @@ class BlkDevice:
             raise OSError(-err[0], f"cannot set up the data path for {volume.path}")
         self._handle: Any = handle
         self._started: set[int] = set()
+        self._final_stats: BlkStats | None = None
 
     # -- DeviceBackend ----------------------------------------------------------------------
 
@@ -200,17 +201,23 @@ class BlkDevice:
 
     def close(self) -> None:
         if self._handle is not None:
+            # Stop the workers first so the counters kept for status are final.
+            for index in sorted(self._started):
+                lib.vpv_blk_queue_stop(self._handle, index)
+            self._started.clear()
+            self._final_stats = self.stats()
             lib.vpv_blk_free(self._handle)
             self._handle = None
 
     # -- introspection ----------------------------------------------------------------------
 
     def stats(self) -> BlkStats:
+        """Per-queue counters; after close, the last values the queues had."""
+        if self._handle is None:
+            return self._final_stats or BlkStats([])
         out = ffi.new("struct vpv_queue_stats *")
         queues = []
         for index in range(self.num_queues):
-            if self._handle is None:
-                break
             lib.vpv_blk_queue_stats(self._handle, index, out)
             queues.append({name: int(getattr(out, name)) for name in _STAT_FIELDS})
         return BlkStats(queues)

@@ -1,0 +1,113 @@
+"""Run `vhost-pv serve` as a child process: for the demo, the benchmark and the tests.
+
+The daemon runs in its own process exactly as an admin would start it, so whatever drives
+it (a QEMU guest, a fake frontend) talks to the real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+
+class ServerError(RuntimeError):
+    """The daemon did not start, or did not stop cleanly."""
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        volumes: Sequence[Path],
+        workdir: Path,
+        *,
+        queues: int = 1,
+        extra_args: Sequence[str] = (),
+        start_timeout: float = 15.0,
+    ) -> None:
+        self.volumes = [Path(v) for v in volumes]
+        self.socket_dir = workdir / "sockets"
+        self.control = workdir / "control.sock"
+        self.log_path = workdir / "vhost-pv.log"
+        self.queues = queues
+        self.extra_args = list(extra_args)
+        self.start_timeout = start_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def socket_for(self, volume: Path | str) -> Path:
+        return self.socket_dir / f"{Path(volume).stem}.sock"
+
+    def start(self) -> ServerProcess:
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "vhost_pv.cli", "serve",
+            "--socket-dir", str(self.socket_dir),
+            "--control", str(self.control),
+            "--queues", str(self.queues),
+            *self.extra_args,
+            *map(str, self.volumes),
+        ]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        wanted = [self.control, *(self.socket_for(v) for v in self.volumes)]
+        deadline = time.monotonic() + self.start_timeout
+        while not all(p.exists() for p in wanted):
+            if self.process.poll() is not None:
+                raise ServerError(f"vhost-pv serve exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ServerError(f"vhost-pv serve did not create its sockets:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise ServerError(f"vhost-pv serve ignored SIGTERM:\n{self.log()}") from None
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            code = self.stop()
+            if code != 0:
+                raise ServerError(f"vhost-pv serve exited with {code}:\n{self.log()}")
+        else:
+            self.kill()
