@@ -131,8 +131,9 @@ def main() -> int:
         table.add_column(column, justify="right" if column != "workload" else "left")
     summary: dict[str, Any] = {}
     for name, _ in WORKLOADS:
-        ours = {k: statistics.mean(r[name][k] for r in results["vhost-pv"]) for k in ("iops", "mib_s", "lat_us")}
-        qsd = {k: statistics.mean(r[name][k] for r in results["qsd"]) for k in ("iops", "mib_s", "lat_us")}
+        keys = ("iops", "mib_s", "lat_us")
+        ours = {k: statistics.mean(r[name][k] for r in results["vhost-pv"]) for k in keys}
+        qsd = {k: statistics.mean(r[name][k] for r in results["qsd"]) for k in keys}
         ratio = ours["iops"] / qsd["iops"] if qsd["iops"] else float("nan")
         summary[name] = {"vhost-pv": ours, "qsd": qsd, "ratio": ratio}
         table.add_row(

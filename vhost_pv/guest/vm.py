@@ -175,14 +175,14 @@ class GuestProcess:
         for number, disk in enumerate(disks):
             self.command += disk.qemu_args(f"vhostpv{number}")
         self.command += list(extra_args)
-        self._stderr = open(self.workdir / "qemu.stderr", "wb")
-        try:
-            self.process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=subprocess.STDOUT
-            )
-        except OSError as exc:
-            self._stderr.close()
-            raise GuestError(f"cannot start {QEMU_BINARY}: {exc}") from exc
+        # QEMU keeps its own copy of the descriptor; ours can close right after the start.
+        with open(self.workdir / "qemu.stderr", "wb") as stderr:
+            try:
+                self.process = subprocess.Popen(
+                    self.command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT
+                )
+            except OSError as exc:
+                raise GuestError(f"cannot start {QEMU_BINARY}: {exc}") from exc
 
     def console_so_far(self) -> str:
         try:
@@ -220,7 +220,6 @@ class GuestProcess:
 
     def close(self) -> None:
         self.kill()
-        self._stderr.close()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
