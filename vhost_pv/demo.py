@@ -90,9 +90,10 @@ def _summary(console: Console, fio: dict[str, Any], status: dict[str, Any]) -> N
     console.print(f"fio verify errors: [bold]{errors}[/] "
                   f"({'all data verified' if errors == 0 else 'DATA MISMATCH'})")
     volume = status["volumes"][0]
-    connection = volume["connection"] or {}
-    queues = connection.get("queues", [])
-    served = sum(q["requests"] for q in queues)
-    console.print(f"backend served {served:,} requests on {len(queues)} queue(s), "
-                  f"{sum(q['io_errors'] for q in queues)} I/O errors; volume state "
-                  f"{volume['header']['state']}")
+    # The guest has powered off by now, so the counters come from the per-volume totals
+    # the daemon keeps across connections.
+    totals = volume["totals"]
+    console.print(f"backend served {totals['requests']:,} requests "
+                  f"({totals['reads']:,} reads, {totals['writes']:,} writes, "
+                  f"{totals['flushes']:,} flushes) over {volume['connections_total']} connection(s), "
+                  f"{totals['io_errors']} I/O errors; volume state {volume['header']['state']}")
