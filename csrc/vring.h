@@ -110,4 +110,15 @@ int vpv_vring_should_notify(struct vpv_vring *vr);
 int vpv_vring_enable_kicks(struct vpv_vring *vr);
 void vpv_vring_disable_kicks(struct vpv_vring *vr);
 
+/* SHA-256 for the quarantine ring (sha256.c). */
+struct vpv_sha256 {
+    uint32_t h[8];
+    uint64_t length;
+    uint8_t buf[64];
+    size_t fill;
+};
+void vpv_sha256_init(struct vpv_sha256 *s);
+void vpv_sha256_update(struct vpv_sha256 *s, const void *data, size_t len);
+void vpv_sha256_final(struct vpv_sha256 *s, uint8_t out[32]);
+
 #endif
