@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--queues", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=150)  # a table, not a terminal: keep the columns readable in logs
     ensure_guest_image()
 
     with tempfile.TemporaryDirectory(prefix="vhost-pv-bench-") as tmp:

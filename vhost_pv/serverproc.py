@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,7 +57,7 @@ class ServerProcess:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         wanted = [self.control, *(self.socket_for(v) for v in self.volumes)]
         deadline = time.monotonic() + self.start_timeout
-        while not all(p.exists() for p in wanted):
+        while not (all(p.exists() for p in wanted) and self._control_listening()):
             if self.process.poll() is not None:
                 raise ServerError(f"vhost-pv serve exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
@@ -64,6 +65,18 @@ class ServerProcess:
                 raise ServerError(f"vhost-pv serve did not create its sockets:\n{self.log()}")
             time.sleep(0.05)
         return self
+
+    def _control_listening(self) -> bool:
+        """The socket file appears at bind(), before listen(): only a connect proves it is up.
+
+        The control socket is created after the volume sockets, so once it accepts, they do too.
+        """
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.control))
+            except (ConnectionRefusedError, FileNotFoundError):
+                return False
+        return True
 
     def log(self) -> str:
         try:

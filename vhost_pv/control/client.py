@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -46,7 +47,9 @@ def call(path: Path, command: int, payload: bytes = b"", timeout: float = 30.0) 
         header = ControlHeader.build(
             {"version": CONTROL_VERSION, "flags": 0, "cmd": command, "seq": seq, "length": len(payload)}
         )
-        sock.sendall(header + payload)
+        # The daemon may have answered (e.g. refused us) and closed already: read its reply.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(header + payload)
         reply = ControlHeader.parse(_recv_exact(sock, ControlHeader.sizeof()))
         body = _recv_exact(sock, reply.length)
     status = ReplyStatus.parse(body[:4])

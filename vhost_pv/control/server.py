@@ -94,7 +94,17 @@ class ControlServer:
                     "control: refused peer pid=%d uid=%d gid=%d (not on the allow-list)",
                     peer.pid, peer.uid, peer.gid,
                 )
-                await self._reply(writer, 0, 0, -errno.EACCES, b"permission denied: uid not allowed")
+                # Answer the request rather than racing it: replying and closing before the
+                # client has written its request makes that write fail (EPIPE), and the client
+                # never sees why it was turned away.
+                cmd = seq = 0
+                try:
+                    raw = await asyncio.wait_for(reader.readexactly(ControlHeader.sizeof()), 2.0)
+                    request = ControlHeader.parse(raw)
+                    cmd, seq = request.cmd, request.seq
+                except (TimeoutError, asyncio.IncompleteReadError, ConstructError):
+                    pass
+                await self._reply(writer, cmd, seq, -errno.EACCES, b"permission denied: uid not allowed")
                 return
             while True:
                 try:

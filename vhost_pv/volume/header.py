@@ -36,6 +36,7 @@ from construct import (
     Padding,
     RawCopy,
     StreamError,
+    StringError,
     Struct,
     this,
 )
@@ -108,7 +109,7 @@ HeaderBody = Struct(
     "allowed_uids" / Array(MAX_ALLOWED_IDS, Int32sl),
     "allowed_gids" / Array(MAX_ALLOWED_IDS, Int32sl),
 )
-"""C: struct vpv_header_body (little-endian, packed), 368 bytes:
+"""C: struct vpv_header_body (little-endian, packed), 360 bytes:
 u8 magic[8]; u16 version; u16 pad; u32 flags; u64 generation; u8 uuid[16]; u64 created_ns;
 u64 data_offset, capacity, ring_offset, ring_size; u32 state; u8 read_policy,
 ring_full_policy, ttl_action, pad; u64 ttl_seconds, dangling_since_ns; char reason[64];
@@ -236,11 +237,16 @@ def decode_slot(raw: bytes) -> VolumeHeader:
     version = int.from_bytes(raw[8:10], "little")
     if version != FORMAT_VERSION:
         raise HeaderError(f"unsupported format version {version} (this build reads {FORMAT_VERSION})")
+    # Verify the CRC before decoding any field: a damaged record must be reported as such,
+    # not as whatever its damaged bytes happen to fail (e.g. invalid UTF-8 in owner/reason).
+    body_size = HeaderBody.sizeof()
+    if zlib.crc32(raw[:body_size]) != int.from_bytes(raw[body_size : body_size + 4], "little"):
+        raise HeaderError("checksum mismatch: the header record is damaged")
     try:
         parsed = HeaderSlot.parse(raw)
     except ChecksumError:
         raise HeaderError("checksum mismatch: the header record is damaged") from None
-    except (ConstError, StreamError, UnicodeDecodeError) as exc:
+    except (ConstError, StreamError, StringError, UnicodeDecodeError) as exc:
         raise HeaderError(f"unreadable header record: {exc}") from None
     body = parsed.body.value
     header = VolumeHeader(

@@ -1,0 +1,357 @@
+"""Volume files: creation, header validation, refusal of bad files, crash-safe header updates."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from vhost_pv.volume.header import (
+    DATA_OFFSET,
+    SLOT_OFFSETS,
+    SLOT_SIZE,
+    STATE_WORD_OFFSET,
+    HeaderError,
+    VolumeHeader,
+    VolumeState,
+    choose_slot,
+    encode_slot,
+)
+from vhost_pv.volume.volume import (
+    DEFAULT_RING_SIZE,
+    CreateOptions,
+    Volume,
+    create_volume,
+    parse_size,
+    read_header,
+)
+
+MiB = 1 << 20
+
+
+def _create(
+    tmp_path: Path, *, size: int = 4 * MiB, ring_size: int = MiB, owner: str = ""
+) -> tuple[Path, VolumeHeader]:
+    path = tmp_path / "vol.img"
+    return path, create_volume(path, CreateOptions(size=size, ring_size=ring_size, owner=owner))
+
+
+def _pread(path: Path, size: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _pwrite(path: Path, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, data, offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def _state_word(path: Path) -> int:
+    value: int = struct.unpack("<I", _pread(path, 4, STATE_WORD_OFFSET))[0]
+    return value
+
+
+# -- create / read ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_create_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "vol.img"
+    created = create_volume(path, CreateOptions(size=8 * MiB, owner="container-1"))
+    header = read_header(path)
+    assert header == created
+    assert header.capacity == 8 * MiB
+    assert header.data_offset == DATA_OFFSET == MiB
+    assert header.ring_offset == DATA_OFFSET + 8 * MiB
+    assert header.ring_size == DEFAULT_RING_SIZE == 16 * MiB
+    assert header.state is VolumeState.ATTACHED
+    assert not header.dangling
+    assert header.owner == "container-1"
+    assert header.generation == 1
+    assert header.allowed_uids == (0,)
+    assert header.reason == ""
+    assert path.stat().st_size == header.data_offset + header.capacity + header.ring_size
+    assert _state_word(path) == VolumeState.ATTACHED
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    # Both slots hold the same record.
+    assert _pread(path, SLOT_SIZE, 0) == _pread(path, SLOT_SIZE, SLOT_SIZE)
+
+
+@pytest.mark.timeout(60)
+def test_create_custom_ring(tmp_path: Path) -> None:
+    path, header = _create(tmp_path, size=64 * MiB, ring_size=2 * MiB, owner="abc")
+    assert read_header(path) == header
+    assert header.ring_size == 2 * MiB
+    assert path.stat().st_size == MiB + 64 * MiB + 2 * MiB
+
+
+@pytest.mark.timeout(60)
+def test_create_refuses_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "vol.img"
+    path.write_bytes(b"precious data")
+    with pytest.raises(FileExistsError):
+        create_volume(path, CreateOptions(size=4 * MiB))
+    assert path.read_bytes() == b"precious data"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("size", "ring"), [(0, MiB), (1000, MiB), (4 * MiB, MiB // 2), (4 * MiB, MiB + 1)])
+def test_create_refuses_bad_sizes(tmp_path: Path, size: int, ring: int) -> None:
+    path = tmp_path / "vol.img"
+    with pytest.raises(ValueError):
+        create_volume(path, CreateOptions(size=size, ring_size=ring))
+    assert not path.exists()
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_refuses_zero_file(tmp_path: Path) -> None:
+    path = tmp_path / "zeros.img"
+    path.write_bytes(bytes(2 * MiB))
+    with pytest.raises(HeaderError, match="magic"):
+        read_header(path)
+
+
+@pytest.mark.timeout(60)
+def test_refuses_random_file(tmp_path: Path) -> None:
+    path = tmp_path / "random.img"
+    path.write_bytes(os.urandom(2 * MiB))
+    with pytest.raises(HeaderError, match="magic"):
+        read_header(path)
+
+
+@pytest.mark.timeout(60)
+def test_refuses_short_file(tmp_path: Path) -> None:
+    path = tmp_path / "short.img"
+    path.write_bytes(b"hello")
+    with pytest.raises(HeaderError, match="truncated"):
+        read_header(path)
+
+
+@pytest.mark.timeout(60)
+def test_refuses_unsupported_version(tmp_path: Path) -> None:
+    path, _ = _create(tmp_path)
+    for offset in SLOT_OFFSETS:
+        _pwrite(path, struct.pack("<H", 2), offset + 8)
+    with pytest.raises(HeaderError, match="unsupported format version 2"):
+        read_header(path)
+    with pytest.raises(HeaderError, match="version"):
+        Volume(path)
+
+
+@pytest.mark.timeout(60)
+def test_refuses_both_slots_corrupt(tmp_path: Path) -> None:
+    path, _ = _create(tmp_path)
+    for offset in SLOT_OFFSETS:
+        byte = _pread(path, 1, offset + 60)
+        _pwrite(path, bytes([byte[0] ^ 0x40]), offset + 60)
+    with pytest.raises(HeaderError, match="no valid header") as info:
+        read_header(path)
+    message = str(info.value)
+    assert "copy 0" in message and "copy 1" in message and "checksum" in message
+
+
+@pytest.mark.timeout(60)
+def test_refuses_truncated_volume(tmp_path: Path) -> None:
+    path, header = _create(tmp_path)
+    os.truncate(path, header.ring_offset + header.ring_size - 512)
+    with pytest.raises(HeaderError, match="truncated"):
+        read_header(path)
+    with pytest.raises(HeaderError, match="truncated"):
+        Volume(path)
+
+
+@pytest.mark.timeout(60)
+def test_refuses_overlapping_geometry(tmp_path: Path) -> None:
+    path, header = _create(tmp_path)
+    bad = dataclasses.replace(header, ring_offset=header.ring_offset - 4096, generation=5)
+    slot = encode_slot(bad)
+    for offset in SLOT_OFFSETS:
+        _pwrite(path, slot, offset)
+    with pytest.raises(HeaderError, match="overlaps the data region"):
+        read_header(path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("corrupt", [0, 1])
+def test_one_corrupt_slot_uses_the_other(tmp_path: Path, corrupt: int) -> None:
+    path, header = _create(tmp_path, owner="abc")
+    _pwrite(path, b"\xff" * 16, SLOT_OFFSETS[corrupt] + 100)
+    assert read_header(path) == header
+    with Volume(path) as volume:
+        assert volume.header == header
+
+
+@pytest.mark.timeout(60)
+def test_newer_slot_wins_and_damage_falls_back(tmp_path: Path) -> None:
+    path, header = _create(tmp_path)
+    with Volume(path) as volume:
+        new = volume.update(owner="second")
+    assert new.generation == 2
+    assert read_header(path) == new
+    # Damage whichever slot holds generation 2: the reader falls back to generation 1.
+    slots = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
+    index, chosen = choose_slot(slots)
+    assert chosen == new
+    _pwrite(path, b"\xff" * 8, SLOT_OFFSETS[index] + 20)
+    assert read_header(path) == header
+
+
+# -- updates and the live state word ---------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_update_persists_and_publishes_state(tmp_path: Path) -> None:
+    path, header = _create(tmp_path)
+    with Volume(path) as volume:
+        dangling = volume.update(state=VolumeState.DANGLING, dangling_since_ns=123, reason="gone")
+        assert volume.header == dangling
+        assert dangling.generation == header.generation + 1
+        assert _state_word(path) == VolumeState.DANGLING
+        assert read_header(path) == dangling
+        attached = volume.update(state=VolumeState.ATTACHED, reason="")
+        assert attached.generation == header.generation + 2
+        assert _state_word(path) == VolumeState.ATTACHED
+        assert read_header(path) == attached
+    with Volume(path) as volume:
+        assert volume.header == attached
+
+
+@pytest.mark.timeout(60)
+def test_open_rewrites_stale_state_word(tmp_path: Path) -> None:
+    path, _ = _create(tmp_path)
+    _pwrite(path, struct.pack("<I", 0xDEADBEEF), STATE_WORD_OFFSET)
+    with Volume(path) as volume:
+        assert _state_word(path) == VolumeState.ATTACHED
+        volume.update(state=VolumeState.DANGLING)
+    _pwrite(path, struct.pack("<I", VolumeState.ATTACHED), STATE_WORD_OFFSET)
+    with Volume(path):
+        assert _state_word(path) == VolumeState.DANGLING
+
+
+@pytest.mark.timeout(60)
+def test_read_only_volume_open_leaves_state_word(tmp_path: Path) -> None:
+    path, header = _create(tmp_path)
+    _pwrite(path, struct.pack("<I", 7), STATE_WORD_OFFSET)
+    with Volume(path, read_only=True) as volume:
+        assert volume.header == header
+    assert _state_word(path) == 7
+
+
+# -- crash safety: a torn slot write at every byte ---------------------------------------------
+
+
+def _torn_write_check(path: Path, volume: Volume, **changes: object) -> VolumeHeader:
+    """Run volume.update(**changes), then replay it torn after k bytes for every k."""
+    before = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
+    old = read_header(path)
+    new = volume.update(**changes)
+    after = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
+    changed = [i for i in range(len(SLOT_OFFSETS)) if before[i] != after[i]]
+    # update writes exactly one slot: the one the reader did not choose (the older one).
+    assert len(changed) == 1
+    target = changed[0]
+    assert target == 1 - choose_slot(before)[0]
+    assert after[target] == encode_slot(new)
+    assert after[1 - target] == before[1 - target]
+
+    outcomes = {"old": 0, "new": 0}
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for k in range(SLOT_SIZE + 1):
+            torn = after[target][:k] + before[target][k:]
+            os.pwrite(fd, torn, SLOT_OFFSETS[target])
+            got = read_header(path)  # must never raise
+            if got == old:
+                outcomes["old"] += 1
+            elif got == new:
+                outcomes["new"] += 1
+            else:
+                pytest.fail(f"torn at byte {k}: a header that is neither old nor new: {got}")
+            if k == 0:
+                assert got == old
+            if k == SLOT_SIZE:
+                assert got == new
+    finally:
+        # Leave the completed write in place, as update did.
+        os.pwrite(fd, after[target], SLOT_OFFSETS[target])
+        os.close(fd)
+    # The record is 364 bytes: every shorter prefix is invalid, so the old header is read.
+    assert outcomes["old"] >= 364
+    assert outcomes["new"] >= SLOT_SIZE - 364
+    return new
+
+
+@pytest.mark.timeout(60)
+def test_torn_update_every_byte(tmp_path: Path) -> None:
+    # Non-ASCII text in the changed fields: a tear inside a multi-byte character must be
+    # detected as damage, not crash the reader.
+    path, _ = _create(tmp_path, owner="owner-é")
+    with Volume(path) as volume:
+        first = _torn_write_check(
+            path, volume, state=VolumeState.DANGLING, dangling_since_ns=1_700_000_000_000_000_000,
+            reason="container gone ✓",
+        )
+        assert first.dangling
+        # The next update goes to the other slot; check that one as well.
+        second = _torn_write_check(path, volume, state=VolumeState.ATTACHED, reason="", owner="ü-new")
+        assert not second.dangling
+        assert _state_word(path) == VolumeState.ATTACHED
+    assert read_header(path) == second
+
+
+@pytest.mark.timeout(60)
+def test_torn_slot_decode_via_choose_slot(tmp_path: Path) -> None:
+    """The same property without the filesystem, on in-memory slot images."""
+    path, header = _create(tmp_path)
+    old_slot = encode_slot(header)
+    new = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING, reason="ß" * 20)
+    new_slot = encode_slot(new)
+    for target in (0, 1):
+        for k in range(SLOT_SIZE + 1):
+            slots = [old_slot, old_slot]
+            slots[target] = new_slot[:k] + old_slot[k:]
+            _, got = choose_slot(slots)
+            assert got in (header, new), k
+
+
+# -- sizes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4k", 4096),
+        ("4K", 4096),
+        ("1M", MiB),
+        ("64M", 64 * MiB),
+        ("1GiB", 1 << 30),
+        ("2G", 2 << 30),
+        ("1T", 1 << 40),
+        ("512", 512),
+        ("16MiB", 16 * MiB),
+        (" 8 m ", 8 * MiB),
+        ("0", 0),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text", ["", "abc", "1.5G", "-1", "10X", "1P", "M", "1 GiBs", "0x100"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
