@@ -17,11 +17,11 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 HEADER = CSRC / "vhost_pv.h"
-SOURCES = ["vring.c", "blk.c", "sha256.c"]
+SOURCES = ["vring.c", "blk.c", "volume.c", "sha256.c"]
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-pthread", "-fvisibility=hidden"]
 
 # cdef understands "#define NAME <integer literal>" and nothing else of the preprocessor.
-_INT_DEFINE = re.compile(r"^#define\s+\w+\s+(0x[0-9a-fA-F]+|\d+)\s*$")
+_INT_DEFINE = re.compile(r"^#define\s+\w+\s+(0x[0-9a-fA-F]+|\d+)\s*(/\*.*\*/)?\s*$")
 
 
 def cdef_source(header: Path = HEADER) -> str:
@@ -31,7 +31,7 @@ def cdef_source(header: Path = HEADER) -> str:
         stripped = line.strip()
         if stripped.startswith("#"):
             if _INT_DEFINE.match(stripped):
-                lines.append(stripped)
+                lines.append(re.sub(r"/\*.*\*/", "", stripped).rstrip())
             continue
         lines.append(line)
     return "\n".join(lines)

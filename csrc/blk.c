@@ -19,6 +19,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "volume.h"
 #include "vring.h"
 
 /* virtio-blk request types and status values (virtio 1.x, "Block Device"). */
@@ -61,13 +62,12 @@ struct vpv_queue {
 };
 
 struct vpv_blk {
-    int fd;
+    struct vpv_volume *vol;    /* fd, regions, live state word, ring: shared per volume */
+    int fd;                    /* vol->fd, kept here for the common path */
     uint64_t data_offset;
     uint64_t capacity;
     uint32_t flags;
-    const uint32_t *state;     /* the volume's live state word, in the mmap'd header */
-    void *state_map;
-    size_t state_map_len;
+    uint32_t source;           /* connection id, recorded in ring records and events */
     uint8_t serial[VPV_SERIAL_BYTES];
     struct vpv_memory mem;
     struct vpv_queue queues[VPV_MAX_QUEUES];
@@ -75,35 +75,20 @@ struct vpv_blk {
 
 #define STAT_ADD(q, field, n) __atomic_fetch_add(&(q)->stats.field, (n), __ATOMIC_RELAXED)
 
-struct vpv_blk *vpv_blk_new(int volume_fd, uint64_t data_offset, uint64_t capacity_bytes,
-                            uint64_t header_state_offset, uint32_t flags,
-                            const uint8_t *serial, int *err)
+struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_t *serial,
+                            uint32_t source, int *err)
 {
-    long page = sysconf(_SC_PAGESIZE);
-    uint64_t map_off = header_state_offset & ~((uint64_t)page - 1);
-    if (header_state_offset % sizeof(uint32_t)) {
-        *err = -EINVAL;
-        return NULL;
-    }
     struct vpv_blk *blk = calloc(1, sizeof(*blk));
     if (!blk) {
         *err = -ENOMEM;
         return NULL;
     }
-    blk->state_map_len = (size_t)page;
-    blk->state_map = mmap(NULL, blk->state_map_len, PROT_READ, MAP_SHARED, volume_fd,
-                          (off_t)map_off);
-    if (blk->state_map == MAP_FAILED) {
-        *err = -errno;
-        free(blk);
-        return NULL;
-    }
-    blk->state = (const uint32_t *)((uint8_t *)blk->state_map +
-                                    (header_state_offset - map_off));
-    blk->fd = volume_fd;
-    blk->data_offset = data_offset;
-    blk->capacity = capacity_bytes;
+    blk->vol = vol;
+    blk->fd = vol->fd;
+    blk->data_offset = vol->cfg.data_offset;
+    blk->capacity = vol->cfg.capacity;
     blk->flags = flags;
+    blk->source = source;
     memcpy(blk->serial, serial, VPV_SERIAL_BYTES);
     for (uint32_t i = 0; i < VPV_MAX_QUEUES; i++) {
         blk->queues[i].blk = blk;
@@ -123,7 +108,6 @@ void vpv_blk_free(struct vpv_blk *blk)
     for (uint32_t i = 0; i < VPV_MAX_QUEUES; i++)
         vpv_blk_queue_stop(blk, i);
     vpv_memory_unmap(&blk->mem);
-    munmap(blk->state_map, blk->state_map_len);
     free(blk);
 }
 
@@ -218,16 +202,18 @@ static int in_range(const struct vpv_blk *blk, uint64_t sector, uint64_t bytes)
     return sector <= max_sector && bytes <= (max_sector - sector) * VPV_SECTOR_SIZE;
 }
 
-static uint8_t do_discard(struct vpv_queue *q, struct iovec *iov, uint32_t n, size_t len,
-                          uint32_t type)
+/* Copy and check the segments of a DISCARD / WRITE_ZEROES request. Returns OK and fills
+ * segs / *count / *bytes, or the status to fail the request with. */
+static uint8_t parse_segments(const struct vpv_blk *blk, struct iovec *iov, uint32_t n, size_t len,
+                              uint32_t type, struct blk_discard_segment *segs, uint32_t *count,
+                              uint64_t *bytes_total)
 {
-    struct vpv_blk *blk = q->blk;
-    struct blk_discard_segment segs[VPV_MAX_DISCARD_SEGMENTS];
     if (len == 0 || len % sizeof(segs[0]) || len / sizeof(segs[0]) > VPV_MAX_DISCARD_SEGMENTS)
         return VIRTIO_BLK_S_IOERR;
-    uint32_t count = (uint32_t)(len / sizeof(segs[0]));
+    *count = (uint32_t)(len / sizeof(segs[0]));
+    *bytes_total = 0;
     iov_copy_out(iov, n, 0, segs, len);
-    for (uint32_t i = 0; i < count; i++) {
+    for (uint32_t i = 0; i < *count; i++) {
         uint32_t allowed = type == VIRTIO_BLK_T_WRITE_ZEROES ? VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
                                                              : 0;
         if (segs[i].flags & ~allowed)
@@ -235,7 +221,21 @@ static uint8_t do_discard(struct vpv_queue *q, struct iovec *iov, uint32_t n, si
         uint64_t bytes = (uint64_t)segs[i].num_sectors * VPV_SECTOR_SIZE;
         if (segs[i].num_sectors > VPV_MAX_DISCARD_SECTORS || !in_range(blk, segs[i].sector, bytes))
             return VIRTIO_BLK_S_IOERR;
+        *bytes_total += bytes;
     }
+    return VIRTIO_BLK_S_OK;
+}
+
+static uint8_t do_discard(struct vpv_queue *q, struct iovec *iov, uint32_t n, size_t len,
+                          uint32_t type)
+{
+    struct vpv_blk *blk = q->blk;
+    struct blk_discard_segment segs[VPV_MAX_DISCARD_SEGMENTS];
+    uint32_t count;
+    uint64_t total;
+    uint8_t st = parse_segments(blk, iov, n, len, type, segs, &count, &total);
+    if (st != VIRTIO_BLK_S_OK)
+        return st;
     for (uint32_t i = 0; i < count; i++) {
         off_t off = (off_t)(blk->data_offset + segs[i].sector * VPV_SECTOR_SIZE);
         off_t bytes = (off_t)segs[i].num_sectors * VPV_SECTOR_SIZE;
@@ -256,6 +256,113 @@ static uint8_t do_discard(struct vpv_queue *q, struct iovec *iov, uint32_t n, si
             return VIRTIO_BLK_S_IOERR;
     }
     return VIRTIO_BLK_S_OK;
+}
+
+static void post_event(struct vpv_queue *q, const struct blk_req_header *hdr, uint64_t length,
+                       uint16_t outcome, uint64_t seq)
+{
+    struct vpv_dangling_event ev = {
+        .time_ns = vpv_now_ns(),
+        .sector = hdr->sector,
+        .seq = seq,
+        .length = length > UINT32_MAX ? UINT32_MAX : (uint32_t)length,
+        .source = q->blk->source,
+        .request_type = (uint16_t)hdr->type,
+        .queue = (uint16_t)q->index,
+        .outcome = outcome,
+    };
+    vpv_volume_post_event(q->blk->vol, &ev);
+}
+
+static uint8_t quarantine(struct vpv_queue *q, const struct blk_req_header *hdr, uint16_t type,
+                          uint64_t sector, uint64_t length, struct iovec *iov, uint32_t n,
+                          size_t payload_len)
+{
+    uint64_t seq = 0;
+    int err = vpv_volume_ring_append(q->blk->vol, type, (uint16_t)q->index, q->blk->source, sector,
+                                     length > UINT32_MAX ? UINT32_MAX : (uint32_t)length, iov, n,
+                                     payload_len, &seq);
+    if (err == 0) {
+        STAT_ADD(q, quarantined, 1);
+        post_event(q, hdr, length, VPV_EVENT_QUARANTINED, seq);
+        return VIRTIO_BLK_S_OK;
+    }
+    STAT_ADD(q, quarantine_refused, 1);
+    post_event(q, hdr, length,
+               err == -ENOSPC || err == -E2BIG ? VPV_EVENT_RING_FULL : VPV_EVENT_RING_ERROR, 0);
+    return VIRTIO_BLK_S_IOERR;
+}
+
+/* A request on a dangling volume: nothing touches the data region. Writes of any kind
+ * become ring records; reads follow the volume's read policy; all are reported. */
+static uint8_t execute_dangling(struct vpv_queue *q, const struct blk_req_header *hdr,
+                                struct iovec *rd, uint32_t n_rd, size_t rd_len,
+                                struct iovec *wr, uint32_t n_wr, size_t wr_len,
+                                uint32_t *data_written)
+{
+    struct vpv_blk *blk = q->blk;
+    switch (hdr->type) {
+    case VIRTIO_BLK_T_IN: {
+        STAT_ADD(q, reads, 1);
+        if (wr_len % VPV_SECTOR_SIZE || !in_range(blk, hdr->sector, wr_len))
+            return VIRTIO_BLK_S_IOERR;
+        uint32_t policy = blk->vol->cfg.read_policy;
+        if (policy == VPV_READ_ZEROS) {
+            for (uint32_t i = 0; i < n_wr; i++)
+                memset(wr[i].iov_base, 0, wr[i].iov_len);
+            post_event(q, hdr, wr_len, VPV_EVENT_READ_ZEROS, 0);
+        } else if (policy == VPV_READ_ALLOW) {
+            off_t off = (off_t)(blk->data_offset + hdr->sector * VPV_SECTOR_SIZE);
+            if (rw_full(blk->fd, wr, n_wr, off, wr_len, 0) != 0)
+                return VIRTIO_BLK_S_IOERR;
+            post_event(q, hdr, wr_len, VPV_EVENT_READ_ALLOWED, 0);
+        } else {
+            STAT_ADD(q, dangling_denied, 1);
+            post_event(q, hdr, wr_len, VPV_EVENT_READ_DENIED, 0);
+            return VIRTIO_BLK_S_IOERR;
+        }
+        *data_written = (uint32_t)wr_len;
+        STAT_ADD(q, bytes_read, wr_len);
+        return VIRTIO_BLK_S_OK;
+    }
+    case VIRTIO_BLK_T_OUT: {
+        STAT_ADD(q, writes, 1);
+        if (rd_len % VPV_SECTOR_SIZE || !in_range(blk, hdr->sector, rd_len))
+            return VIRTIO_BLK_S_IOERR;
+        return quarantine(q, hdr, VPV_RECORD_WRITE, hdr->sector, rd_len, rd, n_rd, rd_len);
+    }
+    case VIRTIO_BLK_T_DISCARD:
+    case VIRTIO_BLK_T_WRITE_ZEROES: {
+        if (hdr->type == VIRTIO_BLK_T_DISCARD)
+            STAT_ADD(q, discards, 1);
+        else
+            STAT_ADD(q, write_zeroes, 1);
+        struct blk_discard_segment segs[VPV_MAX_DISCARD_SEGMENTS];
+        uint32_t count;
+        uint64_t total;
+        uint8_t st = parse_segments(blk, rd, n_rd, rd_len, hdr->type, segs, &count, &total);
+        if (st != VIRTIO_BLK_S_OK)
+            return st;
+        /* The payload is the segment list itself: replay needs exactly that. */
+        struct iovec seg_iov = {.iov_base = segs, .iov_len = rd_len};
+        uint16_t type = hdr->type == VIRTIO_BLK_T_DISCARD ? VPV_RECORD_DISCARD
+                                                          : VPV_RECORD_WRITE_ZEROES;
+        return quarantine(q, hdr, type, segs[0].sector, total, &seg_iov, 1, rd_len);
+    }
+    case VIRTIO_BLK_T_FLUSH:
+        /* Makes the quarantined records durable; the data region is untouched anyway. */
+        STAT_ADD(q, flushes, 1);
+        return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+    case VIRTIO_BLK_T_GET_ID: {
+        STAT_ADD(q, get_ids, 1);
+        size_t len = wr_len < VPV_SERIAL_BYTES ? wr_len : VPV_SERIAL_BYTES;
+        *data_written = (uint32_t)iov_copy_in(wr, n_wr, blk->serial, len);
+        return VIRTIO_BLK_S_OK;
+    }
+    default:
+        STAT_ADD(q, unsupported, 1);
+        return VIRTIO_BLK_S_UNSUPP;
+    }
 }
 
 /* Execute one well-formed chain; returns the status byte and sets *data_written. */
@@ -279,16 +386,16 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
     if (wr[n_wr - 1].iov_len == 0)
         n_wr--;
 
-    uint32_t state = __atomic_load_n(blk->state, __ATOMIC_ACQUIRE);
-    int data_request = hdr.type == VIRTIO_BLK_T_IN || hdr.type == VIRTIO_BLK_T_OUT ||
-                       hdr.type == VIRTIO_BLK_T_FLUSH || hdr.type == VIRTIO_BLK_T_DISCARD ||
-                       hdr.type == VIRTIO_BLK_T_WRITE_ZEROES;
-    if (data_request && state != VPV_STATE_ATTACHED)
-        return VIRTIO_BLK_S_IOERR;   /* a volume that is not attached serves no data */
     int writes = hdr.type == VIRTIO_BLK_T_OUT || hdr.type == VIRTIO_BLK_T_DISCARD ||
                  hdr.type == VIRTIO_BLK_T_WRITE_ZEROES;
     if (writes && (blk->flags & VPV_BLK_READ_ONLY))
         return VIRTIO_BLK_S_IOERR;
+    /* Read under the flip lock (held by the caller): a flip waits for this request. */
+    uint32_t state = __atomic_load_n(blk->vol->state, __ATOMIC_ACQUIRE);
+    if (state == VPV_STATE_DANGLING)
+        return execute_dangling(q, &hdr, rd, n_rd, rd_len, wr, n_wr, wr_len, data_written);
+    if (state != VPV_STATE_ATTACHED && hdr.type != VIRTIO_BLK_T_GET_ID)
+        return VIRTIO_BLK_S_IOERR;   /* unknown state word: serve no data */
 
     switch (hdr.type) {
     case VIRTIO_BLK_T_IN: {
@@ -369,7 +476,9 @@ static int process_ring(struct vpv_queue *q)
             STAT_ADD(q, bad_requests, 1);
             status = VIRTIO_BLK_S_IOERR;
         } else {
+            vpv_volume_begin_request(q->blk->vol);
             status = execute(q, c, &written);
+            vpv_volume_end_request(q->blk->vol);
         }
         if (status != VIRTIO_BLK_S_OK)
             written = 0;
@@ -518,6 +627,9 @@ int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_st
     out->bad_requests = __atomic_load_n(&s->bad_requests, __ATOMIC_RELAXED);
     out->kicks = __atomic_load_n(&s->kicks, __ATOMIC_RELAXED);
     out->notifications = __atomic_load_n(&s->notifications, __ATOMIC_RELAXED);
+    out->quarantined = __atomic_load_n(&s->quarantined, __ATOMIC_RELAXED);
+    out->quarantine_refused = __atomic_load_n(&s->quarantine_refused, __ATOMIC_RELAXED);
+    out->dangling_denied = __atomic_load_n(&s->dangling_denied, __ATOMIC_RELAXED);
     out->last_avail_idx = __atomic_load_n(&s->last_avail_idx, __ATOMIC_RELAXED);
     out->running = __atomic_load_n(&s->running, __ATOMIC_RELAXED);
     out->broken = __atomic_load_n(&s->broken, __ATOMIC_RELAXED);

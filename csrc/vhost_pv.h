@@ -25,6 +25,22 @@
 #define VPV_STATE_ATTACHED 1
 #define VPV_STATE_DANGLING 2
 
+/* Read policy of a dangling volume (mirrors vhost_pv.volume.header.ReadPolicy). */
+#define VPV_READ_DENY 0
+#define VPV_READ_ZEROS 1
+#define VPV_READ_ALLOW 2
+/* Ring-full policy (mirrors vhost_pv.volume.header.RingFullPolicy). */
+#define VPV_RING_FULL_REJECT 0
+#define VPV_RING_FULL_OVERWRITE 1
+
+/* What a request on a dangling volume came to (vpv_dangling_event.outcome). */
+#define VPV_EVENT_QUARANTINED 0   /* write / discard / write-zeroes went to the ring */
+#define VPV_EVENT_READ_DENIED 1   /* read refused with IOERR (policy deny) */
+#define VPV_EVENT_READ_ZEROS 2    /* read answered with zeros (policy zeros) */
+#define VPV_EVENT_READ_ALLOWED 3  /* read served from the data region (policy allow, audited) */
+#define VPV_EVENT_RING_FULL 4     /* write refused: ring full under the reject policy */
+#define VPV_EVENT_RING_ERROR 5    /* the ring could not be written (I/O error, corrupt) */
+
 /* Flags for vpv_blk_new. */
 #define VPV_BLK_READ_ONLY 1
 
@@ -66,20 +82,86 @@ struct vpv_queue_stats {
     uint64_t bad_requests;    /* malformed chains or requests (subset of io_errors or no status) */
     uint64_t kicks;
     uint64_t notifications;
+    uint64_t quarantined;     /* dangling: writes/discards stored as ring records */
+    uint64_t quarantine_refused; /* dangling: writes refused (ring full or failing) */
+    uint64_t dangling_denied; /* dangling: reads refused by the deny policy */
     uint16_t last_avail_idx;
     uint16_t running;
     uint16_t broken;          /* the ring itself was corrupt; the queue stopped */
     uint16_t _pad;
 };
 
+/* Where a volume's regions are and how it behaves while dangling. */
+struct vpv_volume_config {
+    uint64_t data_offset;
+    uint64_t capacity;
+    uint64_t state_offset;        /* the live state word in the header area */
+    uint64_t ring_offset;
+    uint64_t ring_size;
+    uint32_t read_policy;         /* VPV_READ_* */
+    uint32_t ring_full_policy;    /* VPV_RING_FULL_* */
+};
+
+/* One I/O attempt on a dangling volume, queued for the volume's guard thread. */
+struct vpv_dangling_event {
+    uint64_t time_ns;
+    uint64_t sector;
+    uint64_t seq;                 /* ring record sequence number when quarantined, else 0 */
+    uint32_t length;
+    uint32_t source;              /* connection id given to vpv_blk_new */
+    uint16_t request_type;        /* virtio-blk request type */
+    uint16_t queue;
+    uint16_t outcome;             /* VPV_EVENT_* */
+    uint16_t _pad;
+};
+
+/* The quarantine ring's counters (see vpv_ring.h for the layout on disk). */
+struct vpv_ring_stats {
+    uint64_t area_size;
+    uint64_t head;
+    uint64_t tail;
+    uint64_t next_seq;
+    uint64_t records;
+    uint64_t dropped;
+    uint64_t rejected;
+    uint64_t bytes_used;
+};
+
+struct vpv_volume;
+
+/* Open the shared per-volume state over an open volume fd: maps the state word read-write
+ * and loads the ring superblock (-EBADMSG if it is corrupt). NULL and *err on failure. */
+struct vpv_volume *vpv_volume_open(int volume_fd, const struct vpv_volume_config *cfg, int *err);
+/* Every vpv_blk on the volume must be freed first. Does not close volume_fd. */
+void vpv_volume_close(struct vpv_volume *vol);
+/* Publish a new state to the data path. Returns once no request that saw the old state is
+ * still running: after it, no write that started before lands in the data region. */
+int vpv_volume_set_state(struct vpv_volume *vol, uint32_t state);
+uint32_t vpv_volume_state(struct vpv_volume *vol);
+int vpv_volume_set_policy(struct vpv_volume *vol, uint32_t read_policy, uint32_t ring_full_policy);
+/* Readable (eventfd) when dangling events are queued. */
+int vpv_volume_event_fd(struct vpv_volume *vol);
+/* Move up to max queued events to out; *lost = events dropped since the last drain. */
+int vpv_volume_drain_events(struct vpv_volume *vol, struct vpv_dangling_event *out, uint32_t max,
+                            uint64_t *lost);
+int vpv_volume_ring_stats(struct vpv_volume *vol, struct vpv_ring_stats *out);
+/* Empty the ring (discard); sequence numbers and the hash chain carry on. */
+int vpv_volume_ring_reset(struct vpv_volume *vol);
+/* Re-read the superblock after it was changed on disk by someone else. */
+int vpv_volume_ring_reload(struct vpv_volume *vol);
+
+/* Make [offset, offset + length) of fd read as zeros, freeing the blocks where the file
+ * system can (punch hole, else zero range, else written zeros). 0 or a negative errno. */
+int vpv_zero_range(int fd, uint64_t offset, uint64_t length);
+
 struct vpv_blk;
 
-/* Create a block device over an open volume fd. The state word at header_state_offset is
- * mmap'd and read on every request. Returns NULL and sets *err to a negative errno. */
-struct vpv_blk *vpv_blk_new(int volume_fd, uint64_t data_offset, uint64_t capacity_bytes,
-                            uint64_t header_state_offset, uint32_t flags,
-                            const uint8_t *serial, int *err);
-/* Stops every queue, unmaps memory and frees the device. Does not close volume_fd. */
+/* Create one frontend connection's block device on a volume. The volume's state word is
+ * read on every request; `source` names the connection in ring records and events.
+ * Returns NULL and sets *err to a negative errno. */
+struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_t *serial,
+                            uint32_t source, int *err);
+/* Stops every queue, unmaps memory and frees the device. The volume stays open. */
 void vpv_blk_free(struct vpv_blk *blk);
 
 /* Replace the memory table (all queues must be stopped). The fds are not kept: the caller

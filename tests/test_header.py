@@ -15,11 +15,13 @@ from vhost_pv.volume.header import (
     SLOT_SIZE,
     STATE_WORD_OFFSET,
     HeaderError,
+    HeaderSlot,
     VolumeHeader,
     VolumeState,
     choose_slot,
     encode_slot,
 )
+from vhost_pv.volume.ring import RingError
 from vhost_pv.volume.volume import (
     DEFAULT_RING_SIZE,
     CreateOptions,
@@ -241,12 +243,11 @@ def test_open_rewrites_stale_state_word(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_read_only_volume_open_leaves_state_word(tmp_path: Path) -> None:
+def test_damaged_ring_superblock_is_refused(tmp_path: Path) -> None:
     path, header = _create(tmp_path)
-    _pwrite(path, struct.pack("<I", 7), STATE_WORD_OFFSET)
-    with Volume(path, read_only=True) as volume:
-        assert volume.header == header
-    assert _state_word(path) == 7
+    _pwrite(path, b"\xff" * 16, header.ring_offset + 40)
+    with pytest.raises(RingError, match="quarantine ring superblock"):
+        Volume(path)
 
 
 # -- crash safety: a torn slot write at every byte ---------------------------------------------
@@ -287,9 +288,10 @@ def _torn_write_check(path: Path, volume: Volume, **changes: object) -> VolumeHe
         # Leave the completed write in place, as update did.
         os.pwrite(fd, after[target], SLOT_OFFSETS[target])
         os.close(fd)
-    # The record is 364 bytes: every shorter prefix is invalid, so the old header is read.
-    assert outcomes["old"] >= 364
-    assert outcomes["new"] >= SLOT_SIZE - 364
+    # Until the whole record (body + CRC) is in place the old header is read.
+    record = HeaderSlot.sizeof()
+    assert outcomes["old"] >= record
+    assert outcomes["new"] >= SLOT_SIZE - record
     return new
 
 

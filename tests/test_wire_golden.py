@@ -354,6 +354,7 @@ FIXED_HEADER = VolumeHeader(
     owner="abc",
     allowed_uids=(0, 1000),
     allowed_gids=(100,),
+    dangling_source="ioctl",
 )
 
 FIXED_BODY = (
@@ -377,14 +378,15 @@ FIXED_BODY = (
     + b"abc" + bytes(125)  # 168 owner[128]
     + bytes.fromhex("00000000" "e8030000" + "ffffffff" * 6)  # 296 allowed_uids[8]
     + bytes.fromhex("64000000" + "ffffffff" * 7)  # 328 allowed_gids[8]
+    + b"ioctl" + bytes(27)  # 360 dangling_source[32]
 )
 
 
 @pytest.mark.timeout(60)
 def test_header_body_layout_size() -> None:
-    assert len(FIXED_BODY) == 360
-    assert HeaderBody.sizeof() == 360
-    assert HeaderSlot.sizeof() == 364
+    assert len(FIXED_BODY) == 392
+    assert HeaderBody.sizeof() == 392
+    assert HeaderSlot.sizeof() == 396
 
 
 @pytest.mark.timeout(60)
@@ -393,10 +395,10 @@ def test_encode_slot_golden() -> None:
     assert len(slot) == SLOT_SIZE
     assert slot[:8] == MAGIC == b"VHOSTPV\x01"
     assert struct.unpack_from("<H", slot, 8)[0] == FORMAT_VERSION == 1
-    assert slot[:360] == FIXED_BODY
-    crc = struct.unpack_from("<I", slot, 360)[0]
-    assert crc == zlib.crc32(slot[:360])
-    assert slot[364:] == bytes(SLOT_SIZE - 364)
+    assert slot[:392] == FIXED_BODY
+    crc = struct.unpack_from("<I", slot, 392)[0]
+    assert crc == zlib.crc32(slot[:392])
+    assert slot[396:] == bytes(SLOT_SIZE - 396)
     assert decode_slot(slot) == FIXED_HEADER
 
 

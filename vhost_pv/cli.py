@@ -12,8 +12,10 @@ from typing import Any
 
 from vhost_pv.control import client
 from vhost_pv.control.server import AccessList
+from vhost_pv.control.wire import ReclaimMode, RingOp
 from vhost_pv.daemon import Daemon, DaemonConfig
 from vhost_pv.volume.header import HeaderError, ReadPolicy, RingFullPolicy, TtlAction
+from vhost_pv.volume.ring import RingError, RingReader
 from vhost_pv.volume.volume import DEFAULT_RING_SIZE, CreateOptions, create_volume, parse_size, read_header
 
 
@@ -96,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             uids=frozenset(args.control_uids or ()) | {os.getuid()},
             gids=frozenset(args.control_gids or ()),
         ),
+        alert_webhook=args.alert_webhook,
     )
     for path in config.volumes:
         try:
@@ -103,8 +106,94 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (HeaderError, OSError) as exc:
             print(f"vhost-pv: {path}: {exc}", file=sys.stderr)
             return 1
-    uvloop.run(Daemon(config).run())
+    try:
+        uvloop.run(Daemon(config).run())
+    except (HeaderError, RingError, OSError, ValueError) as exc:
+        print(f"vhost-pv: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _control_call(args: argparse.Namespace, action: Any) -> int:
+    """Run a control-socket action, print its result (JSON or text), map errors to exit 1."""
+    try:
+        result = action()
+    except (OSError, client.ControlError) as exc:
+        print(f"vhost-pv: {exc}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+    return 0
+
+
+def cmd_ioctl(args: argparse.Namespace) -> int:
+    control = Path(args.control)
+    return _control_call(args, lambda: client.persistent_disk_dangling(
+        control, args.volume, clear=args.clear, reason=args.reason))
+
+
+def cmd_reclaim(args: argparse.Namespace) -> int:
+    mode = ReclaimMode.REPLAY if args.replay else ReclaimMode.DISCARD if args.discard else ReclaimMode.KEEP
+    control = Path(args.control)
+    return _control_call(args, lambda: client.reclaim(control, args.volume, args.owner, mode))
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    control = Path(args.control)
+    return _control_call(args, lambda: client.delete(control, args.volume, force=args.force))
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    try:
+        for alert in client.alerts(Path(args.control), follow=args.follow, since_seq=args.since):
+            if args.json:
+                print(json.dumps(alert), flush=True)
+            else:
+                print(f"#{alert['seq']} {alert['severity'].upper():8} {alert['kind']:16} "
+                      f"{alert['volume']}: {alert['message']}", flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except (OSError, client.ControlError) as exc:
+        print(f"vhost-pv: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_ring(args: argparse.Namespace) -> int:
+    """Read a volume file's quarantine ring directly (no daemon needed)."""
+    path = Path(args.path)
+    try:
+        header = read_header(path)
+        with RingReader(path, header) as reader:
+            info = {**reader.stats(), "verify": reader.verify().to_dict(),
+                    "entries": [r.to_dict() for r in reader.records()]}
+            dumped = reader.dump(Path(args.dump)) if args.dump else []
+    except (HeaderError, RingError, OSError) as exc:
+        print(f"vhost-pv: {path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        verify = info["verify"]
+        print(f"{path}: {info['records']} records, {info['bytes_used']} of {info['area_size']} bytes, "
+              f"{info['dropped']} dropped, {info['rejected']} rejected; chain "
+              f"{'intact' if verify['ok'] else 'BROKEN: ' + '; '.join(verify['problems'])}")
+        for record in info["entries"]:
+            print(f"  #{record['seq']:<6} {record['type']:<12} sector {record['sector']:<10} "
+                  f"{record['length']:>8} bytes  q{record['queue']} conn {record['source']}  "
+                  f"sha256 {record['payload_sha256'][:16]}")
+    for target in dumped:
+        print(f"dumped {target}", file=sys.stderr)
+    return 0 if info["verify"]["ok"] else 3
+
+
+def cmd_ring_control(args: argparse.Namespace) -> int:
+    control = Path(args.control)
+    op = RingOp[args.op.upper()]
+    return _control_call(args, lambda: client.ring(control, args.volume, op))
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -181,7 +270,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="serve every volume read-only")
     p.add_argument("--control-uids", type=_ids, help="more uids allowed on the control socket")
     p.add_argument("--control-gids", type=_ids, help="gids allowed on the control socket")
+    p.add_argument("--alert-webhook", help="POST alerts here in Alertmanager's format "
+                   "(e.g. http://alertmanager:9093/api/v2/alerts)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ioctl", help="send an ioctl-style command to a running daemon")
+    p.add_argument("--control", required=True)
+    p.add_argument("request", choices=["Persistent_Disk_Dangling"])
+    p.add_argument("volume", help="volume name (its file stem)")
+    p.add_argument("--clear", action="store_true", help="clear the dangling flag instead of setting it")
+    p.add_argument("--reason", default="", help="why (recorded in the header and the alerts)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ioctl)
+
+    p = sub.add_parser("reclaim", help="give a dangling volume to a new owner")
+    p.add_argument("--control", required=True)
+    p.add_argument("volume")
+    p.add_argument("--owner", required=True, help="the new owning container")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--replay", action="store_true", help="apply the quarantined writes")
+    mode.add_argument("--discard", action="store_true", help="drop the quarantined writes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reclaim)
+
+    p = sub.add_parser("delete", help="wipe and remove a (dangling) volume")
+    p.add_argument("--control", required=True)
+    p.add_argument("volume")
+    p.add_argument("--force", action="store_true", help="also when it is not dangling")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("alerts", help="show (and follow) the daemon's alerts")
+    p.add_argument("--control", required=True)
+    p.add_argument("--follow", action="store_true", help="keep printing new alerts")
+    p.add_argument("--since", type=int, default=0, help="only alerts after this sequence number")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser("ring", help="list / verify / dump a volume file's quarantine ring")
+    p.add_argument("path", metavar="VOLUME_FILE")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--dump", metavar="DIR", help="write each record's payload to DIR")
+    p.set_defaults(func=cmd_ring)
+
+    p = sub.add_parser("ring-ctl", help="ring list/dump/replay/discard through a running daemon")
+    p.add_argument("--control", required=True)
+    p.add_argument("op", choices=[op.name.lower() for op in RingOp])
+    p.add_argument("volume")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ring_control)
 
     p = sub.add_parser("status", help="ask a running daemon for its state")
     p.add_argument("--control", required=True)

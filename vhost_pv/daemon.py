@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import os
@@ -15,17 +18,37 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vhost_pv._native import lib
 from vhost_pv.control.server import (
     AccessList,
     CommandError,
     ControlServer,
     PeerCredentials,
+    Send,
     peer_credentials,
 )
-from vhost_pv.control.wire import Command
+from vhost_pv.control.wire import (
+    ALERTS_FOLLOW,
+    DANGLING_CLEAR,
+    DELETE_FORCE,
+    AlertsRequest,
+    Command,
+    DanglingReply,
+    DanglingRequest,
+    ReclaimMode,
+    ReclaimRequest,
+    RingOp,
+    RingRequest,
+    VolumeRequest,
+)
 from vhost_pv.devices.blk import BlkDevice
+from vhost_pv.guard.alerts import AlertHub
+from vhost_pv.guard.guard import VolumeGuard
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
+from vhost_pv.volume import ring as ring_format
+from vhost_pv.volume.header import SLOT_OFFSETS, SLOT_SIZE, STATE_WORD_OFFSET, VolumeState
+from vhost_pv.volume.seal import check_seal, clear_seal
 from vhost_pv.volume.volume import Volume
 
 log = logging.getLogger("vhost_pv.daemon")
@@ -34,12 +57,15 @@ log = logging.getLogger("vhost_pv.daemon")
 _SUMMED = frozenset({
     "requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
     "unsupported", "bytes_read", "bytes_written", "io_errors", "bad_requests", "kicks",
-    "notifications",
+    "notifications", "quarantined", "quarantine_refused", "dangling_denied",
 })
+ALERT_KEEPALIVE_S = 15.0
+SOURCE_HISTORY = 1024
 
 
 @dataclasses.dataclass
 class Connection:
+    source: int  # id recorded in quarantine records and dangling events
     peer: PeerCredentials
     since: float
     device: BlkDevice
@@ -52,6 +78,8 @@ class ServedVolume:
     volume: Volume
     socket_path: Path
     read_only: bool
+    guard: VolumeGuard
+    state_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     listener: socket.socket | None = None
     accept_task: asyncio.Task[None] | None = None
     connection: Connection | None = None
@@ -75,15 +103,30 @@ class DaemonConfig:
     queues: int = 1
     read_only: bool = False
     control_access: AccessList = dataclasses.field(default_factory=AccessList)
+    alert_webhook: str | None = None
 
 
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.served: dict[str, ServedVolume] = {}
+        self.alerts = AlertHub(config.alert_webhook)
         self.control = ControlServer(
-            config.control_path, config.control_access, {Command.STATUS: self._cmd_status}
+            config.control_path,
+            config.control_access,
+            {
+                Command.STATUS: self._cmd_status,
+                Command.PERSISTENT_DISK_DANGLING: self._cmd_dangling,
+                Command.RECLAIM: self._cmd_reclaim,
+                Command.RING: self._cmd_ring,
+                Command.DELETE: self._cmd_delete,
+                Command.ALERTS: self._cmd_alerts,
+            },
         )
+        self._source_ids = itertools.count(1)
+        # Who each connection id was, also after it ended: ring records and events name them.
+        self.sources: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = asyncio.Event()
         self.started_at = time.time()
 
@@ -100,18 +143,27 @@ class Daemon:
             await self.stop()
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.alerts.bind_loop(self._loop)
         self.config.socket_dir.mkdir(parents=True, exist_ok=True)
         for path in self.config.volumes:
             volume = Volume(path)
             if volume.name in self.served:
                 volume.close()
                 raise ValueError(f"two volumes share the name {volume.name!r}: socket names clash")
+            guard = VolumeGuard(
+                volume, self.alerts, describe_source=self.describe_source,
+                delete_volume=self._delete_from_guard,
+            )
             served = ServedVolume(
                 volume=volume,
                 socket_path=self.config.socket_dir / f"{volume.name}.sock",
                 read_only=self.config.read_only or volume.read_only,
+                guard=guard,
             )
             self.served[volume.name] = served
+            guard.start()
+            self._loop.add_reader(volume.event_fd, self._on_volume_events, served)
             served.listener = _listen(served.socket_path)
             served.accept_task = asyncio.create_task(self._accept_loop(served))
             log.info(
@@ -126,19 +178,37 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.control.close()
-        for served in self.served.values():
-            if served.accept_task is not None:
-                served.accept_task.cancel()
-            if served.listener is not None:
-                served.listener.close()
-                served.socket_path.unlink(missing_ok=True)
-            if served.connection is not None:
-                served.connection.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await served.connection.task
-            served.volume.close()
+        for served in list(self.served.values()):
+            await self._retire(served)
         self.served.clear()
+        self.alerts.close()
         log.info("stopped")
+
+    async def _retire(self, served: ServedVolume) -> None:
+        """Stop serving one volume: listener, connection, guard, data path."""
+        if served.accept_task is not None:
+            served.accept_task.cancel()
+        if served.listener is not None:
+            served.listener.close()
+            served.listener = None
+            served.socket_path.unlink(missing_ok=True)
+        if served.connection is not None:
+            served.connection.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await served.connection.task
+        if self._loop is not None and served.volume.native is not None:
+            self._loop.remove_reader(served.volume.event_fd)
+        await asyncio.to_thread(served.guard.stop)
+        served.volume.close()
+
+    def _on_volume_events(self, served: ServedVolume) -> None:
+        # Reset the eventfd here (level-triggered reader) and let the guard drain the queue.
+        with contextlib.suppress(BlockingIOError):
+            os.read(served.volume.event_fd, 8)
+        served.guard.events_ready()
+
+    def describe_source(self, source: int) -> dict[str, Any]:
+        return self.sources.get(source, {"connection": source})
 
     # -- vhost-user connections -------------------------------------------------------------
 
@@ -159,6 +229,18 @@ class Daemon:
                 )
                 sock.close()
                 continue
+            if header.dangling:
+                served.refused_total += 1
+                log.warning(
+                    "%s: refused frontend pid=%d uid=%d: the volume is dangling (%s); reclaim it first",
+                    name, peer.pid, peer.uid, header.reason,
+                )
+                self.alerts.raise_alert(
+                    "attach-refused", name, f"a frontend tried to attach to dangling volume {name}",
+                    pid=peer.pid, uid=peer.uid,
+                )
+                sock.close()
+                continue
             if served.connection is not None:
                 served.refused_total += 1
                 log.warning(
@@ -167,16 +249,22 @@ class Daemon:
                 )
                 sock.close()
                 continue
+            source = next(self._source_ids)
             try:
-                device = BlkDevice(served.volume, self.config.queues, read_only=served.read_only)
+                device = BlkDevice(served.volume, self.config.queues, read_only=served.read_only,
+                                   source=source)
             except OSError as exc:
                 log.error("%s: cannot attach frontend: %s", name, exc)
                 sock.close()
                 continue
             session = VhostUserSession(MessageChannel(sock), device, name)
             task = asyncio.create_task(self._run_session(served, session))
-            served.connection = Connection(peer, time.time(), device, session, task)
+            served.connection = Connection(source, peer, time.time(), device, session, task)
             served.connections_total += 1
+            self.sources[source] = {"connection": source, "volume": name, "pid": peer.pid, "uid": peer.uid,
+                                    "gid": peer.gid, "since": time.time()}
+            while len(self.sources) > SOURCE_HISTORY:
+                self.sources.popitem(last=False)
             log.info("%s: frontend attached (pid=%d uid=%d)", name, peer.pid, peer.uid)
 
     async def _run_session(self, served: ServedVolume, session: VhostUserSession) -> None:
@@ -189,10 +277,214 @@ class Daemon:
 
     # -- control commands -------------------------------------------------------------------
 
-    async def _cmd_status(self, payload: bytes) -> bytes:
+    async def _cmd_status(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
         if payload:
             raise CommandError(errno.EINVAL, "STATUS takes no payload")
         return json.dumps(self.status()).encode()
+
+    def _served(self, name: str) -> ServedVolume:
+        served = self.served.get(name)
+        if served is None:
+            raise CommandError(errno.ENOENT, f"no volume named {name!r} is served here")
+        return served
+
+    async def _cmd_dangling(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+        request = DanglingRequest.parse(payload)
+        dangling = not request.flags & DANGLING_CLEAR
+        log.info("control: Persistent_Disk_Dangling %s %s by pid=%d uid=%d (reason: %s)",
+                 request.volume, "set" if dangling else "clear", peer.pid, peer.uid, request.reason)
+        result = await self.set_dangling(request.volume, dangling, request.reason, source="ioctl")
+        return bytes(DanglingReply.build(result))
+
+    async def set_dangling(self, name: str, dangling: bool, reason: str, *, source: str) -> dict[str, int]:
+        """The one way a volume's dangling flag changes, whatever noticed (ioctl, engine
+        events, process events). Returns once the new state is durable in the header and
+        every queue worker has passed it."""
+        served = self._served(name)
+        async with served.state_lock:
+            header = served.volume.header
+            if header.dangling == dangling:
+                return self._flip_result(served, changed=False, flip_ns=0)
+            if dangling:
+                changes: dict[str, Any] = {
+                    "state": VolumeState.DANGLING, "dangling_since_ns": time.time_ns(),
+                    "reason": reason[:64], "dangling_source": source,
+                }
+            else:
+                changes = {"state": VolumeState.ATTACHED, "dangling_since_ns": 0, "reason": "",
+                           "dangling_source": source}
+            started = time.perf_counter_ns()
+            await asyncio.to_thread(served.volume.update, **changes)
+            flip_ns = time.perf_counter_ns() - started
+            served.guard.flipped(dangling)
+        log.warning("%s: %s by %s (%s) in %.3f ms", name,
+                    "now DANGLING" if dangling else "dangling flag cleared",
+                    source, reason or "no reason", flip_ns / 1e6)
+        if not dangling:
+            self.alerts.raise_alert("dangling-cleared", name, f"dangling flag of {name} cleared by {source}",
+                                    severity="info", source=source, reason=reason)
+        return self._flip_result(served, changed=True, flip_ns=flip_ns)
+
+    @staticmethod
+    def _flip_result(served: ServedVolume, *, changed: bool, flip_ns: int) -> dict[str, int]:
+        header = served.volume.header
+        return {"state": int(header.state), "changed": int(changed), "generation": header.generation,
+                "dangling_since_ns": header.dangling_since_ns, "flip_ns": flip_ns}
+
+    async def _cmd_reclaim(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+        request = ReclaimRequest.parse(payload)
+        mode = ReclaimMode(request.mode)
+        log.info("control: reclaim %s for %s (%s) by pid=%d uid=%d",
+                 request.volume, request.owner, mode.name.lower(), peer.pid, peer.uid)
+        report = await self.reclaim(request.volume, request.owner, mode, source="ioctl")
+        return json.dumps(report).encode()
+
+    async def reclaim(self, name: str, owner: str, mode: ReclaimMode, *, source: str) -> dict[str, Any]:
+        """A new owner takes a dangling volume back: check the seal, settle the ring, clear."""
+        served = self._served(name)
+        volume = served.volume
+        async with served.state_lock:
+            if not volume.header.dangling:
+                raise CommandError(errno.EINVAL, f"{name} is not dangling: nothing to reclaim")
+            if served.connection is not None:
+                raise CommandError(errno.EBUSY, f"{name} still has a frontend attached "
+                                   f"(pid {served.connection.peer.pid}); detach it first")
+            seal = await asyncio.to_thread(served.guard.wait_sealed, 3600.0)
+            report: dict[str, Any] = {"volume": name, "owner": owner, "mode": mode.name.lower()}
+            if seal is None:
+                report["seal"] = {"checked": False}
+            else:
+                check = await asyncio.to_thread(check_seal, volume.fd, volume.header, seal)
+                report["seal"] = {"checked": True, "chunk_size": check.chunk_size,
+                                  "changed_chunks": check.changed_chunks,
+                                  "changed_ranges": check.changed_ranges()}
+                if check.changed_chunks:
+                    self.alerts.raise_alert(
+                        "tamper-detected", name,
+                        f"data of dangling volume {name} changed outside the backend: "
+                        f"{len(check.changed_chunks)} chunk(s) differ from the seal",
+                        severity="critical", changed_ranges=check.changed_ranges(),
+                    )
+            chain = await asyncio.to_thread(self._ring_verify, served)
+            report["ring"] = chain
+            if mode == ReclaimMode.REPLAY:
+                try:
+                    report["replayed"] = await asyncio.to_thread(
+                        ring_format.replay, volume.path, volume.fd, volume.header)
+                except ring_format.RingError as exc:
+                    raise CommandError(errno.EBADMSG, str(exc)) from None
+                volume.ring_reset()
+            elif mode == ReclaimMode.DISCARD:
+                report["discarded"] = volume.ring_stats()["records"]
+                volume.ring_reset()
+            await asyncio.to_thread(
+                volume.update, state=VolumeState.ATTACHED, dangling_since_ns=0, reason="",
+                owner=owner[:128], dangling_source="",
+            )
+            await asyncio.to_thread(clear_seal, volume.fd)
+            served.guard.flipped(False)
+        self.alerts.raise_alert(
+            "volume-reclaimed", name, f"{name} reclaimed by {owner} ({mode.name.lower()})",
+            severity="info", owner=owner, mode=mode.name.lower(), source=source,
+            tampered=bool(report["seal"].get("changed_chunks")),
+        )
+        return report
+
+    @staticmethod
+    def _ring_verify(served: ServedVolume) -> dict[str, Any]:
+        volume = served.volume
+        with ring_format.RingReader(volume.path, volume.header) as reader:
+            return {**reader.stats(), "verify": reader.verify().to_dict()}
+
+    async def _cmd_ring(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+        request = RingRequest.parse(payload)
+        op = RingOp(request.op)
+        served = self._served(request.volume)
+        volume = served.volume
+        async with served.state_lock:
+            if op in (RingOp.LIST, RingOp.DUMP):
+                result = await asyncio.to_thread(self._ring_listing, served, op == RingOp.DUMP)
+            elif op == RingOp.REPLAY:
+                if volume.header.dangling or served.connection is not None:
+                    raise CommandError(errno.EBUSY, f"replay needs {request.volume} attached and without a "
+                                       "frontend (use reclaim --replay on a dangling volume)")
+                try:
+                    replayed = await asyncio.to_thread(
+                        ring_format.replay, volume.path, volume.fd, volume.header)
+                except ring_format.RingError as exc:
+                    raise CommandError(errno.EBADMSG, str(exc)) from None
+                volume.ring_reset()
+                result = {"replayed": replayed}
+            else:
+                result = {"discarded": volume.ring_stats()["records"]}
+                volume.ring_reset()
+        log.info("control: ring %s %s by pid=%d uid=%d", request.volume, op.name.lower(), peer.pid, peer.uid)
+        return json.dumps(result).encode()
+
+    @staticmethod
+    def _ring_listing(served: ServedVolume, with_payload: bool) -> dict[str, Any]:
+        volume = served.volume
+        with ring_format.RingReader(volume.path, volume.header) as reader:
+            records = []
+            for record in reader.records():
+                entry = record.to_dict()
+                if with_payload:
+                    entry["payload_b64"] = base64.b64encode(reader.payload(record).tobytes()).decode()
+                records.append(entry)
+            return {**reader.stats(), "verify": reader.verify().to_dict(), "entries": records}
+
+    async def _cmd_delete(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+        request = VolumeRequest.parse(payload)
+        served = self._served(request.volume)
+        if not served.volume.header.dangling and not request.flags & DELETE_FORCE:
+            raise CommandError(errno.EBUSY,
+                               f"{request.volume} is not dangling; use --force to delete it anyway")
+        log.warning("control: delete %s by pid=%d uid=%d", request.volume, peer.pid, peer.uid)
+        result = await self.delete_volume(request.volume, why="deleted by the administrator")
+        return json.dumps(result).encode()
+
+    def _delete_from_guard(self, name: str) -> None:
+        """TTL action `delete`, called from the volume's guard thread."""
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self.delete_volume(name, why="time limit passed"), self._loop)
+
+    async def delete_volume(self, name: str, *, why: str) -> dict[str, Any]:
+        """Wipe the header, free the data, remove the file, stop serving it."""
+        served = self._served(name)
+        async with served.state_lock:
+            self.served.pop(name, None)
+            path = served.volume.path
+            size = os.fstat(served.volume.fd).st_size
+            fd = os.dup(served.volume.fd)
+            await self._retire(served)
+            try:
+                await asyncio.to_thread(_wipe, fd, size)
+            finally:
+                os.close(fd)
+            path.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+        self.alerts.raise_alert("volume-deleted", name, f"volume {name} deleted: {why}", severity="critical",
+                                path=str(path), why=why)
+        return {"volume": name, "deleted": True, "path": str(path)}
+
+    async def _cmd_alerts(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes | None:
+        request = AlertsRequest.parse(payload)
+        backlog = self.alerts.history(request.since_seq)
+        await send("".join(json.dumps(a.to_dict()) + "\n" for a in backlog).encode())
+        if not request.flags & ALERTS_FOLLOW:
+            return None
+        queue = self.alerts.subscribe()
+        log.info("control: alert subscriber pid=%d uid=%d", peer.pid, peer.uid)
+        try:
+            while True:
+                try:
+                    alert = await asyncio.wait_for(queue.get(), ALERT_KEEPALIVE_S)
+                except TimeoutError:
+                    await send(b"")  # keepalive: finds subscribers that went away
+                    continue
+                await send((json.dumps(alert.to_dict()) + "\n").encode())
+        finally:
+            self.alerts.unsubscribe(queue)
 
     def status(self) -> dict[str, Any]:
         volumes = []
@@ -206,12 +498,15 @@ class Daemon:
                 "connections_total": served.connections_total,
                 "refused_total": served.refused_total,
                 "totals": served.totals(),
+                "ring": served.volume.ring_stats(),
+                "guard": served.guard.describe(),
                 "connection": None,
             }
             connection = served.connection
             if connection is not None:
                 stats = connection.device.stats()
                 entry["connection"] = {
+                    "source": connection.source,
                     "pid": connection.peer.pid,
                     "uid": connection.peer.uid,
                     "since": connection.since,
@@ -219,7 +514,13 @@ class Daemon:
                     "queues": stats.queues,
                 }
             volumes.append(entry)
-        return {"pid": os.getpid(), "started_at": self.started_at, "volumes": volumes}
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "volumes": volumes,
+            "alerts": {"by_kind": dict(self.alerts.counts), "subscribers": self.alerts.subscriber_count,
+                       "webhook_failures": self.alerts.webhook_failures},
+        }
 
 
 def _add_counters(into: dict[str, int], queues: list[dict[str, int]]) -> None:
@@ -246,3 +547,23 @@ def _listen(path: Path) -> socket.socket:
     sock.listen(4)
     sock.setblocking(False)
     return sock
+
+
+def _wipe(fd: int, size: int) -> None:
+    """Destroy a volume's contents before its file goes: header slots first (so the file is
+    no longer a volume even if the rest fails), then every block."""
+    for offset in (*SLOT_OFFSETS, STATE_WORD_OFFSET):
+        os.pwrite(fd, bytes(SLOT_SIZE), offset)
+    os.fsync(fd)
+    rc = lib.vpv_zero_range(fd, 0, size)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    os.fsync(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -7,14 +7,26 @@ import itertools
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vhost_pv.control.wire import (
+    ALERTS_FOLLOW,
     CONTROL_VERSION,
+    DANGLING_CLEAR,
+    DELETE_FORCE,
+    AlertsRequest,
     Command,
     ControlHeader,
+    DanglingReply,
+    DanglingRequest,
+    ReclaimMode,
+    ReclaimRequest,
     ReplyStatus,
+    RingOp,
+    RingRequest,
+    VolumeRequest,
 )
 
 _seq = itertools.count(1)
@@ -38,26 +50,93 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def call(path: Path, command: int, payload: bytes = b"", timeout: float = 30.0) -> bytes:
-    """Send one command and return the reply payload (raises ControlError on failure)."""
-    seq = next(_seq)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        header = ControlHeader.build(
-            {"version": CONTROL_VERSION, "flags": 0, "cmd": command, "seq": seq, "length": len(payload)}
-        )
-        # The daemon may have answered (e.g. refused us) and closed already: read its reply.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(header + payload)
-        reply = ControlHeader.parse(_recv_exact(sock, ControlHeader.sizeof()))
-        body = _recv_exact(sock, reply.length)
+def _send_request(sock: socket.socket, command: int, payload: bytes) -> None:
+    header = ControlHeader.build(
+        {"version": CONTROL_VERSION, "flags": 0, "cmd": command, "seq": next(_seq), "length": len(payload)}
+    )
+    # The daemon may have answered (e.g. refused us) and closed already: read its reply.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(header + payload)
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    reply = ControlHeader.parse(_recv_exact(sock, ControlHeader.sizeof()))
+    body = _recv_exact(sock, reply.length)
     status = ReplyStatus.parse(body[:4])
     if status != 0:
         raise ControlError(status, body[4:].decode(errors="replace"))
     return body[4:]
 
 
+def call(path: Path, command: int, payload: bytes = b"", timeout: float = 60.0) -> bytes:
+    """Send one command and return the reply payload (raises ControlError on failure)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        _send_request(sock, command, payload)
+        return _read_reply(sock)
+
+
+def stream(path: Path, command: int, payload: bytes = b"") -> Iterator[bytes]:
+    """Send one command and yield every reply until the daemon closes (streaming commands)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        _send_request(sock, command, payload)
+        while True:
+            try:
+                yield _read_reply(sock)
+            except ControlError as exc:
+                if exc.status == 0:  # closed between replies: the stream ended
+                    return
+                raise
+
+
 def status(path: Path) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(call(path, Command.STATUS))
     return result
+
+
+def persistent_disk_dangling(
+    path: Path, volume: str, *, clear: bool = False, reason: str = ""
+) -> dict[str, Any]:
+    """The Persistent_Disk_Dangling ioctl: returns once the flip is durable and in effect."""
+    request = DanglingRequest.build(
+        {"volume": volume, "flags": DANGLING_CLEAR if clear else 0, "reason": reason}
+    )
+    reply = DanglingReply.parse(call(path, Command.PERSISTENT_DISK_DANGLING, request))
+    return {
+        "volume": volume,
+        "state": "dangling" if reply.state == 2 else "attached",
+        "changed": bool(reply.changed),
+        "generation": reply.generation,
+        "dangling_since_ns": reply.dangling_since_ns,
+        "flip_ns": reply.flip_ns,
+    }
+
+
+def reclaim(path: Path, volume: str, owner: str, mode: ReclaimMode = ReclaimMode.KEEP) -> dict[str, Any]:
+    request = ReclaimRequest.build({"volume": volume, "owner": owner, "mode": int(mode)})
+    result: dict[str, Any] = json.loads(call(path, Command.RECLAIM, request, timeout=3600))
+    return result
+
+
+def ring(path: Path, volume: str, op: RingOp) -> dict[str, Any]:
+    request = RingRequest.build({"volume": volume, "op": int(op)})
+    result: dict[str, Any] = json.loads(call(path, Command.RING, request, timeout=3600))
+    return result
+
+
+def delete(path: Path, volume: str, *, force: bool = False) -> dict[str, Any]:
+    request = VolumeRequest.build({"volume": volume, "flags": DELETE_FORCE if force else 0})
+    result: dict[str, Any] = json.loads(call(path, Command.DELETE, request))
+    return result
+
+
+def alerts(path: Path, *, follow: bool = False, since_seq: int = 0) -> Iterator[dict[str, Any]]:
+    """Recent alerts; with follow, then every new one as it is raised (until interrupted)."""
+    request = AlertsRequest.build({"flags": ALERTS_FOLLOW if follow else 0, "since_seq": since_seq})
+    bodies = stream(path, Command.ALERTS, request) if follow else iter([call(path, Command.ALERTS, request)])
+    for body in bodies:
+        for line in body.decode().splitlines():
+            if line:
+                yield json.loads(line)

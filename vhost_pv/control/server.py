@@ -19,6 +19,7 @@ from vhost_pv.control.wire import (
     CONTROL_VERSION,
     FLAG_REPLY,
     MAX_CONTROL_PAYLOAD,
+    REQUEST_LAYOUTS,
     Command,
     ControlHeader,
     ReplyStatus,
@@ -26,7 +27,11 @@ from vhost_pv.control.wire import (
 
 log = logging.getLogger("vhost_pv.control")
 
-Handler = Callable[[bytes], Awaitable[bytes]]
+Send = Callable[[bytes], Awaitable[None]]
+"""Sends one more successful reply on the connection (streaming commands)."""
+Handler = Callable[[bytes, "PeerCredentials", Send], Awaitable[bytes | None]]
+"""A command: request payload, who asked, and send for streaming. Returns the reply body,
+or None when it has sent its replies itself."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,15 +145,27 @@ class ControlServer:
             log.warning("control: unknown command %#x from pid %d", cmd, peer.pid)
             await self._reply(writer, cmd, seq, -errno.ENOTTY, f"unknown command {cmd:#x}".encode())
             return
+        layout = REQUEST_LAYOUTS.get(Command(cmd))
+        if layout is not None and len(payload) != layout.sizeof():
+            log.warning("control: %s from pid %d with %d bytes, expected %d",
+                        Command(cmd).name, peer.pid, len(payload), layout.sizeof())
+            message = f"{Command(cmd).name} takes {layout.sizeof()} bytes, got {len(payload)}"
+            await self._reply(writer, cmd, seq, -errno.EINVAL, message.encode())
+            return
+
+        async def send(body: bytes) -> None:
+            await self._reply(writer, cmd, seq, 0, body)
+
         try:
-            result = await handler(payload)
+            result = await handler(payload, peer, send)
         except CommandError as exc:
             await self._reply(writer, cmd, seq, -exc.errno, str(exc).encode())
             return
         except (ConstructError, ValueError, json.JSONDecodeError) as exc:
             await self._reply(writer, cmd, seq, -errno.EINVAL, f"malformed request: {exc}".encode())
             return
-        await self._reply(writer, cmd, seq, 0, result)
+        if result is not None:
+            await self._reply(writer, cmd, seq, 0, result)
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, cmd: int, seq: int, status: int, body: bytes) -> None:

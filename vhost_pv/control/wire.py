@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from construct import Const, Int16ul, Int32sl, Int32ul, Struct
+from construct import Const, Int16ul, Int32sl, Int32ul, Int64ul, PaddedString, Padding, Struct
 
 CONTROL_MAGIC = b"VPVC"
 CONTROL_VERSION = 1
@@ -39,10 +39,97 @@ def ioc(direction: int, kind: str, number: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (ord(kind) << 8) | number
 
 
+NAME_LEN = 64
+REASON_LEN = 128
+OWNER_LEN = 128
+
+DanglingRequest = Struct(
+    "volume" / PaddedString(NAME_LEN, "utf8"),
+    "flags" / Int32ul,
+    Padding(4),
+    "reason" / PaddedString(REASON_LEN, "utf8"),
+)
+"""C: struct vpv_ctl_dangling { char volume[64]; u32 flags; u32 pad; char reason[128]; }
+(200 bytes). flags: DANGLING_CLEAR clears the flag instead of setting it."""
+DANGLING_CLEAR = 1
+
+DanglingReply = Struct(
+    "state" / Int32ul,
+    "changed" / Int32ul,
+    "generation" / Int64ul,
+    "dangling_since_ns" / Int64ul,
+    "flip_ns" / Int64ul,
+)
+"""C: struct vpv_ctl_dangling_reply { u32 state; u32 changed; u64 generation;
+u64 dangling_since_ns; u64 flip_ns; } (32 bytes). flip_ns: how long the durable update and
+the quiescing of the queue workers took."""
+
+ReclaimRequest = Struct(
+    "volume" / PaddedString(NAME_LEN, "utf8"),
+    "owner" / PaddedString(OWNER_LEN, "utf8"),
+    "mode" / Int32ul,
+    Padding(4),
+)
+"""C: struct vpv_ctl_reclaim { char volume[64]; char owner[128]; u32 mode; u32 pad; }
+(200 bytes). Reply: JSON report (seal check, ring outcome)."""
+
+
+class ReclaimMode(enum.IntEnum):
+    KEEP = 0
+    REPLAY = 1
+    DISCARD = 2
+
+
+RingRequest = Struct(
+    "volume" / PaddedString(NAME_LEN, "utf8"),
+    "op" / Int32ul,
+    Padding(4),
+)
+"""C: struct vpv_ctl_ring { char volume[64]; u32 op; u32 pad; } (72 bytes). Reply: JSON."""
+
+
+class RingOp(enum.IntEnum):
+    LIST = 0
+    DUMP = 1
+    REPLAY = 2
+    DISCARD = 3
+
+
+VolumeRequest = Struct(
+    "volume" / PaddedString(NAME_LEN, "utf8"),
+    "flags" / Int32ul,
+    Padding(4),
+)
+"""C: struct vpv_ctl_volume { char volume[64]; u32 flags; u32 pad; } (72 bytes), for DELETE.
+flags: DELETE_FORCE deletes a volume that is not dangling."""
+DELETE_FORCE = 1
+
+AlertsRequest = Struct(
+    "flags" / Int32ul,
+    Padding(4),
+    "since_seq" / Int64ul,
+)
+"""C: struct vpv_ctl_alerts { u32 flags; u32 pad; u64 since_seq; } (16 bytes). With
+ALERTS_FOLLOW the daemon keeps the connection and sends one reply per new alert."""
+ALERTS_FOLLOW = 1
+
+
 class Command(enum.IntEnum):
-    """Control commands (size field 0: payloads are variable-length)."""
+    """Control commands, numbered like Linux ioctls (_IOC(dir, 'v', nr, sizeof(request)))."""
 
     STATUS = ioc(_IOC_READ, "v", 0x01, 0)
+    PERSISTENT_DISK_DANGLING = ioc(_IOC_READ | _IOC_WRITE, "v", 0x10, DanglingRequest.sizeof())
+    RECLAIM = ioc(_IOC_READ | _IOC_WRITE, "v", 0x11, ReclaimRequest.sizeof())
+    RING = ioc(_IOC_READ | _IOC_WRITE, "v", 0x12, RingRequest.sizeof())
+    DELETE = ioc(_IOC_WRITE, "v", 0x13, VolumeRequest.sizeof())
+    ALERTS = ioc(_IOC_READ | _IOC_WRITE, "v", 0x14, AlertsRequest.sizeof())
 
 
-
+# Every fixed request layout by command, for the server's size check.
+REQUEST_LAYOUTS = {
+    Command.PERSISTENT_DISK_DANGLING: DanglingRequest,
+    Command.RECLAIM: ReclaimRequest,
+    Command.RING: RingRequest,
+    Command.DELETE: VolumeRequest,
+    Command.ALERTS: AlertsRequest,
+}

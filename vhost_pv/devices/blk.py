@@ -12,7 +12,7 @@ from vhost_pv._native import ffi, lib
 from vhost_pv.protocol.channel import ProtocolError
 from vhost_pv.protocol.messages import CONFIG_SPACE_MAX, ProtocolFeature
 from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup
-from vhost_pv.volume.header import SECTOR_SIZE, STATE_WORD_OFFSET
+from vhost_pv.volume.header import SECTOR_SIZE
 from vhost_pv.volume.volume import Volume
 
 log = logging.getLogger("vhost_pv.blk")
@@ -77,22 +77,14 @@ class BlkStats:
 class BlkDevice:
     """One frontend connection's view of a volume; implements protocol.DeviceBackend."""
 
-    def __init__(self, volume: Volume, num_queues: int, *, read_only: bool) -> None:
+    def __init__(self, volume: Volume, num_queues: int, *, read_only: bool, source: int = 0) -> None:
         self.volume = volume
         self.num_queues = num_queues
         self.read_only = read_only or volume.read_only
-        header = volume.header
         err = ffi.new("int *")
         flags = lib.VPV_BLK_READ_ONLY if self.read_only else 0
-        handle = lib.vpv_blk_new(
-            volume.fd,
-            header.data_offset,
-            header.capacity,
-            STATE_WORD_OFFSET,
-            flags,
-            header.serial,
-            err,
-        )
+        # source names this connection in quarantine records and dangling events.
+        handle = lib.vpv_blk_new(volume.native, flags, volume.header.serial, source, err)
         if handle == ffi.NULL:
             raise OSError(-err[0], f"cannot set up the data path for {volume.path}")
         self._handle: Any = handle

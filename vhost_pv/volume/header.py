@@ -108,12 +108,14 @@ HeaderBody = Struct(
     "owner" / PaddedString(128, "utf8"),
     "allowed_uids" / Array(MAX_ALLOWED_IDS, Int32sl),
     "allowed_gids" / Array(MAX_ALLOWED_IDS, Int32sl),
+    "dangling_source" / PaddedString(32, "utf8"),
 )
-"""C: struct vpv_header_body (little-endian, packed), 360 bytes:
+"""C: struct vpv_header_body (little-endian, packed):
 u8 magic[8]; u16 version; u16 pad; u32 flags; u64 generation; u8 uuid[16]; u64 created_ns;
 u64 data_offset, capacity, ring_offset, ring_size; u32 state; u8 read_policy,
 ring_full_policy, ttl_action, pad; u64 ttl_seconds, dangling_since_ns; char reason[64];
-char owner[128]; i32 allowed_uids[8]; i32 allowed_gids[8]."""
+char owner[128]; i32 allowed_uids[8]; i32 allowed_gids[8]; char dangling_source[32]
+(392 bytes)."""
 
 HeaderSlot = Struct(
     "body" / RawCopy(HeaderBody),
@@ -149,6 +151,8 @@ class VolumeHeader:
     owner: str = ""
     allowed_uids: tuple[int, ...] = (0,)
     allowed_gids: tuple[int, ...] = ()
+    dangling_source: str = ""
+    """What flipped the volume: "ioctl", "engine", "proc-events", ... (empty if never)."""
 
     @property
     def dangling(self) -> bool:
@@ -173,6 +177,7 @@ class VolumeHeader:
             "dangling": self.dangling,
             "dangling_since_ns": self.dangling_since_ns,
             "reason": self.reason,
+            "dangling_source": self.dangling_source,
             "owner": self.owner,
             "read_only": self.read_only,
             "read_policy": self.read_policy.name.lower(),
@@ -193,7 +198,7 @@ def _pad_ids(ids: tuple[int, ...], what: str) -> list[int]:
 
 def encode_slot(header: VolumeHeader) -> bytes:
     """The 4096-byte slot image of a header record."""
-    for field, limit in (("reason", 64), ("owner", 128)):
+    for field, limit in (("reason", 64), ("owner", 128), ("dangling_source", 32)):
         if len(getattr(header, field).encode()) > limit:
             raise HeaderError(f"{field} is longer than {limit} bytes")
     body = {
@@ -216,6 +221,7 @@ def encode_slot(header: VolumeHeader) -> bytes:
         "owner": header.owner,
         "allowed_uids": _pad_ids(header.allowed_uids, "uids"),
         "allowed_gids": _pad_ids(header.allowed_gids, "gids"),
+        "dangling_source": header.dangling_source,
     }
     raw: bytes = HeaderSlot.build({"body": {"value": body}})
     return raw.ljust(SLOT_SIZE, b"\0")
@@ -268,6 +274,7 @@ def decode_slot(raw: bytes) -> VolumeHeader:
         owner=body.owner,
         allowed_uids=tuple(i for i in body.allowed_uids if i != NO_ID),
         allowed_gids=tuple(i for i in body.allowed_gids if i != NO_ID),
+        dangling_source=body.dangling_source,
     )
     check_geometry(header)
     return header

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import mmap
 import os
 import re
 import struct
@@ -12,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from vhost_pv._native import ffi, lib
 from vhost_pv.volume.header import (
     DATA_OFFSET,
     SECTOR_SIZE,
@@ -26,6 +26,7 @@ from vhost_pv.volume.header import (
     choose_slot,
     encode_slot,
 )
+from vhost_pv.volume.ring import RingError, format_ring
 
 DEFAULT_RING_SIZE = 16 << 20
 MIN_RING_SIZE = 1 << 20
@@ -86,6 +87,7 @@ def create_volume(path: Path, options: CreateOptions) -> VolumeHeader:
         for offset in SLOT_OFFSETS:
             os.pwrite(fd, slot, offset)
         os.pwrite(fd, struct.pack("<I", int(header.state)), STATE_WORD_OFFSET)
+        format_ring(fd, header)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -123,12 +125,13 @@ def _read_at(fd: int, offset: int) -> bytes:
 
 
 class Volume:
-    """An open volume: its fd, header, and the live state word the C path reads."""
+    """An open volume: its fd, header, and the C object the data path shares (state word,
+    flip lock, quarantine ring, dangling events)."""
 
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        self.fd = os.open(path, flags)
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.native: Any = None
         try:
             slots = [_read_at(self.fd, offset) for offset in SLOT_OFFSETS]
             self._slot, self.header = choose_slot(slots)
@@ -136,12 +139,27 @@ class Volume:
             end = self.header.ring_offset + self.header.ring_size
             if size < end:
                 raise HeaderError(f"file is {size} bytes, header describes {end}: truncated")
-            self._state_map: mmap.mmap | None = None
-            if not read_only:
-                self._state_map = mmap.mmap(
-                    self.fd, mmap.PAGESIZE, offset=STATE_WORD_OFFSET - STATE_WORD_OFFSET % mmap.PAGESIZE
-                )
-                self._publish_state()
+            config = ffi.new(
+                "struct vpv_volume_config *",
+                {
+                    "data_offset": self.header.data_offset,
+                    "capacity": self.header.capacity,
+                    "state_offset": STATE_WORD_OFFSET,
+                    "ring_offset": self.header.ring_offset,
+                    "ring_size": self.header.ring_size,
+                    "read_policy": int(self.header.read_policy),
+                    "ring_full_policy": int(self.header.ring_full_policy),
+                },
+            )
+            err = ffi.new("int *")
+            handle = lib.vpv_volume_open(self.fd, config, err)
+            if handle == ffi.NULL:
+                if err[0] == -74:  # EBADMSG
+                    raise RingError(f"{path}: the quarantine ring superblock is missing or damaged")
+                raise OSError(-err[0], f"{path}: cannot open the data path: {os.strerror(-err[0])}")
+            self.native = handle
+            # The live word is rewritten from the durable header: a stale value is never used.
+            lib.vpv_volume_set_state(self.native, int(self.header.state))
         except BaseException:
             os.close(self.fd)
             raise
@@ -154,27 +172,45 @@ class Volume:
     def read_only(self) -> bool:
         return self.header.read_only
 
-    def _publish_state(self) -> None:
-        """Make the live state word equal to the durable state."""
-        assert self._state_map is not None
-        offset = STATE_WORD_OFFSET % mmap.PAGESIZE
-        self._state_map[offset : offset + 4] = struct.pack("<I", int(self.header.state))
-
     def update(self, **changes: Any) -> VolumeHeader:
-        """Durably replace header fields (crash-safe: the older slot is rewritten)."""
+        """Durably replace header fields (crash-safe: the older slot is rewritten), then
+        publish state and policy to the data path. Returns once the data path has passed
+        the change (see vpv_volume_set_state)."""
         new = dataclasses.replace(self.header, generation=self.header.generation + 1, **changes)
         target = 1 - self._slot
         os.pwrite(self.fd, encode_slot(new), SLOT_OFFSETS[target])
         os.fdatasync(self.fd)
         self._slot, self.header = target, new
-        if self._state_map is not None:
-            self._publish_state()
+        lib.vpv_volume_set_policy(self.native, int(new.read_policy), int(new.ring_full_policy))
+        lib.vpv_volume_set_state(self.native, int(new.state))
         return new
 
+    def ring_stats(self) -> dict[str, int]:
+        out = ffi.new("struct vpv_ring_stats *")
+        lib.vpv_volume_ring_stats(self.native, out)
+        return {name: int(getattr(out, name)) for name, _ in ffi.typeof("struct vpv_ring_stats").fields}
+
+    def ring_reset(self) -> None:
+        rc = lib.vpv_volume_ring_reset(self.native)
+        if rc < 0:
+            raise OSError(-rc, f"cannot reset the ring of {self.path}")
+
+    def drain_events(self, limit: int = 256) -> tuple[list[dict[str, int]], int]:
+        """Queued dangling I/O events and how many were lost since the last drain."""
+        out = ffi.new("struct vpv_dangling_event[]", limit)
+        lost = ffi.new("uint64_t *")
+        n = lib.vpv_volume_drain_events(self.native, out, limit, lost)
+        fields = [f for f, _ in ffi.typeof("struct vpv_dangling_event").fields if not f.startswith("_")]
+        return [{f: int(getattr(out[i], f)) for f in fields} for i in range(n)], int(lost[0])
+
+    @property
+    def event_fd(self) -> int:
+        return int(lib.vpv_volume_event_fd(self.native))
+
     def close(self) -> None:
-        if self._state_map is not None:
-            self._state_map.close()
-            self._state_map = None
+        if self.native is not None:
+            lib.vpv_volume_close(self.native)
+            self.native = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

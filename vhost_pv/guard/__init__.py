@@ -1,0 +1,1 @@
+"""Dangling-volume guards, alerts and (later) container watchers."""
