@@ -164,6 +164,12 @@ class ControlServer:
         except (ConstructError, ValueError, json.JSONDecodeError) as exc:
             await self._reply(writer, cmd, seq, -errno.EINVAL, f"malformed request: {exc}".encode())
             return
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a failing command must answer, and not take the daemon down
+            log.exception("control: %s failed", Command(cmd).name)
+            await self._reply(writer, cmd, seq, -errno.EIO, f"{Command(cmd).name} failed: {exc}".encode())
+            return
         if result is not None:
             await self._reply(writer, cmd, seq, 0, result)
 

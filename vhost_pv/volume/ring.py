@@ -11,6 +11,7 @@ the file, hashed and dumped without copying them through Python objects first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import mmap
@@ -212,9 +213,11 @@ class RingReader:
         self.area = self.region[SUPER_SIZE : SUPER_SIZE + self.super.area_size]
 
     def close(self) -> None:
-        # Drop the numpy views before the map they point into.
+        # Drop our numpy views before the map they point into. A caller still holding a
+        # payload view keeps the map alive; it is then released with the last view.
         del self.area, self.region
-        self._map.close()
+        with contextlib.suppress(BufferError):
+            self._map.close()
 
     def __enter__(self) -> RingReader:
         return self
