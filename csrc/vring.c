@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include "vring.h"
 
@@ -25,6 +26,18 @@ int vpv_memory_map(struct vpv_memory *mem, const struct vpv_mem_region_desc *reg
         if (d->memory_size == 0 || map_size < d->memory_size ||
             d->guest_phys_addr + d->memory_size < d->guest_phys_addr ||
             d->userspace_addr + d->memory_size < d->userspace_addr) {
+            vpv_memory_unmap(mem);
+            return -EINVAL;
+        }
+        /* mmap() does not look at the file size: a region reaching past the end of its
+         * file maps, and the first access there raises SIGBUS in the worker. */
+        struct stat st;
+        if (fstat(d->fd, &st) != 0) {
+            int err = -errno;
+            vpv_memory_unmap(mem);
+            return err;
+        }
+        if (S_ISREG(st.st_mode) && (st.st_size < 0 || (uint64_t)st.st_size < map_size)) {
             vpv_memory_unmap(mem);
             return -EINVAL;
         }
