@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench import dangling
 from bench.qsd import QsdProcess
 from vhost_pv.guest import VhostUserBlkDisk, ensure_guest_image, run_guest
 from vhost_pv.serverproc import ServerProcess
@@ -146,6 +147,18 @@ def main() -> int:
     table.add_row("backend CPU us/IO", f"{cpu_ours:.1f}", f"{cpu_qsd:.1f}",
                   f"{cpu_ours / cpu_qsd:.2f}x" if cpu_qsd else "-", "", "", "", "")
     console.print(table)
+
+    console.print("dangling volumes: quarantine path and flip latency ...")
+    with tempfile.TemporaryDirectory(prefix="vhost-pv-bench-") as tmp:
+        quarantine = dangling.quarantine_rows(Path(tmp), args.runtime)
+        flip = dangling.flip_latency(Path(tmp))
+    second = Table(title="dangling volumes (vhost-pv only: QSD has no quarantine)")
+    for column in ("row", "value", "reference", "ratio"):
+        second.add_column(column, justify="left" if column == "row" else "right")
+    for row in dangling.table_rows(quarantine, flip):
+        second.add_row(*row)
+    console.print(second)
+    summary["dangling"] = dangling.as_json(quarantine, flip)
     errors = sum(r[name]["errors"] for rs in results.values() for r in rs for name, _ in WORKLOADS)
     console.print(f"fio errors: {errors}")
     if args.json:

@@ -352,6 +352,8 @@ static uint8_t execute_dangling(struct vpv_queue *q, const struct blk_req_header
     case VIRTIO_BLK_T_FLUSH:
         /* Makes the quarantined records durable; the data region is untouched anyway. */
         STAT_ADD(q, flushes, 1);
+        if (vpv_volume_ring_sync(blk->vol) != 0)
+            return VIRTIO_BLK_S_IOERR;
         return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
     case VIRTIO_BLK_T_GET_ID: {
         STAT_ADD(q, get_ids, 1);
@@ -488,6 +490,8 @@ static int process_ring(struct vpv_queue *q)
         vpv_vring_push(&q->vr, c->head, written + 1);
     }
     __atomic_store_n(&q->stats.last_avail_idx, q->vr.last_avail_idx, __ATOMIC_RELAXED);
+    if (completed && q->blk->vol->super_dirty)
+        vpv_volume_ring_sync(q->blk->vol);   /* once per batch, not per quarantined record */
     return completed;
 }
 
@@ -520,6 +524,29 @@ int vpv_blk_queue_process(struct vpv_blk *blk, uint32_t index)
     return total;
 }
 
+/* How long a queue may sit idle before the watchdog looks at it. */
+#define WATCHDOG_MS 1000
+
+/* An idle queue whose driver still waits for completions we have published: interrupt it
+ * again. This should never fire; if an interrupt is ever lost (we have seen guests stall
+ * under heavy host contention), it turns a hung request into a one-second stall, and the
+ * counter makes it visible. */
+static void watchdog(struct vpv_queue *q)
+{
+    struct vpv_vring *vr = &q->vr;
+    if (q->call_fd < 0 || !vr->event_idx || q->stats.broken)
+        return;
+    uint16_t used_event = __atomic_load_n(&vr->avail->ring[vr->num], __ATOMIC_RELAXED);
+    uint16_t used_idx = __atomic_load_n(&vr->used->idx, __ATOMIC_RELAXED);
+    uint16_t unseen = (uint16_t)(used_idx - used_event);
+    /* used_event is where the driver stopped reading; more than that is published. */
+    if (unseen == 0 || unseen > vr->num)
+        return;
+    uint64_t one = 1;
+    if (write(q->call_fd, &one, sizeof(one)) == sizeof(one))
+        STAT_ADD(q, watchdog_notifications, 1);
+}
+
 static void *queue_worker(void *arg)
 {
     struct vpv_queue *q = arg;
@@ -531,10 +558,16 @@ static void *queue_worker(void *arg)
     if (vpv_blk_queue_process(q->blk, q->index) == -EIO)
         fds[0].fd = -1;
     for (;;) {
-        if (poll(fds, 2, -1) < 0) {
+        int ready = poll(fds, 2, WATCHDOG_MS);
+        if (ready < 0) {
             if (errno == EINTR)
                 continue;
             break;
+        }
+        if (ready == 0) {
+            if (fds[0].fd >= 0)
+                watchdog(q);
+            continue;
         }
         if (fds[1].revents)
             break;
@@ -566,6 +599,14 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     q->kick_fd = cfg->kick_fd;
     q->call_fd = cfg->call_fd;
     q->started = 1;
+    /* A queue resumed after a stop (new call fd, memory table, ...) may have completions
+     * whose interrupt went to the old call fd: interrupt once. The driver checks the used
+     * ring, so a spurious interrupt costs nothing, a lost one hangs its I/O. */
+    if (q->call_fd >= 0 && q->vr.used_idx != 0) {
+        uint64_t one = 1;
+        if (write(q->call_fd, &one, sizeof(one)) == sizeof(one))
+            STAT_ADD(q, notifications, 1);
+    }
     q->has_thread = 0;
     if (cfg->kick_fd < 0)
         return 0;
@@ -630,6 +671,7 @@ int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_st
     out->quarantined = __atomic_load_n(&s->quarantined, __ATOMIC_RELAXED);
     out->quarantine_refused = __atomic_load_n(&s->quarantine_refused, __ATOMIC_RELAXED);
     out->dangling_denied = __atomic_load_n(&s->dangling_denied, __ATOMIC_RELAXED);
+    out->watchdog_notifications = __atomic_load_n(&s->watchdog_notifications, __ATOMIC_RELAXED);
     out->last_avail_idx = __atomic_load_n(&s->last_avail_idx, __ATOMIC_RELAXED);
     out->running = __atomic_load_n(&s->running, __ATOMIC_RELAXED);
     out->broken = __atomic_load_n(&s->broken, __ATOMIC_RELAXED);

@@ -58,11 +58,69 @@ static void compress(struct vpv_sha256 *s, const uint8_t *block)
     s->h[7] += h;
 }
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* The same compression with the x86 SHA extensions (SHA-NI), about ten times faster: every
+ * quarantined write is hashed in the worker thread, so this is on the data path. The state
+ * is kept as ABEF / CDGH vectors, the layout sha256rnds2 works on. */
+__attribute__((target("sha,sse4.1"))) static void compress_shani(struct vpv_sha256 *s,
+                                                                 const uint8_t *block)
+{
+    const __m128i byteswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&s->h[0]), 0xB1);
+    __m128i state1 = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&s->h[4]), 0x1B);
+    __m128i state0 = _mm_alignr_epi8(tmp, state1, 8);   /* ABEF */
+    state1 = _mm_blend_epi16(state1, tmp, 0xF0);        /* CDGH */
+    __m128i abef = state0, cdgh = state1;
+
+    __m128i w[16];
+    for (int k = 0; k < 4; k++)
+        w[k] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(block + 16 * k)), byteswap);
+    for (int k = 4; k < 16; k++) {
+        /* w[t] = w[t-16] + s0(w[t-15]) + w[t-7] + s1(w[t-2]), four words at a time. */
+        __m128i t = _mm_sha256msg1_epu32(w[k - 4], w[k - 3]);
+        t = _mm_add_epi32(t, _mm_alignr_epi8(w[k - 1], w[k - 2], 4));
+        w[k] = _mm_sha256msg2_epu32(t, w[k - 1]);
+    }
+    for (int k = 0; k < 16; k++) {
+        __m128i msg = _mm_add_epi32(w[k], _mm_loadu_si128((const __m128i *)&K[4 * k]));
+        state1 = _mm_sha256rnds2_epu32(state1, state0, msg);
+        state0 = _mm_sha256rnds2_epu32(state0, state1, _mm_shuffle_epi32(msg, 0x0E));
+    }
+    state0 = _mm_add_epi32(state0, abef);
+    state1 = _mm_add_epi32(state1, cdgh);
+
+    tmp = _mm_shuffle_epi32(state0, 0x1B);              /* FEBA */
+    state1 = _mm_shuffle_epi32(state1, 0xB1);           /* DCHG */
+    _mm_storeu_si128((__m128i *)&s->h[0], _mm_blend_epi16(tmp, state1, 0xF0));  /* DCBA */
+    _mm_storeu_si128((__m128i *)&s->h[4], _mm_alignr_epi8(state1, tmp, 8));     /* HGFE */
+}
+
+static void (*select_compress(void))(struct vpv_sha256 *, const uint8_t *)
+{
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("sha") && __builtin_cpu_supports("sse4.1"))
+        return compress_shani;
+    return compress;
+}
+#else
+static void (*select_compress(void))(struct vpv_sha256 *, const uint8_t *)
+{
+    return compress;
+}
+#endif
+
+static void (*compress_fn)(struct vpv_sha256 *, const uint8_t *);
+
 void vpv_sha256_init(struct vpv_sha256 *s)
 {
     static const uint32_t iv[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
                                    0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
     memcpy(s->h, iv, sizeof(iv));
+    /* Benign race: every thread computes the same pointer. */
+    if (!__atomic_load_n(&compress_fn, __ATOMIC_RELAXED))
+        __atomic_store_n(&compress_fn, select_compress(), __ATOMIC_RELAXED);
     s->length = 0;
     s->fill = 0;
 }
@@ -79,11 +137,11 @@ void vpv_sha256_update(struct vpv_sha256 *s, const void *data, size_t len)
         len -= take;
         if (s->fill < 64)
             return;
-        compress(s, s->buf);
+        compress_fn(s, s->buf);
         s->fill = 0;
     }
     for (; len >= 64; p += 64, len -= 64)
-        compress(s, p);
+        compress_fn(s, p);
     memcpy(s->buf, p, len);
     s->fill = len;
 }

@@ -85,6 +85,7 @@ struct vpv_queue_stats {
     uint64_t quarantined;     /* dangling: writes/discards stored as ring records */
     uint64_t quarantine_refused; /* dangling: writes refused (ring full or failing) */
     uint64_t dangling_denied; /* dangling: reads refused by the deny policy */
+    uint64_t watchdog_notifications; /* interrupts re-sent to a driver left waiting */
     uint16_t last_avail_idx;
     uint16_t running;
     uint16_t broken;          /* the ring itself was corrupt; the queue stopped */
@@ -145,6 +146,9 @@ int vpv_volume_event_fd(struct vpv_volume *vol);
 int vpv_volume_drain_events(struct vpv_volume *vol, struct vpv_dangling_event *out, uint32_t max,
                             uint64_t *lost);
 int vpv_volume_ring_stats(struct vpv_volume *vol, struct vpv_ring_stats *out);
+/* Write the ring superblock back if records were added since the last sync. The data path
+ * does this at the end of each batch and on FLUSH; readers of the file call it first. */
+int vpv_volume_ring_sync(struct vpv_volume *vol);
 /* Empty the ring (discard); sequence numbers and the hash chain carry on. */
 int vpv_volume_ring_reset(struct vpv_volume *vol);
 /* Re-read the superblock after it was changed on disk by someone else. */

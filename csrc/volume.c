@@ -21,7 +21,7 @@
 
 #include "volume.h"
 
-#define EVENT_QUEUE_LEN 512
+#define EVENT_QUEUE_LEN 128
 
 static uint32_t crc32_zlib(const uint8_t *data, size_t len)
 {
@@ -164,6 +164,7 @@ void vpv_volume_close(struct vpv_volume *vol)
 {
     if (!vol)
         return;
+    vpv_volume_ring_sync(vol);
     pthread_rwlock_destroy(&vol->flip_lock);
     pthread_mutex_destroy(&vol->ring_lock);
     pthread_mutex_destroy(&vol->event_lock);
@@ -220,16 +221,22 @@ int vpv_volume_event_fd(struct vpv_volume *vol)
 void vpv_volume_post_event(struct vpv_volume *vol, const struct vpv_dangling_event *ev)
 {
     pthread_mutex_lock(&vol->event_lock);
+    int wake = vol->event_count == 0;
     if (vol->event_count == EVENT_QUEUE_LEN) {
-        vol->events_lost++;   /* the guard is behind: count, never block the data path */
+        /* The guard is behind: count, never block the data path. Alerts are rate-limited
+         * anyway; the counters in the stats say how many attempts there were. */
+        vol->events_lost++;
     } else {
         vol->events[(vol->event_first + vol->event_count) % EVENT_QUEUE_LEN] = *ev;
         vol->event_count++;
     }
     pthread_mutex_unlock(&vol->event_lock);
-    uint64_t one = 1;
-    if (write(vol->event_fd, &one, sizeof(one)) < 0) {
-        /* EAGAIN: the counter is saturated, the guard will wake anyway. */
+    if (wake) {
+        /* Only the first event of a batch wakes the guard; it drains the rest with it. */
+        uint64_t one = 1;
+        if (write(vol->event_fd, &one, sizeof(one)) < 0) {
+            /* EAGAIN: the counter is saturated, the guard will wake anyway. */
+        }
     }
 }
 
@@ -377,11 +384,25 @@ int vpv_volume_ring_append(struct vpv_volume *vol, uint16_t type, uint16_t queue
     sb->next_seq++;
     sb->records++;
     sb->tail += need;
-out_store:;
-    int store_err = store_super(vol);
-    if (!err)
-        err = store_err;
+out_store:
+    /* The superblock goes to disk at the end of the worker's batch or at a FLUSH
+     * (vpv_volume_ring_sync), not per record: a crash loses only records the guest had not
+     * flushed, exactly as with unflushed writes to the data region. */
+    vol->super_dirty = 1;
 out:
+    pthread_mutex_unlock(&vol->ring_lock);
+    return err;
+}
+
+int vpv_volume_ring_sync(struct vpv_volume *vol)
+{
+    int err = 0;
+    pthread_mutex_lock(&vol->ring_lock);
+    if (vol->super_dirty) {
+        err = store_super(vol);
+        if (!err)
+            vol->super_dirty = 0;
+    }
     pthread_mutex_unlock(&vol->ring_lock);
     return err;
 }
@@ -409,6 +430,8 @@ int vpv_volume_ring_reset(struct vpv_volume *vol)
     vol->super.head = vol->super.tail;
     vol->super.records = 0;
     int err = store_super(vol);
+    if (!err)
+        vol->super_dirty = 0;
     pthread_mutex_unlock(&vol->ring_lock);
     return err;
 }

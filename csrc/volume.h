@@ -20,7 +20,8 @@ struct vpv_volume {
     size_t state_map_len;
     pthread_rwlock_t flip_lock;   /* read: one request; write: a state flip */
     pthread_mutex_t ring_lock;
-    struct vpv_ring_super super;  /* cached; written back after every append */
+    struct vpv_ring_super super;  /* cached; written back by vpv_volume_ring_sync */
+    int super_dirty;
     uint8_t *bounce;              /* record header + payload copied out of guest memory */
     size_t bounce_size;
     pthread_mutex_t event_lock;

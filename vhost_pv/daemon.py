@@ -57,7 +57,7 @@ log = logging.getLogger("vhost_pv.daemon")
 _SUMMED = frozenset({
     "requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
     "unsupported", "bytes_read", "bytes_written", "io_errors", "bad_requests", "kicks",
-    "notifications", "quarantined", "quarantine_refused", "dangling_denied",
+    "notifications", "quarantined", "quarantine_refused", "dangling_denied", "watchdog_notifications",
 })
 ALERT_KEEPALIVE_S = 15.0
 SOURCE_HISTORY = 1024
@@ -393,6 +393,7 @@ class Daemon:
     @staticmethod
     def _ring_verify(served: ServedVolume) -> dict[str, Any]:
         volume = served.volume
+        volume.ring_sync()
         with ring_format.RingReader(volume.path, volume.header) as reader:
             return {**reader.stats(), "verify": reader.verify().to_dict()}
 
@@ -408,6 +409,7 @@ class Daemon:
                 if volume.header.dangling or served.connection is not None:
                     raise CommandError(errno.EBUSY, f"replay needs {request.volume} attached and without a "
                                        "frontend (use reclaim --replay on a dangling volume)")
+                volume.ring_sync()
                 try:
                     replayed = await asyncio.to_thread(
                         ring_format.replay, volume.path, volume.fd, volume.header)
@@ -424,6 +426,7 @@ class Daemon:
     @staticmethod
     def _ring_listing(served: ServedVolume, with_payload: bool) -> dict[str, Any]:
         volume = served.volume
+        volume.ring_sync()
         with ring_format.RingReader(volume.path, volume.header) as reader:
             records = []
             for record in reader.records():

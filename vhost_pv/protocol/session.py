@@ -402,6 +402,7 @@ class VhostUserSession:
             os.close(queue.call_fd)
         queue.call_fd = fd
         if was_running:
+            log.debug("%s: queue %d call fd replaced while running", self.name, index)
             self._maybe_start(index)
 
     def _set_vring_err(self, message: Message) -> None:

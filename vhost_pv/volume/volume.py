@@ -190,6 +190,12 @@ class Volume:
         lib.vpv_volume_ring_stats(self.native, out)
         return {name: int(getattr(out, name)) for name, _ in ffi.typeof("struct vpv_ring_stats").fields}
 
+    def ring_sync(self) -> None:
+        """Bring the ring superblock on disk up to date before reading the file."""
+        rc = lib.vpv_volume_ring_sync(self.native)
+        if rc < 0:
+            raise OSError(-rc, f"cannot write the ring superblock of {self.path}")
+
     def ring_reset(self) -> None:
         rc = lib.vpv_volume_ring_reset(self.native)
         if rc < 0:
