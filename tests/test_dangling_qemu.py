@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from volumes import data_digest
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import ReclaimMode
@@ -23,18 +24,6 @@ from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
 
 MiB = 1 << 20
 DISK_MIB = 32
-
-
-def data_digest(path: Path, header: VolumeHeader) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(header.data_offset)
-        remaining = header.capacity
-        while remaining:
-            chunk = f.read(min(remaining, MiB))
-            digest.update(chunk)
-            remaining -= len(chunk)
-    return digest.hexdigest()
 
 
 def read_data(path: Path, header: VolumeHeader, offset: int, length: int) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from volumes import data_digest
 
 from vhost_pv.control import client
 from vhost_pv.guest import GuestImage, VhostUserBlkDisk, run_guest, start_guest
@@ -31,18 +31,6 @@ def parse_fio(result: Any) -> list[dict[str, Any]]:
     # fio puts warnings (e.g. about several verifying writers) before the JSON document.
     jobs: list[dict[str, Any]] = json.loads(text[text.index("{"):])["jobs"]
     return jobs
-
-
-def data_digest(volume: Path, header: VolumeHeader) -> str:
-    digest = hashlib.sha256()
-    with open(volume, "rb") as f:
-        f.seek(header.data_offset)
-        remaining = header.capacity
-        while remaining:
-            chunk = f.read(min(remaining, 1 << 20))
-            digest.update(chunk)
-            remaining -= len(chunk)
-    return digest.hexdigest()
 
 
 FIO_VERIFY = """

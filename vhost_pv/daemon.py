@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vhost_pv._native import lib
 from vhost_pv.control.server import (
     AccessList,
     CommandError,
@@ -47,9 +46,9 @@ from vhost_pv.guard.guard import VolumeGuard
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
 from vhost_pv.volume import ring as ring_format
-from vhost_pv.volume.header import SLOT_OFFSETS, SLOT_SIZE, STATE_WORD_OFFSET, VolumeState
+from vhost_pv.volume.header import VolumeState
 from vhost_pv.volume.seal import check_seal, clear_seal
-from vhost_pv.volume.volume import Volume
+from vhost_pv.volume.volume import Volume, destroy_volume
 
 log = logging.getLogger("vhost_pv.daemon")
 
@@ -461,11 +460,9 @@ class Daemon:
             fd = os.dup(served.volume.fd)
             await self._retire(served)
             try:
-                await asyncio.to_thread(_wipe, fd, size)
+                await asyncio.to_thread(destroy_volume, path, fd, size)
             finally:
                 os.close(fd)
-            path.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
         self.alerts.raise_alert("volume-deleted", name, f"volume {name} deleted: {why}", severity="critical",
                                 path=str(path), why=why)
         return {"volume": name, "deleted": True, "path": str(path)}
@@ -551,22 +548,3 @@ def _listen(path: Path) -> socket.socket:
     sock.setblocking(False)
     return sock
 
-
-def _wipe(fd: int, size: int) -> None:
-    """Destroy a volume's contents before its file goes: header slots first (so the file is
-    no longer a volume even if the rest fails), then every block."""
-    for offset in (*SLOT_OFFSETS, STATE_WORD_OFFSET):
-        os.pwrite(fd, bytes(SLOT_SIZE), offset)
-    os.fsync(fd)
-    rc = lib.vpv_zero_range(fd, 0, size)
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
-    os.fsync(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

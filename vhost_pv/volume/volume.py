@@ -106,6 +106,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def destroy_volume(path: Path, fd: int, size: int) -> None:
+    """Wipe and remove a volume: header slots first (from then on the file is no volume,
+    whatever happens next), then every block is freed, then the file goes."""
+    for offset in (*SLOT_OFFSETS, STATE_WORD_OFFSET):
+        os.pwrite(fd, bytes(SLOT_SIZE), offset)
+    os.fsync(fd)
+    rc = lib.vpv_zero_range(fd, 0, size)
+    if rc < 0:
+        raise OSError(-rc, f"cannot free the blocks of {path}: {os.strerror(-rc)}")
+    os.fsync(fd)
+    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
 def read_header(path: Path) -> VolumeHeader:
     """The current header of a volume file (HeaderError if it has none that is valid)."""
     with open(path, "rb") as f:
