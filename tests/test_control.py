@@ -330,3 +330,29 @@ def test_peercred_refusal_answers_every_request(server: ServerProcess, volume: P
     assert json.loads(result.stdout) == {f"status={-errno.EACCES} seq_echoed=True": 100}
     assert server.log().count(f"uid={NOBODY}") == 100
     _assert_status_works(server, volume)
+
+
+_FRONTEND_SCRIPT = """
+import socket, sys
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock.settimeout(10)
+    sock.connect(sys.argv[1])
+    print("eof" if sock.recv(1) == b"" else "data")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_vhost_user_socket_refuses_uid_not_recorded_in_the_volume(
+    server: ServerProcess, volume: Path, workdir: Path
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a frontend under another uid")
+    vhost_socket = server.socket_for(volume)
+    assert stat.S_IMODE(vhost_socket.stat().st_mode) == 0o600
+    os.chmod(vhost_socket, 0o666)  # only the SO_PEERCRED check against the volume remains
+    result = _run_as_nobody(["-c", _FRONTEND_SCRIPT, str(vhost_socket)])
+    assert result.returncode == 0 and result.stdout.strip() == "eof", (result.stdout, result.stderr)
+    log = server.log()
+    assert "refused frontend" in log and f"uid={NOBODY}" in log and "not allowed to attach" in log
+    entry = client.status(server.control)["volumes"][0]
+    assert entry["refused_total"] == 1 and entry["connection"] is None
