@@ -220,3 +220,16 @@ def test_ring_cli_reads_the_file_and_names_a_damaged_superblock(tmp_path: Path) 
     done = subprocess.run(cli, capture_output=True, text=True)
     assert done.returncode != 0
     assert "superblock" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_webhook_credentials_never_reach_the_log(tmp_path: Path) -> None:
+    path, _ = make_volume(tmp_path)
+    # Port 9 (discard) on loopback refuses the connection: the failure is logged.
+    url = "http://alerts:s3cr3t-token@127.0.0.1:9/api/v2/alerts"
+    with ServerProcess([path], tmp_path, extra_args=["--alert-webhook", url]) as server:
+        client.persistent_disk_dangling(server.control, "vol0", reason="gone")
+        wait_until(lambda: "alert webhook" in server.log())
+        log = server.log()
+    assert "***@127.0.0.1:9" in log
+    assert "s3cr3t-token" not in log

@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -145,4 +146,15 @@ class AlertHub:
                     response.read()
             except (urllib.error.URLError, OSError) as exc:
                 self.webhook_failures += 1
-                log.error("alert webhook %s failed: %s", self.webhook_url, exc)
+                log.error("alert webhook %s failed: %s", _redacted(self.webhook_url), exc)
+
+
+def _redacted(url: str) -> str:
+    """The URL without credentials: secrets never go to the log."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, "", ""))
