@@ -30,6 +30,8 @@ from vhost_pv.volume.volume import CreateOptions, create_volume
 WORKLOADS = [
     ("4k randread QD32", "--rw=randread --bs=4k --iodepth=32"),
     ("4k randwrite QD32", "--rw=randwrite --bs=4k --iodepth=32"),
+    # QD1 shows what kick coalescing costs a driver with one request in flight.
+    ("4k randread QD1", "--rw=randread --bs=4k --iodepth=1"),
     ("128k read", "--rw=read --bs=128k --iodepth=8"),
     ("128k write", "--rw=write --bs=128k --iodepth=8"),
 ]

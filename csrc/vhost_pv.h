@@ -86,6 +86,7 @@ struct vpv_queue_stats {
     uint64_t quarantine_refused; /* dangling: writes refused (ring full or failing) */
     uint64_t dangling_denied; /* dangling: reads refused by the deny policy */
     uint64_t watchdog_notifications; /* interrupts re-sent to a driver left waiting */
+    uint64_t coalesced_wakes; /* kicks answered after the coalescing wait */
     uint16_t last_avail_idx;
     uint16_t running;
     uint16_t broken;          /* the ring itself was corrupt; the queue stopped */

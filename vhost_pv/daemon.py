@@ -57,6 +57,7 @@ _SUMMED = frozenset({
     "requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
     "unsupported", "bytes_read", "bytes_written", "io_errors", "bad_requests", "kicks",
     "notifications", "quarantined", "quarantine_refused", "dangling_denied", "watchdog_notifications",
+    "coalesced_wakes",
 })
 ALERT_KEEPALIVE_S = 15.0
 SOURCE_HISTORY = 1024
