@@ -55,7 +55,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vhost-pv-build-") as tmp:
         built = Path(make_builder().compile(tmpdir=tmp, verbose=False))
         target = ROOT / "vhost_pv" / built.name
-        shutil.copy2(built, target)
+        # Copy beside the target, then rename over it: a process that has the old library
+        # mapped (a running daemon, a benchmark) keeps its pages; writing into the mapped
+        # file in place would crash it.
+        staging = target.with_name(target.name + ".new")
+        shutil.copy2(built, staging)
+        staging.replace(target)
     print(f"built {target.relative_to(ROOT)}")
     return 0
 
