@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from vhost_pv.volume.header import (
     SLOT_OFFSETS,
     SLOT_SIZE,
     STATE_WORD_OFFSET,
+    HeaderBodyV1,
     HeaderError,
     HeaderSlot,
     VolumeHeader,
@@ -145,11 +147,32 @@ def test_refuses_short_file(tmp_path: Path) -> None:
 def test_refuses_unsupported_version(tmp_path: Path) -> None:
     path, _ = _create(tmp_path)
     for offset in SLOT_OFFSETS:
-        _pwrite(path, struct.pack("<H", 2), offset + 8)
-    with pytest.raises(HeaderError, match="unsupported format version 2"):
+        _pwrite(path, struct.pack("<H", 3), offset + 8)
+    with pytest.raises(HeaderError, match="unsupported format version 3"):
         read_header(path)
     with pytest.raises(HeaderError, match="version"):
         Volume(path)
+
+
+@pytest.mark.timeout(60)
+def test_version_1_volume_reads_and_upgrades_on_update(tmp_path: Path) -> None:
+    # Both slots rewritten as a volume from before the owner binding (392-byte body).
+    path, created = _create(tmp_path, owner="old-owner")
+    v2 = encode_slot(created)
+    body = bytearray(v2[:HeaderBodyV1.sizeof()])
+    body[8:10] = struct.pack("<H", 1)
+    v1 = (bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))).ljust(SLOT_SIZE, b"\0")
+    for offset in SLOT_OFFSETS:
+        _pwrite(path, v1, offset)
+    assert read_header(path) == created
+    with Volume(path) as volume:
+        volume.update(owner="full-id", owner_name="web", owner_pid=42, owner_pid_start=7)
+    with open(path, "rb") as f:
+        versions = {struct.unpack("<H", os.pread(f.fileno(), 2, o + 8))[0] for o in SLOT_OFFSETS}
+    assert versions == {1, 2}  # the older slot was rewritten, in the new format
+    header = read_header(path)
+    assert (header.owner, header.owner_name, header.owner_pid, header.owner_pid_start) == (
+        "full-id", "web", 42, 7)
 
 
 @pytest.mark.timeout(60)

@@ -7,6 +7,7 @@ would break interoperability shows up here as a byte diff.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import uuid
 import zlib
@@ -42,6 +43,7 @@ from vhost_pv.volume.header import (
     MAGIC,
     SLOT_SIZE,
     HeaderBody,
+    HeaderBodyV1,
     HeaderError,
     HeaderSlot,
     ReadPolicy,
@@ -355,12 +357,16 @@ FIXED_HEADER = VolumeHeader(
     allowed_uids=(0, 1000),
     allowed_gids=(100,),
     dangling_source="ioctl",
+    owner_name="web-1",
+    owner_image="sha256:ab",
+    owner_pid=0x1234,
+    owner_pid_start=0x0A0B_0C0D,
 )
 
-FIXED_BODY = (
+FIXED_BODY_V1 = (
     bytes.fromhex(
         "56484f5354505601"  # 0   magic "VHOSTPV\x01"
-        "0100" "0000"  # 8   version 1, pad
+        "0200" "0000"  # 8   version 2, pad
         "01000000"  # 12  flags: read-only
         "0300000000000000"  # 16  generation
         "00112233445566778899aabbccddeeff"  # 24  uuid
@@ -380,13 +386,20 @@ FIXED_BODY = (
     + bytes.fromhex("64000000" + "ffffffff" * 7)  # 328 allowed_gids[8]
     + b"ioctl" + bytes(27)  # 360 dangling_source[32]
 )
+FIXED_BODY = (
+    FIXED_BODY_V1
+    + b"web-1" + bytes(59)  # 392 owner_name[64]
+    + b"sha256:ab" + bytes(71)  # 456 owner_image[80]
+    + bytes.fromhex("34120000" "00000000")  # 536 owner_pid, pad
+    + bytes.fromhex("0d0c0b0a00000000")  # 544 owner_pid_start
+)
 
 
 @pytest.mark.timeout(60)
 def test_header_body_layout_size() -> None:
-    assert len(FIXED_BODY) == 392
-    assert HeaderBody.sizeof() == 392
-    assert HeaderSlot.sizeof() == 396
+    assert len(FIXED_BODY_V1) == HeaderBodyV1.sizeof() == 392
+    assert len(FIXED_BODY) == HeaderBody.sizeof() == 552
+    assert HeaderSlot.sizeof() == 556
 
 
 @pytest.mark.timeout(60)
@@ -394,12 +407,28 @@ def test_encode_slot_golden() -> None:
     slot = encode_slot(FIXED_HEADER)
     assert len(slot) == SLOT_SIZE
     assert slot[:8] == MAGIC == b"VHOSTPV\x01"
-    assert struct.unpack_from("<H", slot, 8)[0] == FORMAT_VERSION == 1
-    assert slot[:392] == FIXED_BODY
-    crc = struct.unpack_from("<I", slot, 392)[0]
-    assert crc == zlib.crc32(slot[:392])
-    assert slot[396:] == bytes(SLOT_SIZE - 396)
+    assert struct.unpack_from("<H", slot, 8)[0] == FORMAT_VERSION == 2
+    assert slot[:552] == FIXED_BODY
+    crc = struct.unpack_from("<I", slot, 552)[0]
+    assert crc == zlib.crc32(slot[:552])
+    assert slot[556:] == bytes(SLOT_SIZE - 556)
     assert decode_slot(slot) == FIXED_HEADER
+
+
+@pytest.mark.timeout(60)
+def test_decode_version_1_slot() -> None:
+    # A volume written before the owner binding existed reads with an empty binding.
+    body = bytearray(FIXED_BODY_V1)
+    body[8:10] = b"\x01\x00"
+    raw = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+    header = decode_slot(raw.ljust(SLOT_SIZE, b"\0"))
+    assert header == dataclasses.replace(FIXED_HEADER, owner_name="", owner_image="", owner_pid=0,
+                                         owner_pid_start=0)
+    # A damaged version 1 record is still named as such.
+    damaged = bytearray(raw.ljust(SLOT_SIZE, b"\0"))
+    damaged[200] ^= 0x10
+    with pytest.raises(HeaderError, match="checksum"):
+        decode_slot(bytes(damaged))
 
 
 @pytest.mark.timeout(60)
@@ -429,6 +458,6 @@ def test_decode_flipped_magic_and_version() -> None:
     with pytest.raises(HeaderError, match="magic"):
         decode_slot(bytes(damaged))
     damaged = bytearray(slot)
-    damaged[8] ^= 0x02
+    damaged[8] ^= 0x01
     with pytest.raises(HeaderError, match="version 3"):
         decode_slot(bytes(damaged))

@@ -42,7 +42,10 @@ from construct import (
 )
 
 MAGIC = b"VHOSTPV\x01"
-FORMAT_VERSION = 1
+# Version 2 added the owner binding (container name, image, init pid). Version 1 headers
+# still read (the binding is empty) and become version 2 at their next update.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SECTOR_SIZE = 512
 SLOT_SIZE = 4096
 SLOT_OFFSETS = (0, SLOT_SIZE)
@@ -85,7 +88,7 @@ class TtlAction(enum.IntEnum):
 
 FLAG_READ_ONLY = 1 << 0
 
-HeaderBody = Struct(
+HeaderBodyV1 = Struct(
     "magic" / Const(MAGIC),
     "version" / Int16ul,
     Padding(2),
@@ -115,14 +118,39 @@ u8 magic[8]; u16 version; u16 pad; u32 flags; u64 generation; u8 uuid[16]; u64 c
 u64 data_offset, capacity, ring_offset, ring_size; u32 state; u8 read_policy,
 ring_full_policy, ttl_action, pad; u64 ttl_seconds, dangling_since_ns; char reason[64];
 char owner[128]; i32 allowed_uids[8]; i32 allowed_gids[8]; char dangling_source[32]
-(392 bytes)."""
+(392 bytes). This is the whole body of a version 1 header."""
+
+OWNER_NAME_LEN = 64
+OWNER_IMAGE_LEN = 80
+
+OwnerBinding = Struct(
+    "owner_name" / PaddedString(OWNER_NAME_LEN, "utf8"),
+    "owner_image" / PaddedString(OWNER_IMAGE_LEN, "utf8"),
+    "owner_pid" / Int32ul,
+    Padding(4),
+    "owner_pid_start" / Int64ul,
+)
+"""C: struct vpv_owner_binding { char owner_name[64]; char owner_image[80]; u32 owner_pid;
+u32 pad; u64 owner_pid_start; } (160 bytes), after the version 1 body. owner_pid_start is
+the pid's start time in clock ticks since boot (/proc/PID/stat field 22): with it a pid
+that was reused by another process after the owner exited is never mistaken for the owner."""
+
+HeaderBody = HeaderBodyV1 + OwnerBinding
+"""C: struct vpv_header_body_v2 { struct vpv_header_body v1; struct vpv_owner_binding
+owner; } (552 bytes)."""
 
 HeaderSlot = Struct(
     "body" / RawCopy(HeaderBody),
     "checksum" / Checksum(Int32ul, lambda data: zlib.crc32(data), this.body.data),
 )
-"""C: struct vpv_header_slot { struct vpv_header_body body; u32 crc32_of_body; }, stored at
-offsets 0 and 4096 of the volume, zero-padded to 4096 bytes."""
+"""C: struct vpv_header_slot { struct vpv_header_body_v2 body; u32 crc32_of_body; }, stored
+at offsets 0 and 4096 of the volume, zero-padded to 4096 bytes."""
+
+HeaderSlotV1 = Struct(
+    "body" / RawCopy(HeaderBodyV1),
+    "checksum" / Checksum(Int32ul, lambda data: zlib.crc32(data), this.body.data),
+)
+"""A version 1 slot (392-byte body + CRC), read only."""
 
 
 class HeaderError(Exception):
@@ -153,6 +181,13 @@ class VolumeHeader:
     allowed_gids: tuple[int, ...] = ()
     dangling_source: str = ""
     """What flipped the volume: "ioctl", "engine", "proc-events", ... (empty if never)."""
+    owner_name: str = ""
+    """The owner container's name as the engine reported it (owner holds its full id)."""
+    owner_image: str = ""
+    """The image id the owner ran: the default reclaim policy asks a new owner for the same."""
+    owner_pid: int = 0
+    """The owner's init pid, watched through kernel process events (0: none known)."""
+    owner_pid_start: int = 0
 
     @property
     def dangling(self) -> bool:
@@ -179,6 +214,10 @@ class VolumeHeader:
             "reason": self.reason,
             "dangling_source": self.dangling_source,
             "owner": self.owner,
+            "owner_name": self.owner_name,
+            "owner_image": self.owner_image,
+            "owner_pid": self.owner_pid,
+            "owner_pid_start": self.owner_pid_start,
             "read_only": self.read_only,
             "read_policy": self.read_policy.name.lower(),
             "ring_full_policy": self.ring_full_policy.name.lower(),
@@ -198,7 +237,8 @@ def _pad_ids(ids: tuple[int, ...], what: str) -> list[int]:
 
 def encode_slot(header: VolumeHeader) -> bytes:
     """The 4096-byte slot image of a header record."""
-    for field, limit in (("reason", 64), ("owner", 128), ("dangling_source", 32)):
+    for field, limit in (("reason", 64), ("owner", 128), ("dangling_source", 32),
+                         ("owner_name", OWNER_NAME_LEN), ("owner_image", OWNER_IMAGE_LEN)):
         if len(getattr(header, field).encode()) > limit:
             raise HeaderError(f"{field} is longer than {limit} bytes")
     body = {
@@ -222,6 +262,10 @@ def encode_slot(header: VolumeHeader) -> bytes:
         "allowed_uids": _pad_ids(header.allowed_uids, "uids"),
         "allowed_gids": _pad_ids(header.allowed_gids, "gids"),
         "dangling_source": header.dangling_source,
+        "owner_name": header.owner_name,
+        "owner_image": header.owner_image,
+        "owner_pid": header.owner_pid,
+        "owner_pid_start": header.owner_pid_start,
     }
     raw: bytes = HeaderSlot.build({"body": {"value": body}})
     return raw.ljust(SLOT_SIZE, b"\0")
@@ -236,20 +280,24 @@ def _enum(kind: type[enum.IntEnum], value: int, field: str) -> Any:
 
 def decode_slot(raw: bytes) -> VolumeHeader:
     """Parse and validate one slot image; HeaderError says what is wrong with it."""
-    if len(raw) < HeaderSlot.sizeof():
+    if len(raw) < 10:
         raise HeaderError(f"truncated: {len(raw)} bytes, a header needs {HeaderSlot.sizeof()}")
     if raw[: len(MAGIC)] != MAGIC:
         raise HeaderError(f"bad magic {raw[:len(MAGIC)]!r}: not a vhost-pv volume")
     version = int.from_bytes(raw[8:10], "little")
-    if version != FORMAT_VERSION:
-        raise HeaderError(f"unsupported format version {version} (this build reads {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise HeaderError(f"unsupported format version {version} (this build reads "
+                          f"{', '.join(map(str, READABLE_VERSIONS))})")
+    slot_layout = HeaderSlot if version == FORMAT_VERSION else HeaderSlotV1
+    if len(raw) < slot_layout.sizeof():
+        raise HeaderError(f"truncated: {len(raw)} bytes, a header needs {slot_layout.sizeof()}")
     # Verify the CRC before decoding any field: a damaged record must be reported as such,
     # not as whatever its damaged bytes happen to fail (e.g. invalid UTF-8 in owner/reason).
-    body_size = HeaderBody.sizeof()
+    body_size = slot_layout.sizeof() - 4
     if zlib.crc32(raw[:body_size]) != int.from_bytes(raw[body_size : body_size + 4], "little"):
         raise HeaderError("checksum mismatch: the header record is damaged")
     try:
-        parsed = HeaderSlot.parse(raw)
+        parsed = slot_layout.parse(raw)
     except ChecksumError:
         raise HeaderError("checksum mismatch: the header record is damaged") from None
     except (ConstError, StreamError, StringError, UnicodeDecodeError) as exc:
@@ -275,6 +323,10 @@ def decode_slot(raw: bytes) -> VolumeHeader:
         allowed_uids=tuple(i for i in body.allowed_uids if i != NO_ID),
         allowed_gids=tuple(i for i in body.allowed_gids if i != NO_ID),
         dangling_source=body.dangling_source,
+        owner_name=body.get("owner_name", ""),
+        owner_image=body.get("owner_image", ""),
+        owner_pid=body.get("owner_pid", 0),
+        owner_pid_start=body.get("owner_pid_start", 0),
     )
     check_geometry(header)
     return header
