@@ -75,11 +75,19 @@ struct vpv_ctl_alerts {
     uint64_t since_seq;
 } __attribute__((packed));
 
+struct vpv_ctl_bind {
+    char volume[64];
+    char container[128];
+    uint32_t pid;
+    uint32_t pad;
+} __attribute__((packed));
+
 #define VPV_IOC_STATUS _IOC(_IOC_READ, 'v', 0x01, 0)
 #define VPV_IOC_PERSISTENT_DISK_DANGLING _IOWR('v', 0x10, struct vpv_ctl_dangling)
 #define VPV_IOC_RECLAIM _IOWR('v', 0x11, struct vpv_ctl_reclaim)
 #define VPV_IOC_RING _IOWR('v', 0x12, struct vpv_ctl_ring)
 #define VPV_IOC_DELETE _IOW('v', 0x13, struct vpv_ctl_volume)
 #define VPV_IOC_ALERTS _IOWR('v', 0x14, struct vpv_ctl_alerts)
+#define VPV_IOC_BIND _IOWR('v', 0x15, struct vpv_ctl_bind)
 
 #endif

@@ -30,6 +30,7 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
     "vpv_ctl_ring": (wire.RingRequest, ["volume", "op", "pad"]),
     "vpv_ctl_volume": (wire.VolumeRequest, ["volume", "flags", "pad"]),
     "vpv_ctl_alerts": (wire.AlertsRequest, ["flags", "pad", "since_seq"]),
+    "vpv_ctl_bind": (wire.BindRequest, ["volume", "container", "pid", "pad"]),
     "vpv_ring_super": (
         ring.RingSuper,
         ["magic", "version", "align", "area_offset", "area_size", "head", "tail", "next_seq",
@@ -49,6 +50,7 @@ COMMANDS = {
     "VPV_IOC_RING": wire.Command.RING,
     "VPV_IOC_DELETE": wire.Command.DELETE,
     "VPV_IOC_ALERTS": wire.Command.ALERTS,
+    "VPV_IOC_BIND": wire.Command.BIND,
 }
 
 CONSTANTS = {

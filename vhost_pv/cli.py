@@ -14,6 +14,7 @@ from vhost_pv.control import client
 from vhost_pv.control.server import AccessList
 from vhost_pv.control.wire import ReclaimMode, RingOp
 from vhost_pv.daemon import Daemon, DaemonConfig
+from vhost_pv.guard.containers import ReclaimPolicy
 from vhost_pv.volume.header import HeaderError, ReadPolicy, RingFullPolicy, TtlAction
 from vhost_pv.volume.ring import RingError, RingReader
 from vhost_pv.volume.volume import DEFAULT_RING_SIZE, CreateOptions, create_volume, parse_size, read_header
@@ -99,7 +100,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             gids=frozenset(args.control_gids or ()),
         ),
         alert_webhook=args.alert_webhook,
+        engine_url=args.engine,
+        proc_events=args.proc_events,
+        reconcile_interval=args.reconcile_interval,
+        reclaim_policy=ReclaimPolicy(args.reclaim_policy),
     )
+    if args.engine and not args.engine.startswith("unix://"):
+        print(f"vhost-pv: --engine {args.engine}: expected unix:///path/to/engine.sock", file=sys.stderr)
+        return 2
+    if args.reconcile_interval <= 0:
+        print("vhost-pv: --reconcile-interval must be positive", file=sys.stderr)
+        return 2
     for path in config.volumes:
         try:
             read_header(path)
@@ -139,6 +150,11 @@ def cmd_reclaim(args: argparse.Namespace) -> int:
     mode = ReclaimMode.REPLAY if args.replay else ReclaimMode.DISCARD if args.discard else ReclaimMode.KEEP
     control = Path(args.control)
     return _control_call(args, lambda: client.reclaim(control, args.volume, args.owner, mode))
+
+
+def cmd_bind(args: argparse.Namespace) -> int:
+    control = Path(args.control)
+    return _control_call(args, lambda: client.bind(control, args.volume, args.container, pid=args.pid))
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -272,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-gids", type=_ids, help="gids allowed on the control socket")
     p.add_argument("--alert-webhook", help="POST alerts here in Alertmanager's format "
                    "(e.g. http://alertmanager:9093/api/v2/alerts)")
+    p.add_argument("--engine", metavar="URL", help="follow this Docker Engine API socket's container "
+                   "events (Docker or `podman system service`), e.g. unix:///run/podman/podman.sock")
+    p.add_argument("--proc-events", action="store_true",
+                   help="watch the owners' init pids through kernel process events")
+    p.add_argument("--reconcile-interval", type=float, default=30.0, metavar="S",
+                   help="look every owner up through the engine this often (default 30)")
+    p.add_argument("--reclaim-policy", choices=[p.value for p in ReclaimPolicy], default="same-image",
+                   help="which containers labelled vhost-pv.reclaim=VOLUME may reclaim it on start "
+                   "(default: those running the old owner's image)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ioctl", help="send an ioctl-style command to a running daemon")
@@ -292,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--discard", action="store_true", help="drop the quarantined writes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reclaim)
+
+    p = sub.add_parser("bind", help="record a volume's owner container")
+    p.add_argument("--control", required=True)
+    p.add_argument("volume")
+    p.add_argument("--container", required=True, help="id, id prefix or name (resolved by the engine)")
+    p.add_argument("--pid", type=int, default=0,
+                   help="the owner's init pid, for --proc-events without an engine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bind)
 
     p = sub.add_parser("delete", help="wipe and remove a (dangling) volume")
     p.add_argument("--control", required=True)

@@ -31,6 +31,7 @@ from vhost_pv.control.wire import (
     DANGLING_CLEAR,
     DELETE_FORCE,
     AlertsRequest,
+    BindRequest,
     Command,
     DanglingReply,
     DanglingRequest,
@@ -42,7 +43,16 @@ from vhost_pv.control.wire import (
 )
 from vhost_pv.devices.blk import BlkDevice
 from vhost_pv.guard.alerts import AlertHub
+from vhost_pv.guard.containers import (
+    EngineWatcher,
+    OwnedVolume,
+    OwnerBinding,
+    ProcessWatcher,
+    ReclaimPolicy,
+)
+from vhost_pv.guard.engine_api import EngineClient, EngineError
 from vhost_pv.guard.guard import VolumeGuard
+from vhost_pv.guard.procevents import pid_start_ticks
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
 from vhost_pv.volume import ring as ring_format
@@ -104,6 +114,18 @@ class DaemonConfig:
     read_only: bool = False
     control_access: AccessList = dataclasses.field(default_factory=AccessList)
     alert_webhook: str | None = None
+    engine_url: str | None = None
+    """Docker Engine API socket (Docker or `podman system service`): unix:///path."""
+    proc_events: bool = False
+    """Watch the owners' init pids through kernel process events."""
+    reconcile_interval: float = 30.0
+    reclaim_policy: ReclaimPolicy = ReclaimPolicy.SAME_IMAGE
+
+
+def owner_fields(owner: OwnerBinding) -> dict[str, Any]:
+    """The header fields that record a volume's owner."""
+    return {"owner": owner.container, "owner_name": owner.name, "owner_image": owner.image,
+            "owner_pid": owner.pid, "owner_pid_start": owner.pid_start}
 
 
 class Daemon:
@@ -121,8 +143,17 @@ class Daemon:
                 Command.RING: self._cmd_ring,
                 Command.DELETE: self._cmd_delete,
                 Command.ALERTS: self._cmd_alerts,
+                Command.BIND: self._cmd_bind,
             },
         )
+        self.engine = EngineClient(config.engine_url) if config.engine_url else None
+        self.engine_watcher = (
+            EngineWatcher(self.engine, self, reconcile_interval=config.reconcile_interval,
+                          reclaim_policy=config.reclaim_policy)
+            if self.engine is not None else None
+        )
+        self.process_watcher = ProcessWatcher(self) if config.proc_events else None
+        self._watcher_tasks: list[asyncio.Task[None]] = []
         self._source_ids = itertools.count(1)
         # Who each connection id was, also after it ended: ring records and events name them.
         self.sources: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
@@ -172,11 +203,22 @@ class Daemon:
                 served.socket_path,
             )
         await self.control.start()
+        if self.process_watcher is not None:
+            await self.process_watcher.start()
+        if self.engine_watcher is not None:
+            self._watcher_tasks.append(asyncio.create_task(self.engine_watcher.run()))
 
     def request_stop(self) -> None:
         self._stopping.set()
 
     async def stop(self) -> None:
+        for task in self._watcher_tasks:
+            task.cancel()
+        for task in self._watcher_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.process_watcher is not None:
+            self.process_watcher.close()
         await self.control.close()
         for served in list(self.served.values()):
             await self._retire(served)
@@ -336,10 +378,53 @@ class Daemon:
         mode = ReclaimMode(request.mode)
         log.info("control: reclaim %s for %s (%s) by pid=%d uid=%d",
                  request.volume, request.owner, mode.name.lower(), peer.pid, peer.uid)
-        report = await self.reclaim(request.volume, request.owner, mode, source="ioctl")
+        owner = await self._resolve_owner(request.owner, pid=0)
+        report = await self.reclaim(request.volume, owner, mode, source="ioctl")
         return json.dumps(report).encode()
 
-    async def reclaim(self, name: str, owner: str, mode: ReclaimMode, *, source: str) -> dict[str, Any]:
+    async def _resolve_owner(self, container: str, *, pid: int) -> OwnerBinding:
+        """An owner as the admin named it: through the engine when there is one (full id,
+        name, image, init pid), else as given, with the pid they named."""
+        if not container:
+            raise CommandError(errno.EINVAL, "no owner container given")
+        if self.engine is not None:
+            try:
+                info = await self.engine.inspect(container)
+            except EngineError as exc:
+                raise CommandError(errno.EHOSTUNREACH,
+                                   f"cannot ask the engine about {container}: {exc}") from None
+            if info is None:
+                raise CommandError(errno.ENOENT, f"the engine knows no container {container!r}")
+            binding = OwnerBinding.from_container(info)
+            if pid and pid != binding.pid:
+                raise CommandError(errno.EINVAL, f"{container}'s init pid is {binding.pid}, not {pid}")
+            return binding
+        start = 0
+        if pid:
+            found = pid_start_ticks(pid)
+            if found is None:
+                raise CommandError(errno.ESRCH, f"no process {pid}: the owner's init must be running")
+            start = found
+        return OwnerBinding(container=container, pid=pid, pid_start=start)
+
+    async def _cmd_bind(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+        request = BindRequest.parse(payload)
+        served = self._served(request.volume)
+        owner = await self._resolve_owner(request.container, pid=request.pid)
+        async with served.state_lock:
+            if served.volume.header.dangling:
+                raise CommandError(errno.EBUSY, f"{request.volume} is dangling: a new owner reclaims it "
+                                   "(vhost-pv reclaim) rather than binding it")
+            await asyncio.to_thread(served.volume.update, **owner_fields(owner))
+        log.info("control: %s bound to %s (name %s, pid %d) by pid=%d uid=%d", request.volume,
+                 owner.container, owner.name or "-", owner.pid, peer.pid, peer.uid)
+        if self.process_watcher is not None:
+            await self.process_watcher.check_alive("bind")
+        return json.dumps({"volume": request.volume, **owner_fields(owner)}).encode()
+
+    async def reclaim(
+        self, name: str, owner: OwnerBinding, mode: ReclaimMode, *, source: str
+    ) -> dict[str, Any]:
         """A new owner takes a dangling volume back: check the seal, settle the ring, clear."""
         served = self._served(name)
         volume = served.volume
@@ -350,7 +435,8 @@ class Daemon:
                 raise CommandError(errno.EBUSY, f"{name} still has a frontend attached "
                                    f"(pid {served.connection.peer.pid}); detach it first")
             seal = await asyncio.to_thread(served.guard.wait_sealed, 3600.0)
-            report: dict[str, Any] = {"volume": name, "owner": owner, "mode": mode.name.lower()}
+            report: dict[str, Any] = {"volume": name, "owner": owner.container, "owner_name": owner.name,
+                                      "mode": mode.name.lower()}
             if seal is None:
                 report["seal"] = {"checked": False}
             else:
@@ -379,13 +465,15 @@ class Daemon:
                 volume.ring_reset()
             await asyncio.to_thread(
                 volume.update, state=VolumeState.ATTACHED, dangling_since_ns=0, reason="",
-                owner=owner[:128], dangling_source="",
+                dangling_source="", **owner_fields(owner),
             )
             await asyncio.to_thread(clear_seal, volume.fd)
             served.guard.flipped(False)
         self.alerts.raise_alert(
-            "volume-reclaimed", name, f"{name} reclaimed by {owner} ({mode.name.lower()})",
-            severity="info", owner=owner, mode=mode.name.lower(), source=source,
+            "volume-reclaimed", name,
+            f"{name} reclaimed by {owner.name or owner.container} ({mode.name.lower()})",
+            severity="info", owner=owner.container, owner_name=owner.name, mode=mode.name.lower(),
+            source=source,
             tampered=bool(report["seal"].get("changed_chunks")),
         )
         return report
@@ -487,6 +575,49 @@ class Daemon:
         finally:
             self.alerts.unsubscribe(queue)
 
+    # -- what the container watchers see (guard.containers.VolumeDirectory) ----------------
+
+    def owned_volumes(self) -> list[OwnedVolume]:
+        result = []
+        for name, served in self.served.items():
+            header = served.volume.header
+            owner = OwnerBinding(header.owner, header.owner_name, header.owner_image, header.owner_pid,
+                                 header.owner_pid_start)
+            result.append(OwnedVolume(name, header.dangling, owner))
+        return result
+
+    async def flip(self, volume: str, reason: str, source: str, detail: dict[str, Any]) -> None:
+        if volume not in self.served:
+            return  # deleted meanwhile
+        result = await self.set_dangling(volume, True, reason, source=source)
+        if result["changed"]:
+            self.alerts.raise_alert(
+                "owner-gone", volume, f"the owner of {volume} is gone ({reason}, seen by {source})",
+                severity="warning", reason=reason, source=source, **detail,
+            )
+
+    async def rebind(self, volume: str, owner: OwnerBinding) -> None:
+        served = self.served.get(volume)
+        if served is None:
+            return
+        async with served.state_lock:
+            if served.volume.header.dangling:
+                return
+            await asyncio.to_thread(served.volume.update, **owner_fields(owner))
+        log.info("%s: owner is %s (%s), init pid %d",
+                 volume, owner.name or "-", owner.container[:12], owner.pid)
+
+    async def reclaim_for(self, volume: str, owner: OwnerBinding, mode: str, source: str) -> None:
+        try:
+            await self.reclaim(volume, owner, ReclaimMode[mode.upper()], source=source)
+        except CommandError as exc:
+            log.warning("%s: reclaim by %s refused: %s", volume, owner.name or owner.container, exc)
+            self.alerts.raise_alert("reclaim-refused", volume, f"{owner.name or owner.container} could not "
+                                    f"reclaim {volume}: {exc}", container=owner.container)
+
+    def alert(self, kind: str, volume: str, message: str, **details: Any) -> None:
+        self.alerts.raise_alert(kind, volume, message, **details)
+
     def status(self) -> dict[str, Any]:
         volumes = []
         for name, served in sorted(self.served.items()):
@@ -521,6 +652,10 @@ class Daemon:
             "volumes": volumes,
             "alerts": {"by_kind": dict(self.alerts.counts), "subscribers": self.alerts.subscriber_count,
                        "webhook_failures": self.alerts.webhook_failures},
+            "watchers": {
+                "engine": self.engine_watcher.describe() if self.engine_watcher else None,
+                "proc_events": self.process_watcher.describe() if self.process_watcher else None,
+            },
         }
 
 

@@ -17,6 +17,7 @@ from vhost_pv.control.wire import (
     DANGLING_CLEAR,
     DELETE_FORCE,
     AlertsRequest,
+    BindRequest,
     Command,
     ControlHeader,
     DanglingReply,
@@ -129,6 +130,13 @@ def ring(path: Path, volume: str, op: RingOp) -> dict[str, Any]:
 def delete(path: Path, volume: str, *, force: bool = False) -> dict[str, Any]:
     request = VolumeRequest.build({"volume": volume, "flags": DELETE_FORCE if force else 0})
     result: dict[str, Any] = json.loads(call(path, Command.DELETE, request))
+    return result
+
+
+def bind(path: Path, volume: str, container: str, *, pid: int = 0) -> dict[str, Any]:
+    """Record a volume's owner container (and, without an engine, its init pid)."""
+    request = BindRequest.build({"volume": volume, "container": container, "pid": pid})
+    result: dict[str, Any] = json.loads(call(path, Command.BIND, request))
     return result
 
 

@@ -114,6 +114,18 @@ ALERTS_FOLLOW the daemon keeps the connection and sends one reply per new alert.
 ALERTS_FOLLOW = 1
 
 
+BindRequest = Struct(
+    "volume" / PaddedString(NAME_LEN, "utf8"),
+    "container" / PaddedString(OWNER_LEN, "utf8"),
+    "pid" / Int32ul,
+    Padding(4),
+)
+"""C: struct vpv_ctl_bind { char volume[64]; char container[128]; u32 pid; u32 pad; }
+(200 bytes). Records the volume's owner: with an engine the daemon resolves `container` (id,
+prefix or name) to its full id, name, image and init pid; without one, `pid` (0: none) is
+the owner's init pid for process events. Reply: JSON (the recorded binding)."""
+
+
 class Command(enum.IntEnum):
     """Control commands, numbered like Linux ioctls (_IOC(dir, 'v', nr, sizeof(request)))."""
 
@@ -123,6 +135,7 @@ class Command(enum.IntEnum):
     RING = ioc(_IOC_READ | _IOC_WRITE, "v", 0x12, RingRequest.sizeof())
     DELETE = ioc(_IOC_WRITE, "v", 0x13, VolumeRequest.sizeof())
     ALERTS = ioc(_IOC_READ | _IOC_WRITE, "v", 0x14, AlertsRequest.sizeof())
+    BIND = ioc(_IOC_READ | _IOC_WRITE, "v", 0x15, BindRequest.sizeof())
 
 
 # Every fixed request layout by command, for the server's size check.
@@ -132,4 +145,5 @@ REQUEST_LAYOUTS = {
     Command.RING: RingRequest,
     Command.DELETE: VolumeRequest,
     Command.ALERTS: AlertsRequest,
+    Command.BIND: BindRequest,
 }

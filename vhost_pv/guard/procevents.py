@@ -1,0 +1,105 @@
+"""Kernel process events (the netlink process connector, through pyroute2): how a volume
+notices that its owner's init process exited, with no container engine at all.
+
+This is the one module that imports pyroute2. pyroute2 0.9 runs its synchronous sockets on
+an event loop of its own: one cannot be created inside a running loop, and its get() loses
+datagrams when driven by readiness. So the socket is created and subscribed from a worker
+thread (open_exit_socket), and the daemon's loop reads the fd itself, one datagram per
+read, and only borrows pyroute2's parser. Every exit in the system arrives here; the reader
+only decodes them, and the watcher picks the pids it cares about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from pyroute2 import ProcEventSocket
+from pyroute2.netlink.connector.cn_proc import PROC_EVENT_EXIT, ProcEventMarshal
+
+log = logging.getLogger("vhost_pv.procevents")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessExit:
+    pid: int
+    status: int  # the wait status: exit code in bits 8-15, terminating signal in bits 0-6
+
+    @property
+    def exit_code(self) -> int:
+        return (self.status >> 8) & 0xFF
+
+    @property
+    def signal(self) -> int:
+        return self.status & 0x7F
+
+    @property
+    def clean(self) -> bool:
+        return self.status == 0
+
+    def describe(self) -> str:
+        if self.signal:
+            return f"killed by signal {self.signal}"
+        return f"exited with code {self.exit_code}"
+
+
+def pid_start_ticks(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (/proc/PID/stat field 22), or None
+    if there is no such process. With the pid it names one process for good: a pid that was
+    reused after the owner exited has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[19])
+
+
+class ProcessExitSocket:
+    """A subscribed process-connector socket: fileno() for the event loop, read() for the
+    exits of whole processes (thread exits are left out). Create it with open_exit_socket
+    when an event loop is running in this thread."""
+
+    def __init__(self) -> None:
+        self._sock = ProcEventSocket()
+        try:
+            self._sock.bind()
+            self._sock.control(listen=True)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._fd = int(self._sock.fileno())
+        os.set_blocking(self._fd, False)
+        self._marshal = ProcEventMarshal()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> list[ProcessExit]:
+        """Every exit queued on the socket now (never blocks)."""
+        exits: list[ProcessExit] = []
+        while True:
+            try:
+                datagram = os.read(self._fd, 1 << 16)  # one netlink datagram per read
+            except BlockingIOError:
+                return exits
+            for message in self._marshal.parse(datagram):
+                if message.get("what") != PROC_EVENT_EXIT:
+                    continue
+                pid, tgid = message.get("process_pid"), message.get("process_tgid")
+                if pid != tgid:
+                    continue  # a thread, not a process
+                exits.append(ProcessExit(pid=int(pid), status=int(message.get("exit_code"))))
+
+    def close(self) -> None:
+        # Closing the socket ends the subscription; no unsubscribe message is needed.
+        self._sock.close()
+
+
+async def open_exit_socket() -> ProcessExitSocket:
+    """A ProcessExitSocket, made off the running loop (pyroute2 would start its own there)."""
+    return await asyncio.to_thread(ProcessExitSocket)
