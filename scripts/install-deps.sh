@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages vhost-pv needs, only those that are missing.
 set -euo pipefail
-packages=(qemu-system-x86 qemu-utils fio busybox-static cpio linux-image-cloud-amd64 gcc python3-venv)
+# podman + runc: the container-watcher tests run real containers (runc: crun fails on this
+# kernel's cgroup layout).
+packages=(qemu-system-x86 qemu-utils fio busybox-static cpio linux-image-cloud-amd64 gcc python3-venv
+          podman runc)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
