@@ -206,7 +206,9 @@ class Daemon:
         if self.process_watcher is not None:
             await self.process_watcher.start()
         if self.engine_watcher is not None:
-            self._watcher_tasks.append(asyncio.create_task(self.engine_watcher.run()))
+            task = asyncio.create_task(self.engine_watcher.run(), name="engine-watcher")
+            task.add_done_callback(_log_watcher_end)
+            self._watcher_tasks.append(task)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -214,9 +216,8 @@ class Daemon:
     async def stop(self) -> None:
         for task in self._watcher_tasks:
             task.cancel()
-        for task in self._watcher_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # A watcher that died has been logged already: shutting down must go on.
+        await asyncio.gather(*self._watcher_tasks, return_exceptions=True)
         if self.process_watcher is not None:
             self.process_watcher.close()
         await self.control.close()
@@ -657,6 +658,12 @@ class Daemon:
                 "proc_events": self.process_watcher.describe() if self.process_watcher else None,
             },
         }
+
+
+def _log_watcher_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s ended: %r; volumes are no longer followed through it",
+                  task.get_name(), task.exception())
 
 
 def _add_counters(into: dict[str, int], queues: list[dict[str, int]]) -> None:

@@ -159,12 +159,20 @@ class EngineWatcher:
                         await self.reconcile("connect" if self.connects == 1 else "reconnect")
                         backoff = BACKOFF_FIRST_S
                         async for event in stream:
-                            await self.on_event(event)
+                            try:
+                                await self.on_event(event)
+                            except (EngineError, asyncio.CancelledError):
+                                raise
+                            except Exception:  # one event must not end the watching
+                                log.exception("engine: handling %s of %s failed", event.action, event.id[:12])
                     finally:
                         stream.close()
                 except EngineError as exc:
                     self.last_error = str(exc)
                     log.warning("engine: %s; reconnecting in %.1f s", exc, backoff)
+                except Exception as exc:  # a bug or a broken engine: log it, keep watching
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("engine: watcher failed; reconnecting in %.1f s", backoff)
                 self.connected = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -220,7 +228,11 @@ class EngineWatcher:
         self.events_seen += 1
         self._last_event_ns = max(self._last_event_ns, event.time_ns)
         if event.stop_requested:
-            self._stop_requested[event.id] = time.monotonic()
+            now = time.monotonic()
+            # Forget old requests of containers that were neither removed nor started again.
+            for stale in [c for c, at in self._stop_requested.items() if now - at > STOP_GRACE_S]:
+                del self._stop_requested[stale]
+            self._stop_requested[event.id] = now
         owned = [o for o in self.directory.owned_volumes() if o.owner.matches(event.id)]
         if event.started:
             self._stop_requested.pop(event.id, None)

@@ -63,6 +63,10 @@ EXITED_ACTIONS = frozenset({"die", "died"})
 OOM_ACTIONS = frozenset({"oom"})
 STOP_ACTIONS = frozenset({"kill", "stop"})
 START_ACTIONS = frozenset({"start", "restart"})
+# Signals that `kill -s` may send without meaning "stop": by number and by name.
+HARMLESS_SIGNALS = frozenset({
+    "1", "HUP", "10", "USR1", "12", "USR2", "28", "WINCH", "18", "CONT", "23", "URG", "17", "CHLD",
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +94,13 @@ class ContainerEvent:
 
     @property
     def stop_requested(self) -> bool:
-        """The engine was asked to stop or signal it: an exit that follows is no crash."""
-        return self.action in STOP_ACTIONS
+        """The engine was asked to stop it or to send it a signal that ends processes: an
+        exit that follows is an administrator's doing, not a crash. (`docker kill -s HUP`,
+        a reload, is no stop; Podman names no signal in its kill events.)"""
+        if self.action not in STOP_ACTIONS:
+            return False
+        signal = self.attributes.get("signal", "").upper().removeprefix("SIG")
+        return signal not in HARMLESS_SIGNALS
 
     @property
     def started(self) -> bool:
@@ -100,12 +109,17 @@ class ContainerEvent:
 
 def parse_event(data: dict[str, Any]) -> ContainerEvent | None:
     """A container event from one JSON object of the /events stream; None for events of
-    other types (images, volumes, networks, ...) or without a container id."""
+    other types (images, volumes, networks, ...), without a container id, or malformed (a
+    broken or hostile engine must not take the watcher down)."""
     kind = data.get("Type") or data.get("type")
     if kind not in (None, "container"):
         return None
     actor = data.get("Actor") or {}
-    attributes = {str(k): str(v) for k, v in (actor.get("Attributes") or {}).items()}
+    raw_attributes = actor.get("Attributes") or {} if isinstance(actor, dict) else None
+    if not isinstance(actor, dict) or not isinstance(raw_attributes, dict):
+        log.warning("engine: malformed event (Actor or its Attributes is no object): %.200r", data)
+        return None
+    attributes = {str(k): str(v) for k, v in raw_attributes.items()}
     container_id = str(actor.get("ID") or data.get("id") or "")
     action = str(data.get("Action") or data.get("status") or "")
     if not container_id or not action:
@@ -115,13 +129,15 @@ def parse_event(data: dict[str, Any]) -> ContainerEvent | None:
     exit_code = None
     for key in ("exitCode", "containerExitCode"):
         if key in attributes:
-            try:
-                exit_code = int(attributes[key])
-            except ValueError:
-                log.warning("engine: event %s for %s has a non-numeric %s: %r",
+            exit_code = _int_or_none(attributes[key])
+            if exit_code is None:
+                log.warning("engine: event %s for %s has a non-numeric %s: %.40r",
                             action, container_id[:12], key, attributes[key])
             break
-    time_ns = int(data.get("timeNano") or int(data.get("time") or 0) * 1_000_000_000)
+    time_ns = _int_or_none(data.get("timeNano"))
+    if time_ns is None:
+        seconds = _int_or_none(data.get("time"))
+        time_ns = seconds * 1_000_000_000 if seconds is not None else 0
     return ContainerEvent(
         action=action,
         id=container_id,
@@ -130,6 +146,15 @@ def parse_event(data: dict[str, Any]) -> ContainerEvent | None:
         time_ns=time_ns,
         attributes=attributes,
     )
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _socket_path(url: str) -> str:
@@ -185,6 +210,9 @@ class EngineClient:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=self._path),
+                # An event line may be as long as MAX_EVENT_LINE (aiohttp's readline gives
+                # up at twice its read buffer).
+                read_bufsize=MAX_EVENT_LINE // 2,
                 # The host part is ignored on a unix socket, but HTTP needs one.
                 base_url="http://engine",
             )
@@ -226,7 +254,7 @@ class EngineClient:
             return None
         try:
             return ContainerInfo.from_inspect(data)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise EngineError(f"inspect {ref}: unexpected answer ({exc})") from None
 
     async def events(self, *, since_ns: int | None = None) -> EventStream:
