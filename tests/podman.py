@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +29,8 @@ class Podman:
     def __init__(self, base: Path) -> None:
         self.base = base
         store = base / "store"
+        # Podman refuses a runroot longer than 50 characters: pytest's temp paths can be.
+        self.runroot = Path(tempfile.mkdtemp(prefix="vpv-podman-"))
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         nofile = min(nofile, 1 << 20) if nofile != resource.RLIM_INFINITY else 1 << 20
         self.conf = base / "containers.conf"
@@ -47,7 +50,7 @@ volume_path = "{store}/root/volumes"
 network_config_dir = "{store}/networks"
 """)
         self.flags = [
-            "--runtime", "runc", "--root", str(store / "root"), "--runroot", str(store / "runroot"),
+            "--runtime", "runc", "--root", str(store / "root"), "--runroot", str(self.runroot),
             "--tmpdir", str(store / "tmp"), "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
             "--events-backend", "file", "--network-config-dir", str(store / "networks"),
         ]
@@ -106,6 +109,10 @@ network_config_dir = "{store}/networks"
 
     def clean_up(self) -> None:
         self("rm", "-a", "-f", "-t", "0", check=False)
+
+    def close(self) -> None:
+        self.clean_up()
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
 
 class PodmanService:

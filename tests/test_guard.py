@@ -10,11 +10,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from daemon_status import alert_kinds, volume_entry, wait_until
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command, ReclaimMode
@@ -30,23 +31,9 @@ def make_volume(tmp_path: Path, name: str = "vol0", **options: Any) -> tuple[Pat
     return path, create_volume(path, CreateOptions(size=8 * MiB, ring_size=MiB, **options))
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def alert_kinds(control: Path, volume: str) -> list[str]:
-    return [a["kind"] for a in client.alerts(control) if a["volume"] == volume]
-
-
 def guard(control: Path, volume: str) -> dict[str, Any]:
-    for entry in client.status(control)["volumes"]:
-        if entry["name"] == volume:
-            result: dict[str, Any] = entry["guard"]
-            return result
-    raise AssertionError(f"{volume} not served")
+    result: dict[str, Any] = volume_entry(control, volume)["guard"]
+    return result
 
 
 @pytest.mark.timeout(60)

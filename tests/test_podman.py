@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_status import header, wait_until
 from podman import Podman, PodmanService
 from test_dangling_qemu import pattern, read_data, wait_console
 from volumes import data_digest
@@ -29,7 +30,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     engine = Podman(tmp_path_factory.mktemp("podman"))
     engine.import_busybox()
     yield engine
-    engine.clean_up()
+    engine.close()
 
 
 @pytest.fixture
@@ -45,26 +46,12 @@ def volume(tmp_path: Path, name: str, owner: str = "", size: int = 4 * MiB) -> P
     return path
 
 
-def volume_status(server: ServerProcess, name: str) -> dict[str, Any]:
-    for entry in client.status(server.control)["volumes"]:
-        if entry["name"] == name:
-            result: dict[str, Any] = entry
-            return result
-    raise AssertionError(f"{name} is not served")
-
-
-def wait_until(what: str, condition: Callable[[], bool], server: ServerProcess, timeout: float = 20) -> float:
-    """Polls condition; returns how long it took."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}:\n{server.log()[-4000:]}"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def header_of(server: ServerProcess, name: str) -> dict[str, Any]:
-    header: dict[str, Any] = volume_status(server, name)["header"]
-    return header
+    return header(server.control, name)
+
+
+def wait_for(what: str, condition: Callable[[], bool], server: ServerProcess, timeout: float = 20) -> float:
+    return wait_until(condition, timeout, what, log=server.log)
 
 
 def resolved(server: ServerProcess, name: str, container_id: str) -> Callable[[], bool]:
@@ -78,16 +65,16 @@ def test_podman_rm_flips_the_owners_volume(podman: Podman, service: PodmanServic
     paths = [volume(tmp_path, "vol-rm", owner="owner-rm"), volume(tmp_path, "vol-other", owner="bystander")]
     with ServerProcess(paths, tmp_path / "d", extra_args=["--engine", service.url]) as server:
         # The name given at create time is resolved to the full id, name and image.
-        wait_until("owner resolved", resolved(server, "vol-rm", owner), server)
+        wait_for("owner resolved", resolved(server, "vol-rm", owner), server)
         header = header_of(server, "vol-rm")
         assert header["owner_name"] == "owner-rm"
         assert header["owner_image"].removeprefix("sha256:") == podman.inspect("owner-rm")["Image"]
         assert header["owner_pid"] == podman.inspect("owner-rm")["State"]["Pid"] > 0
-        wait_until("bystander resolved", resolved(server, "vol-other", other), server)
+        wait_for("bystander resolved", resolved(server, "vol-other", other), server)
 
         started = time.monotonic()
         podman("rm", "-f", "-t", "0", "owner-rm")
-        took = wait_until("the flip", lambda: header_of(server, "vol-rm")["dangling"], server)
+        took = wait_for("the flip", lambda: header_of(server, "vol-rm")["dangling"], server)
         assert time.monotonic() - started < 2.0, f"flipped {took:.2f} s after podman rm"
         header = header_of(server, "vol-rm")
         assert header["reason"] == "container-deleted"
@@ -110,12 +97,12 @@ def test_crash_flips_and_clean_exit_does_not(podman: Podman, service: PodmanServ
     clean = podman.run("clean", wait_for_go + "exit 0", trigger=trigger)
     paths = [volume(tmp_path, "vol-crash", owner="crasher"), volume(tmp_path, "vol-clean", owner="clean")]
     with ServerProcess(paths, tmp_path / "d", extra_args=["--engine", service.url]) as server:
-        wait_until("owners resolved", lambda: resolved(server, "vol-crash", crasher)()
+        wait_for("owners resolved", lambda: resolved(server, "vol-crash", crasher)()
                    and resolved(server, "vol-clean", clean)(), server)
         (trigger / "go").touch()
         assert podman.wait_exited("crasher") == 3
         assert podman.wait_exited("clean") == 0
-        wait_until("the crash flip", lambda: header_of(server, "vol-crash")["dangling"], server)
+        wait_for("the crash flip", lambda: header_of(server, "vol-crash")["dangling"], server)
         header = header_of(server, "vol-crash")
         assert (header["reason"], header["dangling_source"]) == ("container-crashed", "engine")
         # The clean exit was seen too, and left its volume alone.
@@ -134,15 +121,15 @@ def test_reconcile_after_the_engine_restarts(podman: Podman, tmp_path: Path) -> 
         owner = podman.run("owner-offline", "sleep 1000")
         path = volume(tmp_path, "vol-off", owner="owner-offline")
         with ServerProcess([path], tmp_path / "d", extra_args=["--engine", service.url]) as server:
-            wait_until("owner resolved", resolved(server, "vol-off", owner), server)
+            wait_for("owner resolved", resolved(server, "vol-off", owner), server)
             service.stop()
-            wait_until("the daemon sees the engine gone",
+            wait_for("the daemon sees the engine gone",
                        lambda: not client.status(server.control)["watchers"]["engine"]["connected"], server)
             podman("rm", "-f", "-t", "0", "owner-offline")  # nobody is listening for this event
             time.sleep(1.0)
             assert not header_of(server, "vol-off")["dangling"]
             service.start()
-            wait_until("the flip after reconnecting", lambda: header_of(server, "vol-off")["dangling"],
+            wait_for("the flip after reconnecting", lambda: header_of(server, "vol-off")["dangling"],
                        server, timeout=60)
             header = header_of(server, "vol-off")
             assert header["reason"] == "container-deleted"
@@ -162,7 +149,7 @@ def test_reconcile_at_start_flips_a_volume_whose_owner_is_gone(
 ) -> None:
     path = volume(tmp_path, "vol-orphan", owner="never-existed")
     with ServerProcess([path], tmp_path / "d", extra_args=["--engine", service.url]) as server:
-        wait_until("the flip", lambda: header_of(server, "vol-orphan")["dangling"], server)
+        wait_for("the flip", lambda: header_of(server, "vol-orphan")["dangling"], server)
         header = header_of(server, "vol-orphan")
         assert (header["reason"], header["dangling_source"]) == ("container-deleted", "engine-reconcile")
 
@@ -190,7 +177,7 @@ def test_process_events_without_an_engine(podman: Podman, tmp_path: Path) -> Non
                 client.bind(server.control, "vol-clean", "ghost", pid=2**22 + 1)
 
             os.kill(killed_pid, signal.SIGKILL)
-            wait_until("the flip", lambda: header_of(server, "vol-killed")["dangling"], server)
+            wait_for("the flip", lambda: header_of(server, "vol-killed")["dangling"], server)
             header = header_of(server, "vol-killed")
             assert (header["reason"], header["dangling_source"]) == ("container-crashed", "proc-events")
             detail = next(a for a in client.alerts(server.control) if a["kind"] == "owner-gone")["details"]
@@ -210,11 +197,11 @@ def test_labelled_container_reclaims(podman: Podman, service: PodmanService, tmp
     owner = podman.run("first-owner", "sleep 1000")
     path = volume(tmp_path, "vol-label", owner="first-owner")
     with ServerProcess([path], tmp_path / "d", extra_args=["--engine", service.url]) as server:
-        wait_until("owner resolved", resolved(server, "vol-label", owner), server)
+        wait_for("owner resolved", resolved(server, "vol-label", owner), server)
         podman("rm", "-f", "-t", "0", "first-owner")
-        wait_until("the flip", lambda: header_of(server, "vol-label")["dangling"], server)
+        wait_for("the flip", lambda: header_of(server, "vol-label")["dangling"], server)
         heir = podman.run("heir", "sleep 1000", labels={"vhost-pv.reclaim": "vol-label"})
-        wait_until("the reclaim", lambda: not header_of(server, "vol-label")["dangling"], server)
+        wait_for("the reclaim", lambda: not header_of(server, "vol-label")["dangling"], server)
         header = header_of(server, "vol-label")
         assert header["owner"] == heir and header["owner_name"] == "heir"
         assert header["owner_pid"] == podman.inspect("heir")["State"]["Pid"]
@@ -222,7 +209,7 @@ def test_labelled_container_reclaims(podman: Podman, service: PodmanService, tmp
         assert reclaimed and reclaimed[-1]["details"]["source"] == "engine-label"
         # The heir is now the owner that is followed: removing it flips the volume again.
         podman("rm", "-f", "-t", "0", "heir")
-        wait_until("the second flip", lambda: header_of(server, "vol-label")["dangling"], server)
+        wait_for("the second flip", lambda: header_of(server, "vol-label")["dangling"], server)
 
 
 # The guest writes pattern A, then waits until its reads are refused (the owner was removed
@@ -247,7 +234,7 @@ def test_guest_writes_are_diverted_after_podman_rm(
     path = volume(tmp_path, "vol-vm", owner="vm-owner", size=16 * MiB)
     header = read_header(path)
     with ServerProcess([path], tmp_path / "d", extra_args=["--engine", service.url]) as server:
-        wait_until("owner resolved", resolved(server, "vol-vm", owner), server)
+        wait_for("owner resolved", resolved(server, "vol-vm", owner), server)
         disk = VhostUserBlkDisk(server.socket_for(path))
         with start_guest(GUEST_JOB, disks=[disk], image=guest_image) as guest:
             wait_console(guest, "PHASE1-DONE")
