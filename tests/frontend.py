@@ -1,5 +1,5 @@
-"""A fake vhost-user frontend for the tests: guest memory, split rings, virtio-blk requests
-and a blocking vhost-user client speaking the messages declared in vhost_pv.protocol.messages.
+"""A fake vhost-user frontend for the tests: guest memory, split rings, virtio-blk requests,
+and the blocking vhost-user client of vhost_pv.protocol.frontend with helpers for them.
 
 Imported by the tests as `from frontend import ...` (pytest puts tests/ on sys.path).
 """
@@ -11,31 +11,17 @@ import dataclasses
 import mmap
 import os
 import select
-import socket
 import struct
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
-from vhost_pv.protocol.messages import (
-    FLAG_NEED_REPLY,
-    FLAG_REPLY,
-    HEADER_SIZE,
-    PROTOCOL_VERSION,
-    VRING_FILE_NOFD,
-    ConfigSpace,
-    MemoryTable,
-    MessageHeader,
-    ProtocolFeature,
-    Request,
-    U64Payload,
-    VringAddress,
-    VringState,
-)
+# The client lives in the package (the load generator uses it too); re-exported here.
+from vhost_pv.protocol.frontend import FrontendError as FrontendError
+from vhost_pv.protocol.frontend import QueueFds as QueueFds
+from vhost_pv.protocol.frontend import VhostUserFrontend as _Frontend
 from vhost_pv.protocol.session import MemoryRegionSpec
 
 # Guest physical and frontend virtual addresses differ on purpose: a backend mixing them up
@@ -341,212 +327,38 @@ def read_request(memory: GuestMemory, sector: int, length: int, split: Sequence[
 # -- vhost-user client ---------------------------------------------------------------------
 
 
-class FrontendError(Exception):
-    """The backend answered something unexpected, or closed the connection."""
-
-
-@dataclasses.dataclass
-class QueueFds:
-    kick: int
-    call: int
-
-    def close(self) -> None:
-        for fd in (self.kick, self.call):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-class VhostUserFrontend:
-    """A blocking vhost-user frontend on one connection."""
-
-    def __init__(self, socket_path: Path | str, *, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(socket_path))
-        self.reply_ack = False
-        self.queues: dict[int, QueueFds] = {}
-
-    def __enter__(self) -> VhostUserFrontend:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # -- raw messages -----------------------------------------------------------------------
-
-    def send(
-        self,
-        request: int,
-        payload: bytes = b"",
-        fds: Sequence[int] = (),
-        *,
-        flags: int | None = None,
-        size: int | None = None,
-        need_reply: bool = False,
-    ) -> None:
-        """Send one message as given: `flags` and `size` override the header fields."""
-        if flags is None:
-            flags = PROTOCOL_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
-        header = MessageHeader.build(
-            {"request": request, "flags": flags, "size": len(payload) if size is None else size}
-        )
-        data = bytes(header) + payload
-        if fds:
-            sent = socket.send_fds(self.sock, [data], list(fds))
-            if sent != len(data):
-                self.sock.sendall(data[sent:])
-        else:
-            self.sock.sendall(data)
-
-    def _recv_exact(self, size: int) -> bytes:
-        chunks = []
-        while size > 0:
-            chunk = self.sock.recv(size)
-            if not chunk:
-                raise FrontendError("the backend closed the connection")
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
-
-    def receive(self, request: int) -> bytes:
-        """Read the reply to `request` and return its payload."""
-        header = MessageHeader.parse(self._recv_exact(HEADER_SIZE))
-        if header.request != request:
-            raise FrontendError(f"reply to request {header.request}, expected {request}")
-        if not header.flags & FLAG_REPLY or header.flags & 0x3 != PROTOCOL_VERSION:
-            raise FrontendError(f"reply flags {header.flags:#x}")
-        return self._recv_exact(header.size)
-
-    def call(self, request: int, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes:
-        """A request answered by a reply of its own (GET_*)."""
-        self.send(request, payload, fds)
-        return self.receive(request)
-
-    def command(self, request: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
-        """A request without a reply of its own: with REPLY_ACK, wait for the ack."""
-        self.send(request, payload, fds, need_reply=self.reply_ack)
-        if self.reply_ack:
-            ack = U64Payload.parse(self.receive(request))
-            if ack != 0:
-                raise FrontendError(f"request {request} failed: ack {ack}")
-
-    def wait_closed(self, timeout: float = 5.0) -> bool:
-        """True once the backend has closed the connection (discarding anything it sent)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            try:
-                if not self.sock.recv(4096):
-                    return True
-            except (ConnectionResetError, BrokenPipeError):
-                return True
-        return False
-
-    # -- negotiation ------------------------------------------------------------------------
-
-    def get_features(self) -> int:
-        return int(U64Payload.parse(self.call(Request.GET_FEATURES)))
-
-    def set_features(self, features: int) -> None:
-        self.command(Request.SET_FEATURES, bytes(U64Payload.build(features)))
-
-    def get_protocol_features(self) -> int:
-        return int(U64Payload.parse(self.call(Request.GET_PROTOCOL_FEATURES)))
-
-    def set_protocol_features(self, features: int) -> None:
-        # Acks apply from the next message on, as in QEMU.
-        self.send(Request.SET_PROTOCOL_FEATURES, bytes(U64Payload.build(features)))
-        self.reply_ack = bool(features & (1 << ProtocolFeature.REPLY_ACK))
-
-    def set_owner(self) -> None:
-        self.command(Request.SET_OWNER)
-
-    def get_queue_num(self) -> int:
-        return int(U64Payload.parse(self.call(Request.GET_QUEUE_NUM)))
-
-    def get_config(self, size: int = 60, offset: int = 0) -> bytes:
-        payload = ConfigSpace.build({"offset": offset, "size": size, "flags": 0, "payload": bytes(size)})
-        reply = ConfigSpace.parse(self.call(Request.GET_CONFIG, bytes(payload)))
-        return bytes(reply.payload)
-
-    def negotiate(self, features: int | None = None) -> int:
-        """GET/SET_FEATURES, protocol features (with REPLY_ACK), SET_OWNER. Returns the
-        features acked (all offered unless given)."""
-        offered = self.get_features()
-        acked = offered if features is None else features
-        self.set_features(acked)
-        protocol = self.get_protocol_features()
-        self.set_protocol_features(protocol)
-        self.set_owner()
-        return acked
+class VhostUserFrontend(_Frontend):
+    """vhost_pv.protocol.frontend.VhostUserFrontend with helpers for this module's
+    GuestMemory, SplitRing and BlkRequest."""
 
     def set_mem_table(
-        self, memory: GuestMemory, *, mmap_offset: int = 0, memory_size: int | None = None
+        self,
+        memory: GuestMemory | Sequence[MemoryRegionSpec],
+        *,
+        mmap_offset: int = 0,
+        memory_size: int | None = None,
     ) -> None:
-        region = memory.region(mmap_offset=mmap_offset, memory_size=memory_size)
-        table = MemoryTable.build(
-            {
-                "num_regions": 1,
-                "regions": [
-                    {
-                        "guest_phys_addr": region.guest_phys_addr,
-                        "memory_size": region.memory_size,
-                        "userspace_addr": region.userspace_addr,
-                        "mmap_offset": region.mmap_offset,
-                    }
-                ],
-            }
-        )
-        self.command(Request.SET_MEM_TABLE, bytes(table), [memory.fd])
+        if isinstance(memory, GuestMemory):
+            memory = [memory.region(mmap_offset=mmap_offset, memory_size=memory_size)]
+        super().set_mem_table(memory)
 
     def setup_queue(
         self, index: int, ring: SplitRing, kick: int | None = None, call: int | None = None
     ) -> QueueFds:
         """SET_VRING_NUM, ADDR, BASE, KICK, CALL, ENABLE. Creates the eventfds unless given;
         the frontend keeps (and closes) its copies."""
-        fds = QueueFds(
-            os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if kick is None else kick,
-            os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if call is None else call,
-        )
         memory = ring.memory
-        self.command(Request.SET_VRING_NUM, bytes(VringState.build({"index": index, "num": ring.size})))
-        address = VringAddress.build(
-            {
-                "index": index,
-                "flags": 0,
-                "desc_user_addr": memory.uaddr(ring.desc_addr),
-                "used_user_addr": memory.uaddr(ring.used_addr),
-                "avail_user_addr": memory.uaddr(ring.avail_addr),
-                "log_guest_addr": 0,
-            }
+        return self.setup_vring(
+            index,
+            ring.size,
+            memory.uaddr(ring.desc_addr),
+            memory.uaddr(ring.avail_addr),
+            memory.uaddr(ring.used_addr),
+            kick=kick,
+            call=call,
         )
-        self.command(Request.SET_VRING_ADDR, bytes(address))
-        self.command(Request.SET_VRING_BASE, bytes(VringState.build({"index": index, "num": 0})))
-        self.command(Request.SET_VRING_KICK, bytes(U64Payload.build(index)), [fds.kick])
-        self.command(Request.SET_VRING_CALL, bytes(U64Payload.build(index)), [fds.call])
-        self.command(Request.SET_VRING_ENABLE, bytes(VringState.build({"index": index, "num": 1})))
-        self.queues[index] = fds
-        return fds
-
-    def set_vring_call_nofd(self, index: int) -> None:
-        self.command(Request.SET_VRING_CALL, bytes(U64Payload.build(index | VRING_FILE_NOFD)))
-
-    def get_vring_base(self, index: int) -> int:
-        state = bytes(VringState.build({"index": index, "num": 0}))
-        reply = VringState.parse(self.call(Request.GET_VRING_BASE, state))
-        return int(reply.num)
 
     # -- data path --------------------------------------------------------------------------
-
-    def kick(self, index: int) -> None:
-        os.eventfd_write(self.queues[index].kick, 1)
 
     def wait_used(
         self, index: int, ring: SplitRing, count: int = 1, timeout: float = 10.0
@@ -575,10 +387,3 @@ class VhostUserFrontend:
         if [head for head, _ in used] != [request.head]:
             raise FrontendError(f"used entries {used}, expected head {request.head}")
         return request
-
-    def close(self) -> None:
-        self.sock.close()
-        for fds in self.queues.values():
-            fds.close()
-        self.queues.clear()
-
