@@ -244,6 +244,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadgen(args: argparse.Namespace) -> int:
+    from vhost_pv.loadgen import LoadgenError, run_loadgen
+
+    try:
+        result = run_loadgen(
+            args.socket, args.rw, args.bs, args.iodepth, args.queues, args.runtime,
+            verify=args.verify, backend_pid=args.pid, seed=args.seed, size=args.size,
+            rwmix_read=args.rwmixread, event_idx=not args.no_event_idx,
+        )
+    except ValueError as exc:
+        print(f"vhost-pv: {exc}", file=sys.stderr)
+        return 2
+    except (LoadgenError, OSError) as exc:
+        print(f"vhost-pv: {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    if result.interrupted:
+        return 130
+    return 0 if result.ok else 3
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vhost_pv.demo import run_demo
 
@@ -358,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("loadgen", help="drive a vhost-user-blk socket (any backend) as a frontend")
+    p.add_argument("--socket", required=True, help="the backend's vhost-user socket")
+    p.add_argument("--rw", choices=["randread", "randwrite", "read", "write", "randrw"],
+                   default="randread")
+    p.add_argument("--bs", type=_size, default=4096, help="block size (default 4k)")
+    p.add_argument("--iodepth", type=int, default=32, help="requests in flight per queue")
+    p.add_argument("--queues", type=int, default=1, help="virtqueues, one thread each")
+    p.add_argument("--runtime", type=float, default=10.0, metavar="S", help="seconds (default 10)")
+    p.add_argument("--size", type=_size, help="use only the first SIZE bytes of the disk")
+    p.add_argument("--rwmixread", type=int, default=50, help="randrw: percent reads (default 50)")
+    p.add_argument("--verify", action="store_true", help="write patterns and check every read "
+                   "(reads: prefill first; writes: read everything back after)")
+    p.add_argument("--seed", type=int, help="random offsets and patterns (default: random)")
+    p.add_argument("--no-event-idx", action="store_true", help="do not negotiate EVENT_IDX")
+    p.add_argument("--pid", type=int, help="the backend's pid: report its CPU time per I/O")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_loadgen)
 
     p = sub.add_parser("demo", help="create a volume, serve it, run fio in a QEMU guest")
     p.add_argument("--workdir", help="where the demo volume lives (default: the cache)")
