@@ -46,7 +46,7 @@ def make_builder() -> FFI:
         sources=[str(CSRC / name) for name in SOURCES],
         include_dirs=[str(CSRC)],
         extra_compile_args=CFLAGS,
-        libraries=["pthread"],
+        libraries=["pthread", "uring"],
     )
     return ffibuilder
 

@@ -15,14 +15,16 @@ class QsdProcess:
     """QEMU's own C backend on the same bytes vhost-pv serves (raw node with offset/size)."""
 
     def __init__(
-        self, volume: Path, header: VolumeHeader, socket: Path, *, queues: int = 1, aio: str = "threads"
+        self, volume: Path, header: VolumeHeader, socket: Path, *, queues: int = 1, aio: str = "threads",
+        direct: bool = False,
     ) -> None:
         self.socket = socket
         self.log_path = socket.with_suffix(".qsd.log")
         self.cmd = [
             "qemu-storage-daemon",
             "--blockdev",
-            f"driver=file,node-name=file0,filename={volume},aio={aio},cache.direct=off",
+            f"driver=file,node-name=file0,filename={volume},aio={aio},"
+            f"cache.direct={'on' if direct else 'off'}",
             "--blockdev",
             f"driver=raw,node-name=disk0,file=file0,offset={header.data_offset},size={header.capacity}",
             "--export",

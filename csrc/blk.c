@@ -6,6 +6,12 @@
  * the translated iovecs, no bounce buffer), writes the status byte, publishes used
  * entries and interrupts the guest only when the driver asked for it (EVENT_IDX).
  * Python is never entered on this path.
+ *
+ * The ring is drained in rounds of at most VPV_ASYNC_SLOTS requests, each round under the
+ * volume's flip lock (read side). In direct mode (O_DIRECT data fd) the reads and writes of
+ * a round are all submitted to the queue's io_uring at once and the round ends when every
+ * one has completed: the device sees the driver's queue depth, and a flip, which takes the
+ * lock's write side, still waits for every data write that began before it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -20,6 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <liburing.h>
+
 #include "volume.h"
 #include "vring.h"
 
@@ -33,6 +41,7 @@
 #define VIRTIO_BLK_S_OK 0
 #define VIRTIO_BLK_S_IOERR 1
 #define VIRTIO_BLK_S_UNSUPP 2
+#define STATUS_PENDING 0xff   /* execute(): the request went to the io_uring */
 #define VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP 1
 #define VPV_MAX_DISCARD_SECTORS (1u << 22)
 
@@ -46,6 +55,17 @@ struct blk_discard_segment {
     uint64_t sector;
     uint32_t num_sectors;
     uint32_t flags;
+};
+
+/* A request in flight on the io_uring: where its completion goes. */
+struct async_slot {
+    uint16_t head;
+    uint8_t *status_ptr;
+    int write;
+    uint32_t niov;
+    uint64_t off;
+    uint64_t len;
+    struct iovec iov[VPV_SLOT_IOV];
 };
 
 struct vpv_queue {
@@ -62,11 +82,15 @@ struct vpv_queue {
     struct vpv_chain chain;
     int coalescing;       /* recent wakes found several requests: wait after a kick */
     uint32_t wakes;
+    struct io_uring uring;
+    struct async_slot *slots; /* direct mode: VPV_ASYNC_SLOTS, else NULL (all synchronous) */
+    uint32_t pending;         /* slots of this round submitted or prepared */
 };
 
 struct vpv_blk {
     struct vpv_volume *vol;    /* fd, regions, live state word, ring: shared per volume */
     int fd;                    /* vol->fd, kept here for the common path */
+    int direct_fd;             /* O_DIRECT fd of the volume file, or -1 */
     uint64_t data_offset;
     uint64_t capacity;
     uint32_t flags;
@@ -79,7 +103,7 @@ struct vpv_blk {
 #define STAT_ADD(q, field, n) __atomic_fetch_add(&(q)->stats.field, (n), __ATOMIC_RELAXED)
 
 struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_t *serial,
-                            uint32_t source, int *err)
+                            uint32_t source, int direct_fd, int *err)
 {
     struct vpv_blk *blk = calloc(1, sizeof(*blk));
     if (!blk) {
@@ -88,6 +112,7 @@ struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_
     }
     blk->vol = vol;
     blk->fd = vol->fd;
+    blk->direct_fd = direct_fd;
     blk->data_offset = vol->cfg.data_offset;
     blk->capacity = vol->cfg.capacity;
     blk->flags = flags;
@@ -108,8 +133,15 @@ void vpv_blk_free(struct vpv_blk *blk)
 {
     if (!blk)
         return;
-    for (uint32_t i = 0; i < VPV_MAX_QUEUES; i++)
+    for (uint32_t i = 0; i < VPV_MAX_QUEUES; i++) {
         vpv_blk_queue_stop(blk, i);
+        struct vpv_queue *q = &blk->queues[i];
+        if (q->slots) {   /* a queue whose start failed after setting up its io_uring */
+            io_uring_queue_exit(&q->uring);
+            free(q->slots);
+            q->slots = NULL;
+        }
+    }
     vpv_memory_unmap(&blk->mem);
     free(blk);
 }
@@ -196,6 +228,20 @@ static int rw_full(int fd, struct iovec *iov, uint32_t n, off_t off, size_t tota
         iov = iov_skip(iov, &n, (size_t)r);
     }
     return 0;
+}
+
+/* Data region I/O in the calling thread: through the O_DIRECT fd when there is one, and
+ * through the page cache when the device refuses the buffers' alignment. */
+static int data_rw(struct vpv_queue *q, struct iovec *iov, uint32_t n, off_t off, size_t len, int write)
+{
+    struct vpv_blk *blk = q->blk;
+    if (blk->direct_fd >= 0) {
+        int rc = rw_full(blk->direct_fd, iov, n, off, len, write);
+        if (rc != -EINVAL)
+            return rc;
+        STAT_ADD(q, direct_fallbacks, 1);
+    }
+    return rw_full(blk->fd, iov, n, off, len, write);
 }
 
 /* Is [sector, sector + bytes) inside the data region? */
@@ -370,7 +416,36 @@ static uint8_t execute_dangling(struct vpv_queue *q, const struct blk_req_header
     }
 }
 
-/* Execute one well-formed chain; returns the status byte and sets *data_written. */
+static void async_drain(struct vpv_queue *q);
+
+/* Hand a read or write to the io_uring when this queue has one and a free slot; the round
+ * completes it. Returns 0, or -1 when it must be done synchronously. */
+static int async_prepare(struct vpv_queue *q, struct iovec *iov, uint32_t n, off_t off, size_t len,
+                         int write)
+{
+    if (!q->slots || q->pending == VPV_ASYNC_SLOTS || n > VPV_SLOT_IOV)
+        return -1;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&q->uring);
+    if (!sqe)
+        return -1;
+    struct async_slot *slot = &q->slots[q->pending++];
+    memcpy(slot->iov, iov, n * sizeof(*iov));
+    slot->niov = n;
+    slot->off = (uint64_t)off;
+    slot->len = len;
+    slot->write = write;
+    if (write)
+        io_uring_prep_writev(sqe, q->blk->direct_fd, slot->iov, n, off);
+    else
+        io_uring_prep_readv(sqe, q->blk->direct_fd, slot->iov, n, off);
+    io_uring_sqe_set_data(sqe, slot);
+    STAT_ADD(q, async_ios, 1);
+    return 0;
+}
+
+/* Execute one well-formed chain; returns the status byte and sets *data_written, or
+ * STATUS_PENDING when the request is in flight on the io_uring (its slot is the last one
+ * prepared; the caller fills in where its completion goes). */
 static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_written)
 {
     struct vpv_blk *blk = q->blk;
@@ -408,7 +483,9 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
         if (wr_len % VPV_SECTOR_SIZE || !in_range(blk, hdr.sector, wr_len))
             return VIRTIO_BLK_S_IOERR;
         off_t off = (off_t)(blk->data_offset + hdr.sector * VPV_SECTOR_SIZE);
-        if (rw_full(blk->fd, wr, n_wr, off, wr_len, 0) != 0)
+        if (async_prepare(q, wr, n_wr, off, wr_len, 0) == 0)
+            return STATUS_PENDING;
+        if (data_rw(q, wr, n_wr, off, wr_len, 0) != 0)
             return VIRTIO_BLK_S_IOERR;
         *data_written = (uint32_t)wr_len;
         STAT_ADD(q, bytes_read, wr_len);
@@ -419,13 +496,16 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
         if (rd_len % VPV_SECTOR_SIZE || !in_range(blk, hdr.sector, rd_len))
             return VIRTIO_BLK_S_IOERR;
         off_t off = (off_t)(blk->data_offset + hdr.sector * VPV_SECTOR_SIZE);
-        if (rw_full(blk->fd, rd, n_rd, off, rd_len, 1) != 0)
+        if (async_prepare(q, rd, n_rd, off, rd_len, 1) == 0)
+            return STATUS_PENDING;
+        if (data_rw(q, rd, n_rd, off, rd_len, 1) != 0)
             return VIRTIO_BLK_S_IOERR;
         STAT_ADD(q, bytes_written, rd_len);
         return VIRTIO_BLK_S_OK;
     }
     case VIRTIO_BLK_T_FLUSH:
         STAT_ADD(q, flushes, 1);
+        async_drain(q);   /* writes completed before the flush are the ones it covers */
         return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
     case VIRTIO_BLK_T_GET_ID: {
         STAT_ADD(q, get_ids, 1);
@@ -435,9 +515,11 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
     }
     case VIRTIO_BLK_T_DISCARD:
         STAT_ADD(q, discards, 1);
+        async_drain(q);   /* never punch under a write still in flight */
         return do_discard(q, rd, n_rd, rd_len, hdr.type);
     case VIRTIO_BLK_T_WRITE_ZEROES:
         STAT_ADD(q, write_zeroes, 1);
+        async_drain(q);
         return do_discard(q, rd, n_rd, rd_len, hdr.type);
     default:
         STAT_ADD(q, unsupported, 1);
@@ -445,52 +527,134 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
     }
 }
 
-/* Drain the ring once. Returns requests completed or -EIO when the ring is corrupt. */
+/* Where a finished request's status goes, and its used entry. */
+static void complete(struct vpv_queue *q, uint16_t head, uint8_t *status_ptr, uint8_t status,
+                     uint32_t written)
+{
+    if (status != VIRTIO_BLK_S_OK)
+        written = 0;
+    if (status == VIRTIO_BLK_S_IOERR)
+        STAT_ADD(q, io_errors, 1);
+    *status_ptr = status;
+    vpv_vring_push(&q->vr, head, written + 1);
+}
+
+/* One io_uring completion: short transfers are finished, and a request O_DIRECT refused
+ * for its alignment is done again through the page cache, both synchronously. */
+static void async_complete(struct vpv_queue *q, struct async_slot *slot, int res)
+{
+    uint8_t status = VIRTIO_BLK_S_OK;
+    if (res == -EINVAL) {
+        STAT_ADD(q, direct_fallbacks, 1);
+        res = rw_full(q->blk->fd, slot->iov, slot->niov, (off_t)slot->off, slot->len, slot->write);
+        if (res == 0)
+            res = (int)slot->len;
+    }
+    if (res < 0) {
+        status = VIRTIO_BLK_S_IOERR;
+    } else if ((uint64_t)res < slot->len) {
+        /* Short: the rest through the page cache (it may no longer be aligned for O_DIRECT). */
+        uint32_t n = slot->niov;
+        struct iovec *rest = iov_skip(slot->iov, &n, (size_t)res);
+        if (rw_full(q->blk->fd, rest, n, (off_t)(slot->off + (uint64_t)res), slot->len - (uint64_t)res,
+                    slot->write) != 0)
+            status = VIRTIO_BLK_S_IOERR;
+    }
+    if (status == VIRTIO_BLK_S_OK) {
+        if (slot->write)
+            STAT_ADD(q, bytes_written, slot->len);
+        else
+            STAT_ADD(q, bytes_read, slot->len);
+    }
+    complete(q, slot->head, slot->status_ptr, status, slot->write ? 0 : (uint32_t)slot->len);
+}
+
+/* Submit what the round prepared and complete all of it. */
+static void async_drain(struct vpv_queue *q)
+{
+    uint32_t waiting = q->pending;
+    if (waiting == 0)
+        return;
+    int rc;
+    do {
+        rc = io_uring_submit_and_wait(&q->uring, waiting);
+    } while (rc == -EINTR);
+    while (waiting > 0) {
+        struct io_uring_cqe *cqe;
+        rc = io_uring_wait_cqe(&q->uring, &cqe);
+        if (rc == -EINTR)
+            continue;
+        if (rc < 0) {
+            /* The ring itself failed: what was not submitted completes with IOERR. It has
+             * never been seen to happen; without this the guest would wait forever. */
+            for (uint32_t i = 0; i < q->pending; i++)
+                if (q->slots[i].status_ptr)
+                    complete(q, q->slots[i].head, q->slots[i].status_ptr, VIRTIO_BLK_S_IOERR, 0);
+            break;
+        }
+        struct async_slot *slot = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        io_uring_cqe_seen(&q->uring, cqe);
+        async_complete(q, slot, res);
+        slot->status_ptr = NULL;
+        waiting--;
+    }
+    q->pending = 0;
+}
+
+/* Drain the ring once, in rounds. Returns requests completed or -EIO when the ring is
+ * corrupt. */
 static int process_ring(struct vpv_queue *q)
 {
     struct vpv_chain *c = &q->chain;
     int completed = 0;
-    for (;;) {
-        enum vpv_pop r = vpv_vring_pop(&q->vr, &q->blk->mem, c);
-        if (r == VPV_POP_EMPTY)
-            break;
-        if (r == VPV_POP_BROKEN) {
-            __atomic_store_n(&q->stats.broken, 1, __ATOMIC_RELAXED);
-            return -EIO;
+    int empty = 0;
+    while (!empty) {
+        /* A round under the flip lock: a flip waits for the whole round, in-flight
+         * io_uring writes included, and lands between two rounds. */
+        vpv_volume_begin_request(q->blk->vol);
+        for (uint32_t round = 0; round < VPV_ASYNC_SLOTS; round++) {
+            enum vpv_pop r = vpv_vring_pop(&q->vr, &q->blk->mem, c);
+            if (r == VPV_POP_EMPTY) {
+                empty = 1;
+                break;
+            }
+            if (r == VPV_POP_BROKEN) {
+                async_drain(q);
+                vpv_volume_end_request(q->blk->vol);
+                __atomic_store_n(&q->stats.broken, 1, __ATOMIC_RELAXED);
+                return -EIO;
+            }
+            STAT_ADD(q, requests, 1);
+            completed++;
+            if (r == VPV_POP_BAD_CHAIN || !c->status_ok) {
+                /* No trustworthy status byte: complete it empty so the driver can reclaim it. */
+                STAT_ADD(q, bad_requests, 1);
+                vpv_vring_push(&q->vr, c->head, 0);
+                continue;
+            }
+            /* The status byte is the last byte of the last writable buffer; find it before
+             * execute() trims that buffer to the data part. */
+            struct iovec *last = &c->iov[c->n_in + c->n_out - 1];
+            uint8_t *status_ptr = (uint8_t *)last->iov_base + last->iov_len - 1;
+            uint8_t status;
+            uint32_t written = 0;
+            if (c->bad) {
+                STAT_ADD(q, bad_requests, 1);
+                status = VIRTIO_BLK_S_IOERR;
+            } else {
+                status = execute(q, c, &written);
+            }
+            if (status == STATUS_PENDING) {
+                struct async_slot *slot = &q->slots[q->pending - 1];
+                slot->head = c->head;
+                slot->status_ptr = status_ptr;
+                continue;
+            }
+            complete(q, c->head, status_ptr, status, written);
         }
-        STAT_ADD(q, requests, 1);
-        completed++;
-        if (r == VPV_POP_BAD_CHAIN) {
-            /* No trustworthy status byte: complete it empty so the driver can reclaim it. */
-            STAT_ADD(q, bad_requests, 1);
-            vpv_vring_push(&q->vr, c->head, 0);
-            continue;
-        }
-        if (!c->status_ok) {
-            STAT_ADD(q, bad_requests, 1);
-            vpv_vring_push(&q->vr, c->head, 0);
-            continue;
-        }
-        /* The status byte is the last byte of the last writable buffer; find it before
-         * execute() trims that buffer to the data part. */
-        struct iovec *last = &c->iov[c->n_in + c->n_out - 1];
-        uint8_t *status_ptr = (uint8_t *)last->iov_base + last->iov_len - 1;
-        uint8_t status;
-        uint32_t written = 0;
-        if (c->bad) {
-            STAT_ADD(q, bad_requests, 1);
-            status = VIRTIO_BLK_S_IOERR;
-        } else {
-            vpv_volume_begin_request(q->blk->vol);
-            status = execute(q, c, &written);
-            vpv_volume_end_request(q->blk->vol);
-        }
-        if (status != VIRTIO_BLK_S_OK)
-            written = 0;
-        if (status == VIRTIO_BLK_S_IOERR)
-            STAT_ADD(q, io_errors, 1);
-        *status_ptr = status;
-        vpv_vring_push(&q->vr, c->head, written + 1);
+        async_drain(q);
+        vpv_volume_end_request(q->blk->vol);
     }
     __atomic_store_n(&q->stats.last_avail_idx, q->vr.last_avail_idx, __ATOMIC_RELAXED);
     if (completed && q->blk->vol->super_dirty)
@@ -569,6 +733,38 @@ static void coalesce_kicks(struct vpv_queue *q)
     STAT_ADD(q, coalesced_wakes, 1);
 }
 
+/* Adaptive polling, as QEMU's event loop does (poll-max-ns, 32 us by default). Falling
+ * asleep in poll() and being woken by the next kick costs tens of microseconds here, more
+ * than a request; a driver that answers a completion with a new request within a few
+ * microseconds (QD1, a fast frontend) pays that on every request. So after a pass the
+ * worker watches the avail ring for up to poll_ns before sleeping. The window adapts:
+ * it doubles (from POLL_START_NS) while sleeps end within POLL_MAX_NS, meaning the driver
+ * comes back soon, and closes when a sleep lasts longer: a slow driver (a TCG guest) gets
+ * no spinning that would take a core from it. */
+#define POLL_START_NS 4000ull
+#define POLL_MAX_NS 32000ull
+
+static uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Spin on the avail ring for up to window_ns; 1 if requests arrived. */
+static int poll_avail(struct vpv_queue *q, uint64_t window_ns)
+{
+    uint64_t deadline = monotonic_ns() + window_ns;
+    do {
+        for (int i = 0; i < 64; i++) {
+            if (vpv_vring_avail_pending(&q->vr))
+                return 1;
+            __builtin_ia32_pause();
+        }
+    } while (monotonic_ns() < deadline);
+    return 0;
+}
+
 static void *queue_worker(void *arg)
 {
     struct vpv_queue *q = arg;
@@ -576,11 +772,25 @@ static void *queue_worker(void *arg)
         {.fd = q->kick_fd, .events = POLLIN},
         {.fd = q->stop_fd, .events = POLLIN},
     };
+    uint64_t poll_ns = 0;
     /* A kick may have been sent before we started polling: look once up front. */
     if (vpv_blk_queue_process(q->blk, q->index) == -EIO)
         fds[0].fd = -1;
     for (;;) {
+        if (poll_ns && fds[0].fd >= 0 && poll_avail(q, poll_ns)) {
+            STAT_ADD(q, polled_wakes, 1);
+            int n = vpv_blk_queue_process(q->blk, q->index);
+            if (n == -EIO)
+                fds[0].fd = -1;
+            continue;
+        }
+        uint64_t slept_from = monotonic_ns();
         int ready = poll(fds, 2, WATCHDOG_MS);
+        uint64_t slept = monotonic_ns() - slept_from;
+        if (slept <= POLL_MAX_NS)
+            poll_ns = poll_ns ? (poll_ns * 2 > POLL_MAX_NS ? POLL_MAX_NS : poll_ns * 2) : POLL_START_NS;
+        else
+            poll_ns = 0;
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
@@ -624,6 +834,16 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     memset(&q->stats, 0, sizeof(q->stats));
     q->coalescing = 0;
     q->wakes = 0;
+    q->pending = 0;
+    if (blk->direct_fd >= 0 && !q->slots) {
+        q->slots = calloc(VPV_ASYNC_SLOTS, sizeof(*q->slots));
+        /* Without an io_uring (kernel.io_uring_disabled, old kernels) the direct fd is used
+         * synchronously: slower, still correct. */
+        if (q->slots && io_uring_queue_init(VPV_ASYNC_SLOTS, &q->uring, 0) != 0) {
+            free(q->slots);
+            q->slots = NULL;
+        }
+    }
     q->stats.last_avail_idx = q->vr.last_avail_idx;
     q->kick_fd = cfg->kick_fd;
     q->call_fd = cfg->call_fd;
@@ -675,6 +895,11 @@ int vpv_blk_queue_stop(struct vpv_blk *blk, uint32_t index)
     q->started = 0;
     q->stats.running = 0;
     q->kick_fd = q->call_fd = -1;   /* owned by the control plane, which closes them */
+    if (q->slots) {
+        io_uring_queue_exit(&q->uring);
+        free(q->slots);
+        q->slots = NULL;
+    }
     return q->vr.last_avail_idx;
 }
 
@@ -702,6 +927,9 @@ int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_st
     out->dangling_denied = __atomic_load_n(&s->dangling_denied, __ATOMIC_RELAXED);
     out->watchdog_notifications = __atomic_load_n(&s->watchdog_notifications, __ATOMIC_RELAXED);
     out->coalesced_wakes = __atomic_load_n(&s->coalesced_wakes, __ATOMIC_RELAXED);
+    out->async_ios = __atomic_load_n(&s->async_ios, __ATOMIC_RELAXED);
+    out->polled_wakes = __atomic_load_n(&s->polled_wakes, __ATOMIC_RELAXED);
+    out->direct_fallbacks = __atomic_load_n(&s->direct_fallbacks, __ATOMIC_RELAXED);
     out->last_avail_idx = __atomic_load_n(&s->last_avail_idx, __ATOMIC_RELAXED);
     out->running = __atomic_load_n(&s->running, __ATOMIC_RELAXED);
     out->broken = __atomic_load_n(&s->broken, __ATOMIC_RELAXED);

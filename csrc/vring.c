@@ -264,6 +264,11 @@ int vpv_vring_enable_kicks(struct vpv_vring *vr)
     return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
 }
 
+int vpv_vring_avail_pending(struct vpv_vring *vr)
+{
+    return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
+}
+
 void vpv_vring_disable_kicks(struct vpv_vring *vr)
 {
     if (!vr->event_idx) {

@@ -109,6 +109,8 @@ int vpv_vring_should_notify(struct vpv_vring *vr);
 /* Ask for kicks again (EVENT_IDX: publish avail_event); returns 1 if more work arrived. */
 int vpv_vring_enable_kicks(struct vpv_vring *vr);
 void vpv_vring_disable_kicks(struct vpv_vring *vr);
+/* Has the driver made requests available that were not popped yet? */
+int vpv_vring_avail_pending(struct vpv_vring *vr);
 
 /* SHA-256 for the quarantine ring (sha256.c). */
 struct vpv_sha256 {

@@ -3,8 +3,9 @@
 set -euo pipefail
 # podman + runc: the container-watcher tests run real containers (runc: crun fails on this
 # kernel's cgroup layout).
+# liburing-dev: the direct-mode data path submits through io_uring.
 packages=(qemu-system-x86 qemu-utils fio busybox-static cpio linux-image-cloud-amd64 gcc python3-venv
-          podman runc)
+          podman runc liburing-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -104,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proc_events=args.proc_events,
         reconcile_interval=args.reconcile_interval,
         reclaim_policy=ReclaimPolicy(args.reclaim_policy),
+        direct=args.direct,
     )
     if args.engine and not args.engine.startswith("unix://"):
         print(f"vhost-pv: --engine {args.engine}: expected unix:///path/to/engine.sock", file=sys.stderr)
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", required=True, help="control socket path")
     p.add_argument("--queues", type=int, default=1, help="virtqueues offered per volume")
     p.add_argument("--read-only", action="store_true", help="serve every volume read-only")
+    p.add_argument("--direct", action="store_true", help="bypass the host page cache for data "
+                   "(O_DIRECT, requests in flight together on an io_uring per queue)")
     p.add_argument("--control-uids", type=_ids, help="more uids allowed on the control socket")
     p.add_argument("--control-gids", type=_ids, help="gids allowed on the control socket")
     p.add_argument("--alert-webhook", help="POST alerts here in Alertmanager's format "

@@ -67,7 +67,7 @@ _SUMMED = frozenset({
     "requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
     "unsupported", "bytes_read", "bytes_written", "io_errors", "bad_requests", "kicks",
     "notifications", "quarantined", "quarantine_refused", "dangling_denied", "watchdog_notifications",
-    "coalesced_wakes",
+    "coalesced_wakes", "async_ios", "direct_fallbacks", "polled_wakes",
 })
 ALERT_KEEPALIVE_S = 15.0
 SOURCE_HISTORY = 1024
@@ -120,6 +120,8 @@ class DaemonConfig:
     """Watch the owners' init pids through kernel process events."""
     reconcile_interval: float = 30.0
     reclaim_policy: ReclaimPolicy = ReclaimPolicy.SAME_IMAGE
+    direct: bool = False
+    """Data reads and writes bypass the host page cache (O_DIRECT, io_uring per queue)."""
 
 
 def owner_fields(owner: OwnerBinding) -> dict[str, Any]:
@@ -178,7 +180,7 @@ class Daemon:
         self.alerts.bind_loop(self._loop)
         self.config.socket_dir.mkdir(parents=True, exist_ok=True)
         for path in self.config.volumes:
-            volume = Volume(path)
+            volume = Volume(path, direct=self.config.direct)
             if volume.name in self.served:
                 volume.close()
                 raise ValueError(f"two volumes share the name {volume.name!r}: socket names clash")
@@ -198,9 +200,9 @@ class Daemon:
             served.listener = _listen(served.socket_path)
             served.accept_task = asyncio.create_task(self._accept_loop(served))
             log.info(
-                "serving %s (%d MiB%s) on %s",
+                "serving %s (%d MiB%s%s) on %s",
                 path, volume.header.capacity >> 20, ", read-only" if served.read_only else "",
-                served.socket_path,
+                ", O_DIRECT" if self.config.direct else "", served.socket_path,
             )
         await self.control.start()
         if self.process_watcher is not None:

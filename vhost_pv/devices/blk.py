@@ -84,7 +84,7 @@ class BlkDevice:
         err = ffi.new("int *")
         flags = lib.VPV_BLK_READ_ONLY if self.read_only else 0
         # source names this connection in quarantine records and dangling events.
-        handle = lib.vpv_blk_new(volume.native, flags, volume.header.serial, source, err)
+        handle = lib.vpv_blk_new(volume.native, flags, volume.header.serial, source, volume.direct_fd, err)
         if handle == ffi.NULL:
             raise OSError(-err[0], f"cannot set up the data path for {volume.path}")
         self._handle: Any = handle

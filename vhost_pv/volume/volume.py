@@ -142,11 +142,16 @@ class Volume:
     """An open volume: its fd, header, and the C object the data path shares (state word,
     flip lock, quarantine ring, dangling events)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, direct: bool = False) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self.native: Any = None
+        # Direct mode: the data region's reads and writes bypass the page cache (O_DIRECT
+        # on a second fd; the header, ring and seal keep the buffered one).
+        self.direct_fd = -1
         try:
+            if direct:
+                self.direct_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
             slots = [_read_at(self.fd, offset) for offset in SLOT_OFFSETS]
             self._slot, self.header = choose_slot(slots)
             size = os.fstat(self.fd).st_size
@@ -176,6 +181,8 @@ class Volume:
             lib.vpv_volume_set_state(self.native, int(self.header.state))
         except BaseException:
             os.close(self.fd)
+            if self.direct_fd >= 0:
+                os.close(self.direct_fd)
             raise
 
     @property
@@ -234,6 +241,9 @@ class Volume:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1
 
     def __enter__(self) -> Volume:
         return self
