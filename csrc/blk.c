@@ -8,10 +8,12 @@
  * Python is never entered on this path.
  *
  * The ring is drained in rounds of at most VPV_ASYNC_SLOTS requests, each round under the
- * volume's flip lock (read side). In direct mode (O_DIRECT data fd) the reads and writes of
- * a round are all submitted to the queue's io_uring at once and the round ends when every
- * one has completed: the device sees the driver's queue depth, and a flip, which takes the
- * lock's write side, still waits for every data write that began before it.
+ * volume's flip lock (read side). In direct mode (O_DIRECT data fd) reads and writes go to
+ * the queue's io_uring instead and complete whenever the device finishes them, while the
+ * worker goes on taking new requests: the device sees the driver's queue depth all the
+ * time. A data write counts in the volume's in-flight writes from its submission (inside a
+ * round, after the state check) to its completion, and a flip waits for that count to reach
+ * zero, so no write that began before a flip lands after it returned.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -59,6 +61,7 @@ struct blk_discard_segment {
 
 /* A request in flight on the io_uring: where its completion goes. */
 struct async_slot {
+    uint32_t next_free;       /* free list link (index) */
     uint16_t head;
     uint8_t *status_ptr;
     int write;
@@ -84,7 +87,11 @@ struct vpv_queue {
     uint32_t wakes;
     struct io_uring uring;
     struct async_slot *slots; /* direct mode: VPV_ASYNC_SLOTS, else NULL (all synchronous) */
-    uint32_t pending;         /* slots of this round submitted or prepared */
+    uint32_t free_slot;       /* head of the free list, VPV_ASYNC_SLOTS when empty */
+    uint32_t inflight;        /* slots in use */
+    uint32_t unsubmitted;     /* prepared since the last io_uring_submit */
+    int uring_efd;            /* eventfd the io_uring signals completions on, or -1 */
+    uint16_t notify_checked_used; /* used->idx when notify() last looked */
 };
 
 struct vpv_blk {
@@ -101,6 +108,8 @@ struct vpv_blk {
 };
 
 #define STAT_ADD(q, field, n) __atomic_fetch_add(&(q)->stats.field, (n), __ATOMIC_RELAXED)
+
+static void async_teardown(struct vpv_queue *q);
 
 struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_t *serial,
                             uint32_t source, int direct_fd, int *err)
@@ -124,6 +133,7 @@ struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_
         blk->queues[i].kick_fd = -1;
         blk->queues[i].call_fd = -1;
         blk->queues[i].stop_fd = -1;
+        blk->queues[i].uring_efd = -1;
     }
     *err = 0;
     return blk;
@@ -135,12 +145,7 @@ void vpv_blk_free(struct vpv_blk *blk)
         return;
     for (uint32_t i = 0; i < VPV_MAX_QUEUES; i++) {
         vpv_blk_queue_stop(blk, i);
-        struct vpv_queue *q = &blk->queues[i];
-        if (q->slots) {   /* a queue whose start failed after setting up its io_uring */
-            io_uring_queue_exit(&q->uring);
-            free(q->slots);
-            q->slots = NULL;
-        }
+        async_teardown(&blk->queues[i]);   /* a queue whose start failed after async_setup */
     }
     vpv_memory_unmap(&blk->mem);
     free(blk);
@@ -418,17 +423,23 @@ static uint8_t execute_dangling(struct vpv_queue *q, const struct blk_req_header
 
 static void async_drain(struct vpv_queue *q);
 
-/* Hand a read or write to the io_uring when this queue has one and a free slot; the round
- * completes it. Returns 0, or -1 when it must be done synchronously. */
-static int async_prepare(struct vpv_queue *q, struct iovec *iov, uint32_t n, off_t off, size_t len,
-                         int write)
+/* Hand a read or write to the io_uring when this queue has one and a free slot; it is
+ * completed by async_reap. Returns the slot, or NULL when the request must be done
+ * synchronously. Called inside a round (flip lock held, state checked). */
+static struct async_slot *async_prepare(struct vpv_queue *q, struct iovec *iov, uint32_t n, off_t off,
+                                        size_t len, int write)
 {
-    if (!q->slots || q->pending == VPV_ASYNC_SLOTS || n > VPV_SLOT_IOV)
-        return -1;
+    if (!q->slots || q->free_slot == VPV_ASYNC_SLOTS || n > VPV_SLOT_IOV)
+        return NULL;
     struct io_uring_sqe *sqe = io_uring_get_sqe(&q->uring);
     if (!sqe)
-        return -1;
-    struct async_slot *slot = &q->slots[q->pending++];
+        return NULL;
+    struct async_slot *slot = &q->slots[q->free_slot];
+    q->free_slot = slot->next_free;
+    q->inflight++;
+    q->unsubmitted++;
+    if (write)
+        __atomic_fetch_add(&q->blk->vol->inflight_writes, 1, __ATOMIC_SEQ_CST);
     memcpy(slot->iov, iov, n * sizeof(*iov));
     slot->niov = n;
     slot->off = (uint64_t)off;
@@ -440,13 +451,14 @@ static int async_prepare(struct vpv_queue *q, struct iovec *iov, uint32_t n, off
         io_uring_prep_readv(sqe, q->blk->direct_fd, slot->iov, n, off);
     io_uring_sqe_set_data(sqe, slot);
     STAT_ADD(q, async_ios, 1);
-    return 0;
+    return slot;
 }
 
 /* Execute one well-formed chain; returns the status byte and sets *data_written, or
- * STATUS_PENDING when the request is in flight on the io_uring (its slot is the last one
- * prepared; the caller fills in where its completion goes). */
-static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_written)
+ * STATUS_PENDING when the request is in flight on the io_uring (*slot_out: the caller
+ * fills in where its completion goes). */
+static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_written,
+                       struct async_slot **slot_out)
 {
     struct vpv_blk *blk = q->blk;
     struct blk_req_header hdr;
@@ -483,7 +495,7 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
         if (wr_len % VPV_SECTOR_SIZE || !in_range(blk, hdr.sector, wr_len))
             return VIRTIO_BLK_S_IOERR;
         off_t off = (off_t)(blk->data_offset + hdr.sector * VPV_SECTOR_SIZE);
-        if (async_prepare(q, wr, n_wr, off, wr_len, 0) == 0)
+        if ((*slot_out = async_prepare(q, wr, n_wr, off, wr_len, 0)) != NULL)
             return STATUS_PENDING;
         if (data_rw(q, wr, n_wr, off, wr_len, 0) != 0)
             return VIRTIO_BLK_S_IOERR;
@@ -496,7 +508,7 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
         if (rd_len % VPV_SECTOR_SIZE || !in_range(blk, hdr.sector, rd_len))
             return VIRTIO_BLK_S_IOERR;
         off_t off = (off_t)(blk->data_offset + hdr.sector * VPV_SECTOR_SIZE);
-        if (async_prepare(q, rd, n_rd, off, rd_len, 1) == 0)
+        if ((*slot_out = async_prepare(q, rd, n_rd, off, rd_len, 1)) != NULL)
             return STATUS_PENDING;
         if (data_rw(q, rd, n_rd, off, rd_len, 1) != 0)
             return VIRTIO_BLK_S_IOERR;
@@ -505,7 +517,7 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
     }
     case VIRTIO_BLK_T_FLUSH:
         STAT_ADD(q, flushes, 1);
-        async_drain(q);   /* writes completed before the flush are the ones it covers */
+        async_drain(q);   /* let it cover every write this queue has in flight too */
         return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
     case VIRTIO_BLK_T_GET_ID: {
         STAT_ADD(q, get_ids, 1);
@@ -569,54 +581,90 @@ static void async_complete(struct vpv_queue *q, struct async_slot *slot, int res
     complete(q, slot->head, slot->status_ptr, status, slot->write ? 0 : (uint32_t)slot->len);
 }
 
-/* Submit what the round prepared and complete all of it. */
-static void async_drain(struct vpv_queue *q)
+static void async_release(struct vpv_queue *q, struct async_slot *slot)
 {
-    uint32_t waiting = q->pending;
-    if (waiting == 0)
+    if (slot->write)
+        __atomic_fetch_sub(&q->blk->vol->inflight_writes, 1, __ATOMIC_SEQ_CST);
+    slot->status_ptr = NULL;
+    slot->next_free = q->free_slot;
+    q->free_slot = (uint32_t)(slot - q->slots);
+    q->inflight--;
+}
+
+static void async_submit(struct vpv_queue *q)
+{
+    if (q->unsubmitted == 0)
         return;
     int rc;
     do {
-        rc = io_uring_submit_and_wait(&q->uring, waiting);
+        rc = io_uring_submit(&q->uring);
     } while (rc == -EINTR);
-    while (waiting > 0) {
+    q->unsubmitted = 0;
+}
+
+/* Complete what the io_uring finished; with wait, block until at least `wait` more have.
+ * Returns how many completed. */
+static uint32_t async_reap(struct vpv_queue *q, uint32_t wait)
+{
+    uint32_t done = 0;
+    while (q->inflight > 0) {
         struct io_uring_cqe *cqe;
-        rc = io_uring_wait_cqe(&q->uring, &cqe);
+        int rc = done < wait ? io_uring_wait_cqe(&q->uring, &cqe) : io_uring_peek_cqe(&q->uring, &cqe);
         if (rc == -EINTR)
             continue;
+        if (rc == -EAGAIN)
+            break;
         if (rc < 0) {
-            /* The ring itself failed: what was not submitted completes with IOERR. It has
-             * never been seen to happen; without this the guest would wait forever. */
-            for (uint32_t i = 0; i < q->pending; i++)
-                if (q->slots[i].status_ptr)
-                    complete(q, q->slots[i].head, q->slots[i].status_ptr, VIRTIO_BLK_S_IOERR, 0);
+            /* The io_uring itself failed. It has never been seen to; without this the
+             * driver would wait forever for what is in flight. */
+            for (uint32_t i = 0; i < VPV_ASYNC_SLOTS; i++) {
+                struct async_slot *slot = &q->slots[i];
+                if (slot->status_ptr) {
+                    complete(q, slot->head, slot->status_ptr, VIRTIO_BLK_S_IOERR, 0);
+                    async_release(q, slot);
+                    done++;
+                }
+            }
             break;
         }
         struct async_slot *slot = io_uring_cqe_get_data(cqe);
         int res = cqe->res;
         io_uring_cqe_seen(&q->uring, cqe);
         async_complete(q, slot, res);
-        slot->status_ptr = NULL;
-        waiting--;
+        async_release(q, slot);
+        done++;
     }
-    q->pending = 0;
+    return done;
 }
 
-/* Drain the ring once, in rounds. Returns requests completed or -EIO when the ring is
- * corrupt. */
+/* Wait for everything this queue has in flight. */
+static void async_drain(struct vpv_queue *q)
+{
+    if (!q->slots)
+        return;
+    async_submit(q);
+    async_reap(q, q->inflight);
+}
+
+/* Drain the ring once, in rounds. Returns requests taken (completed or in flight) or -EIO
+ * when the ring is corrupt. Stops early, leaving requests in the ring, when every io_uring
+ * slot is busy: a completion wakes the worker for the rest. */
 static int process_ring(struct vpv_queue *q)
 {
     struct vpv_chain *c = &q->chain;
-    int completed = 0;
-    int empty = 0;
-    while (!empty) {
-        /* A round under the flip lock: a flip waits for the whole round, in-flight
-         * io_uring writes included, and lands between two rounds. */
+    int taken = 0;
+    int more = 1;
+    while (more) {
+        /* A round under the flip lock: a flip lands between two rounds. */
         vpv_volume_begin_request(q->blk->vol);
         for (uint32_t round = 0; round < VPV_ASYNC_SLOTS; round++) {
+            if (q->slots && q->free_slot == VPV_ASYNC_SLOTS) {
+                more = 0;   /* all slots busy: the rest waits for completions */
+                break;
+            }
             enum vpv_pop r = vpv_vring_pop(&q->vr, &q->blk->mem, c);
             if (r == VPV_POP_EMPTY) {
-                empty = 1;
+                more = 0;
                 break;
             }
             if (r == VPV_POP_BROKEN) {
@@ -626,7 +674,7 @@ static int process_ring(struct vpv_queue *q)
                 return -EIO;
             }
             STAT_ADD(q, requests, 1);
-            completed++;
+            taken++;
             if (r == VPV_POP_BAD_CHAIN || !c->status_ok) {
                 /* No trustworthy status byte: complete it empty so the driver can reclaim it. */
                 STAT_ADD(q, bad_requests, 1);
@@ -639,36 +687,62 @@ static int process_ring(struct vpv_queue *q)
             uint8_t *status_ptr = (uint8_t *)last->iov_base + last->iov_len - 1;
             uint8_t status;
             uint32_t written = 0;
+            struct async_slot *slot = NULL;
             if (c->bad) {
                 STAT_ADD(q, bad_requests, 1);
                 status = VIRTIO_BLK_S_IOERR;
             } else {
-                status = execute(q, c, &written);
+                status = execute(q, c, &written, &slot);
             }
             if (status == STATUS_PENDING) {
-                struct async_slot *slot = &q->slots[q->pending - 1];
                 slot->head = c->head;
                 slot->status_ptr = status_ptr;
                 continue;
             }
             complete(q, c->head, status_ptr, status, written);
         }
-        async_drain(q);
+        /* Submitted inside the round: a write is counted in flight before a flip can run. */
+        async_submit(q);
         vpv_volume_end_request(q->blk->vol);
     }
     __atomic_store_n(&q->stats.last_avail_idx, q->vr.last_avail_idx, __ATOMIC_RELAXED);
-    if (completed && q->blk->vol->super_dirty)
+    if (taken && q->blk->vol->super_dirty)
         vpv_volume_ring_sync(q->blk->vol);   /* once per batch, not per quarantined record */
-    return completed;
+    return taken;
 }
 
 static void notify(struct vpv_queue *q)
 {
+    /* Only new used entries are worth an interrupt (requests taken but still in flight on
+     * the io_uring have none yet). */
+    if (q->vr.used_idx == q->notify_checked_used)
+        return;
+    q->notify_checked_used = q->vr.used_idx;
     if (q->call_fd >= 0 && vpv_vring_should_notify(&q->vr)) {
         uint64_t one = 1;
         if (write(q->call_fd, &one, sizeof(one)) == sizeof(one))
             STAT_ADD(q, notifications, 1);
     }
+}
+
+/* One pass: take what is available, complete what finished, notify. Returns requests
+ * taken and completed, or -EIO. */
+static int queue_pass(struct vpv_queue *q)
+{
+    int total = 0;
+    do {
+        vpv_vring_disable_kicks(&q->vr);
+        int n = process_ring(q);
+        if (n < 0)
+            return n;
+        uint32_t reaped = q->slots ? async_reap(q, 0) : 0;
+        total += n;
+        if (n > 0 || reaped > 0)
+            notify(q);
+        if (q->slots && q->free_slot == VPV_ASYNC_SLOTS)
+            break;   /* kicks stay off: the next completion brings the worker back */
+    } while (vpv_vring_enable_kicks(&q->vr));
+    return total;
 }
 
 int vpv_blk_queue_process(struct vpv_blk *blk, uint32_t index)
@@ -679,15 +753,18 @@ int vpv_blk_queue_process(struct vpv_blk *blk, uint32_t index)
     if (q->stats.broken)
         return -EIO;
     int total = 0;
+    int n;
+    /* Called without a worker (tests, no kick fd): finish everything before returning. */
     do {
-        vpv_vring_disable_kicks(&q->vr);
-        int n = process_ring(q);
+        n = queue_pass(q);
         if (n < 0)
             return n;
         total += n;
-        if (n > 0)
+        if (q->inflight > 0) {
+            async_drain(q);
             notify(q);
-    } while (vpv_vring_enable_kicks(&q->vr));
+        }
+    } while (n > 0 && vpv_vring_avail_pending(&q->vr));
     return total;
 }
 
@@ -751,13 +828,14 @@ static uint64_t monotonic_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* Spin on the avail ring for up to window_ns; 1 if requests arrived. */
-static int poll_avail(struct vpv_queue *q, uint64_t window_ns)
+/* Spin for up to window_ns until the driver made requests available or the io_uring
+ * completed some; 1 if either happened. */
+static int poll_work(struct vpv_queue *q, uint64_t window_ns)
 {
     uint64_t deadline = monotonic_ns() + window_ns;
     do {
         for (int i = 0; i < 64; i++) {
-            if (vpv_vring_avail_pending(&q->vr))
+            if (vpv_vring_avail_pending(&q->vr) || (q->slots && io_uring_cq_ready(&q->uring)))
                 return 1;
             __builtin_ia32_pause();
         }
@@ -768,24 +846,24 @@ static int poll_avail(struct vpv_queue *q, uint64_t window_ns)
 static void *queue_worker(void *arg)
 {
     struct vpv_queue *q = arg;
-    struct pollfd fds[2] = {
+    struct pollfd fds[3] = {
         {.fd = q->kick_fd, .events = POLLIN},
         {.fd = q->stop_fd, .events = POLLIN},
+        {.fd = q->uring_efd, .events = POLLIN},   /* -1 (ignored) without an io_uring */
     };
     uint64_t poll_ns = 0;
     /* A kick may have been sent before we started polling: look once up front. */
-    if (vpv_blk_queue_process(q->blk, q->index) == -EIO)
+    if (queue_pass(q) == -EIO)
         fds[0].fd = -1;
     for (;;) {
-        if (poll_ns && fds[0].fd >= 0 && poll_avail(q, poll_ns)) {
+        if (poll_ns && fds[0].fd >= 0 && poll_work(q, poll_ns)) {
             STAT_ADD(q, polled_wakes, 1);
-            int n = vpv_blk_queue_process(q->blk, q->index);
-            if (n == -EIO)
+            if (queue_pass(q) == -EIO)
                 fds[0].fd = -1;
             continue;
         }
         uint64_t slept_from = monotonic_ns();
-        int ready = poll(fds, 2, WATCHDOG_MS);
+        int ready = poll(fds, 3, WATCHDOG_MS);
         uint64_t slept = monotonic_ns() - slept_from;
         if (slept <= POLL_MAX_NS)
             poll_ns = poll_ns ? (poll_ns * 2 > POLL_MAX_NS ? POLL_MAX_NS : poll_ns * 2) : POLL_START_NS;
@@ -803,22 +881,69 @@ static void *queue_worker(void *arg)
         }
         if (fds[1].revents)
             break;
+        if (fds[2].revents & POLLIN) {
+            uint64_t count;
+            if (read(q->uring_efd, &count, sizeof(count)) < 0 && errno != EAGAIN)
+                fds[2].fd = -1;
+        }
         if (fds[0].revents & POLLIN) {
             uint64_t count;
             if (read(q->kick_fd, &count, sizeof(count)) == sizeof(count))
                 STAT_ADD(q, kicks, 1);
             coalesce_kicks(q);
-            int n = vpv_blk_queue_process(q->blk, q->index);
-            if (n == -EIO)
-                fds[0].fd = -1;   /* broken ring: stop serving, wait for the stop */
-            /* Keep coalescing while wakes find several requests; a driver with one request
-             * in flight (QD1) gets no delay, except on the occasional probe. */
-            q->coalescing = n > 1;
         } else if (fds[0].revents) {
             fds[0].fd = -1;       /* kick fd hung up: nothing more will arrive */
         }
+        if (fds[0].fd < 0 && !(fds[2].revents & POLLIN))
+            continue;
+        int n = queue_pass(q);
+        if (n == -EIO)
+            fds[0].fd = -1;   /* broken ring: stop serving, wait for the stop */
+        /* Keep coalescing while wakes find several requests; a driver with one request in
+         * flight (QD1) gets no delay, except on the occasional probe. */
+        if (fds[0].revents & POLLIN)
+            q->coalescing = n > 1;
     }
+    /* Guest memory is unmapped after the stop: nothing may still be in flight into it. */
+    async_drain(q);
     return NULL;
+}
+
+/* The queue's io_uring, its slots and its completion eventfd. Without an io_uring
+ * (kernel.io_uring_disabled, old kernels) the direct fd is used synchronously: slower,
+ * still correct. */
+static void async_setup(struct vpv_queue *q)
+{
+    q->slots = calloc(VPV_ASYNC_SLOTS, sizeof(*q->slots));
+    if (!q->slots)
+        return;
+    for (uint32_t i = 0; i < VPV_ASYNC_SLOTS; i++)
+        q->slots[i].next_free = i + 1;
+    q->free_slot = 0;
+    q->inflight = q->unsubmitted = 0;
+    q->uring_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (q->uring_efd >= 0 && io_uring_queue_init(VPV_ASYNC_SLOTS, &q->uring, 0) == 0) {
+        if (io_uring_register_eventfd(&q->uring, q->uring_efd) == 0)
+            return;
+        io_uring_queue_exit(&q->uring);
+    }
+    if (q->uring_efd >= 0)
+        close(q->uring_efd);
+    q->uring_efd = -1;
+    free(q->slots);
+    q->slots = NULL;
+}
+
+static void async_teardown(struct vpv_queue *q)
+{
+    if (!q->slots)
+        return;
+    async_drain(q);
+    io_uring_queue_exit(&q->uring);
+    close(q->uring_efd);
+    q->uring_efd = -1;
+    free(q->slots);
+    q->slots = NULL;
 }
 
 int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vring_config *cfg)
@@ -834,17 +959,10 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     memset(&q->stats, 0, sizeof(q->stats));
     q->coalescing = 0;
     q->wakes = 0;
-    q->pending = 0;
-    if (blk->direct_fd >= 0 && !q->slots) {
-        q->slots = calloc(VPV_ASYNC_SLOTS, sizeof(*q->slots));
-        /* Without an io_uring (kernel.io_uring_disabled, old kernels) the direct fd is used
-         * synchronously: slower, still correct. */
-        if (q->slots && io_uring_queue_init(VPV_ASYNC_SLOTS, &q->uring, 0) != 0) {
-            free(q->slots);
-            q->slots = NULL;
-        }
-    }
+    if (blk->direct_fd >= 0 && !q->slots)
+        async_setup(q);
     q->stats.last_avail_idx = q->vr.last_avail_idx;
+    q->notify_checked_used = q->vr.used_idx;
     q->kick_fd = cfg->kick_fd;
     q->call_fd = cfg->call_fd;
     q->started = 1;
@@ -895,11 +1013,7 @@ int vpv_blk_queue_stop(struct vpv_blk *blk, uint32_t index)
     q->started = 0;
     q->stats.running = 0;
     q->kick_fd = q->call_fd = -1;   /* owned by the control plane, which closes them */
-    if (q->slots) {
-        io_uring_queue_exit(&q->uring);
-        free(q->slots);
-        q->slots = NULL;
-    }
+    async_teardown(q);
     return q->vr.last_avail_idx;
 }
 

@@ -3,10 +3,11 @@
  * the flip lock, the quarantine ring and the queue of dangling-I/O events.
  *
  * The flip lock is a writer-preferring rwlock. Queue workers hold it for reading around
- * each request (state check + I/O); vpv_volume_set_state takes it for writing, so when the
- * flip returns no request that saw the old state is still running, and every later request
- * sees the new one. The control plane has made the new state durable in the header before
- * it calls the flip.
+ * each round of requests (state check + I/O, or submission to an io_uring);
+ * vpv_volume_set_state takes it for writing and then waits until no data write submitted
+ * before is still in flight, so when the flip returns no request that saw the old state is
+ * still running, and every later request sees the new one. The control plane has made the
+ * new state durable in the header before it calls the flip.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -182,6 +183,12 @@ int vpv_volume_set_state(struct vpv_volume *vol, uint32_t state)
     pthread_rwlock_wrlock(&vol->flip_lock);
     __atomic_store_n(vol->state, state, __ATOMIC_RELEASE);
     pthread_rwlock_unlock(&vol->flip_lock);
+    /* Writes on io_urings were submitted under the old state; no new ones start now (the
+     * state is checked inside the lock). A device write takes well under a second. */
+    while (__atomic_load_n(&vol->inflight_writes, __ATOMIC_SEQ_CST) != 0) {
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
     return 0;
 }
 

@@ -18,7 +18,8 @@ struct vpv_volume {
     uint32_t *state;              /* live state word in the mmap'd header page */
     void *state_map;
     size_t state_map_len;
-    pthread_rwlock_t flip_lock;   /* read: one request; write: a state flip */
+    pthread_rwlock_t flip_lock;   /* read: a round of requests; write: a state flip */
+    uint32_t inflight_writes;     /* data writes submitted to an io_uring, not completed */
     pthread_mutex_t ring_lock;
     struct vpv_ring_super super;  /* cached; written back by vpv_volume_ring_sync */
     int super_dirty;

@@ -23,6 +23,7 @@ import pytest
 
 from bench.qsd import QsdProcess
 from vhost_pv._native import lib
+from vhost_pv.control import client
 from vhost_pv.loadgen import LoadgenError, LoadgenResult, VerifyState, pattern, run_loadgen
 from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import VolumeHeader
@@ -58,15 +59,21 @@ def _volume(directory: Path) -> tuple[Path, VolumeHeader]:
     return path, header
 
 
-@pytest.fixture(scope="module", params=["vhost-pv", "qsd"])
+@pytest.fixture(scope="module", params=["vhost-pv", "vhost-pv-direct", "qsd"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    """One backend per kind for the module, serving a 64 MiB volume on two queues."""
+    """One backend per kind for the module, serving a 64 MiB volume on two queues
+    (vhost-pv-direct: O_DIRECT, requests in flight on an io_uring per queue)."""
     workdir = tmp_path_factory.mktemp(request.param)
     volume, header = _volume(workdir)
-    if request.param == "vhost-pv":
-        with ServerProcess([volume], workdir / "run", queues=QUEUES) as server:
-            yield Backend("vhost-pv", server.socket_for(volume), server.pid, volume, header)
+    if request.param.startswith("vhost-pv"):
+        direct = request.param.endswith("direct")
+        with ServerProcess([volume], workdir / "run", queues=QUEUES,
+                           extra_args=["--direct"] if direct else []) as server:
+            yield Backend(request.param, server.socket_for(volume), server.pid, volume, header)
             assert "Traceback" not in server.log()
+            if direct:  # the requests really went through the io_uring
+                totals = client.status(server.control)["volumes"][0]["totals"]
+                assert totals["async_ios"] > 0 and totals["io_errors"] == 0, totals
     else:
         with QsdProcess(volume, header, workdir / "qsd.sock", queues=QUEUES) as qsd:
             yield Backend("qsd", qsd.socket, qsd.pid, volume, header)
