@@ -27,7 +27,8 @@ from aiohttp import web
 from daemon_status import alert_kinds, header, wait_until
 
 from vhost_pv.control import client
-from vhost_pv.guard.engine_api import ContainerEvent, ContainerInfo, EngineClient, EngineError, parse_event
+from vhost_pv.guard.engine_api import EngineClient
+from vhost_pv.guard.engine_events import ContainerEvent, ContainerInfo, EngineError, parse_event
 from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
 

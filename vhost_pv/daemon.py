@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vhost_pv.control.server import (
     AccessList,
@@ -50,15 +50,18 @@ from vhost_pv.guard.containers import (
     ProcessWatcher,
     ReclaimPolicy,
 )
-from vhost_pv.guard.engine_api import EngineClient, EngineError
+from vhost_pv.guard.engine_events import EngineError
 from vhost_pv.guard.guard import VolumeGuard
-from vhost_pv.guard.procevents import pid_start_ticks
+from vhost_pv.guard.processes import pid_start_ticks
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
 from vhost_pv.volume import ring as ring_format
 from vhost_pv.volume.header import VolumeState
 from vhost_pv.volume.seal import check_seal, clear_seal
 from vhost_pv.volume.volume import Volume, destroy_volume
+
+if TYPE_CHECKING:
+    from vhost_pv.guard.engine_api import EngineClient
 
 log = logging.getLogger("vhost_pv.daemon")
 
@@ -148,7 +151,11 @@ class Daemon:
                 Command.BIND: self._cmd_bind,
             },
         )
-        self.engine = EngineClient(config.engine_url) if config.engine_url else None
+        self.engine: EngineClient | None = None
+        if config.engine_url:
+            from vhost_pv.guard.engine_api import EngineClient  # aiohttp: only when used
+
+            self.engine = EngineClient(config.engine_url)
         self.engine_watcher = (
             EngineWatcher(self.engine, self, reconcile_interval=config.reconcile_interval,
                           reclaim_policy=config.reclaim_policy)

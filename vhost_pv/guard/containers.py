@@ -28,10 +28,14 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from vhost_pv.guard.engine_api import ContainerEvent, ContainerInfo, EngineClient, EngineError
-from vhost_pv.guard.procevents import ProcessExit, ProcessExitSocket, open_exit_socket, pid_start_ticks
+from vhost_pv.guard.engine_events import ContainerEvent, ContainerInfo, EngineError
+from vhost_pv.guard.processes import ProcessExit, pid_start_ticks
+
+if TYPE_CHECKING:  # the HTTP client and pyroute2 load only when a watcher is configured
+    from vhost_pv.guard.engine_api import EngineClient
+    from vhost_pv.guard.procevents import ProcessExitSocket
 
 log = logging.getLogger("vhost_pv.containers")
 
@@ -348,6 +352,8 @@ class ProcessWatcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        from vhost_pv.guard.procevents import open_exit_socket
+
         self._socket = await open_exit_socket()
         self._loop.add_reader(self._socket.fileno(), self._readable)
         log.info("process events: watching owner init pids %s", sorted(self.watched()) or "(none yet)")
