@@ -8,10 +8,12 @@
  * Python is never entered on this path.
  *
  * The ring is drained in rounds of at most VPV_ASYNC_SLOTS requests, each round under the
- * volume's flip lock (read side). In direct mode (O_DIRECT data fd) reads and writes go to
- * the queue's io_uring instead and complete whenever the device finishes them, while the
- * worker goes on taking new requests: the device sees the driver's queue depth all the
- * time. A data write counts in the volume's in-flight writes from its submission (inside a
+ * volume's flip lock (read side). Reads and writes of the data region go to the queue's
+ * io_uring (through the page cache, or O_DIRECT in direct mode) and complete whenever the
+ * kernel finishes them, while the worker goes on taking new requests: the file system and
+ * the device see the driver's queue depth all the time, and one io_uring_enter submits a
+ * whole batch. Without an io_uring (or with VPV_BLK_SYNC_IO) they are done one by one with
+ * preadv/pwritev in the worker. A data write counts in the volume's in-flight writes from its submission (inside a
  * round, after the state check) to its completion, and a flip waits for that count to reach
  * zero, so no write that began before a flip lands after it returned.
  */
@@ -98,6 +100,7 @@ struct vpv_blk {
     struct vpv_volume *vol;    /* fd, regions, live state word, ring: shared per volume */
     int fd;                    /* vol->fd, kept here for the common path */
     int direct_fd;             /* O_DIRECT fd of the volume file, or -1 */
+    int async_fd;              /* what the io_urings read and write: direct_fd, else fd */
     uint64_t data_offset;
     uint64_t capacity;
     uint32_t flags;
@@ -122,6 +125,7 @@ struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_
     blk->vol = vol;
     blk->fd = vol->fd;
     blk->direct_fd = direct_fd;
+    blk->async_fd = direct_fd >= 0 ? direct_fd : vol->fd;
     blk->data_offset = vol->cfg.data_offset;
     blk->capacity = vol->cfg.capacity;
     blk->flags = flags;
@@ -446,9 +450,9 @@ static struct async_slot *async_prepare(struct vpv_queue *q, struct iovec *iov, 
     slot->len = len;
     slot->write = write;
     if (write)
-        io_uring_prep_writev(sqe, q->blk->direct_fd, slot->iov, n, off);
+        io_uring_prep_writev(sqe, q->blk->async_fd, slot->iov, n, off);
     else
-        io_uring_prep_readv(sqe, q->blk->direct_fd, slot->iov, n, off);
+        io_uring_prep_readv(sqe, q->blk->async_fd, slot->iov, n, off);
     io_uring_sqe_set_data(sqe, slot);
     STAT_ADD(q, async_ios, 1);
     return slot;
@@ -910,8 +914,8 @@ static void *queue_worker(void *arg)
 }
 
 /* The queue's io_uring, its slots and its completion eventfd. Without an io_uring
- * (kernel.io_uring_disabled, old kernels) the direct fd is used synchronously: slower,
- * still correct. */
+ * (kernel.io_uring_disabled, old kernels) the data I/O is synchronous: slower, still
+ * correct. */
 static void async_setup(struct vpv_queue *q)
 {
     q->slots = calloc(VPV_ASYNC_SLOTS, sizeof(*q->slots));
@@ -959,7 +963,7 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     memset(&q->stats, 0, sizeof(q->stats));
     q->coalescing = 0;
     q->wakes = 0;
-    if (blk->direct_fd >= 0 && !q->slots)
+    if (!q->slots && !(blk->flags & VPV_BLK_SYNC_IO))
         async_setup(q);
     q->stats.last_avail_idx = q->vr.last_avail_idx;
     q->notify_checked_used = q->vr.used_idx;

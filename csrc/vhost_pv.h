@@ -43,8 +43,9 @@
 
 /* Flags for vpv_blk_new. */
 #define VPV_BLK_READ_ONLY 1
-/* Requests a round keeps in flight on an io_uring (direct mode), and the data segments one
- * of them may have to go there; longer requests are served synchronously. */
+#define VPV_BLK_SYNC_IO 2      /* no io_uring: preadv/pwritev in the worker (as without one) */
+/* Requests a queue keeps in flight on its io_uring, and the data segments one of them may
+ * have to go there; longer requests are served synchronously. */
 #define VPV_ASYNC_SLOTS 128
 #define VPV_SLOT_IOV 128
 
@@ -91,7 +92,7 @@ struct vpv_queue_stats {
     uint64_t dangling_denied; /* dangling: reads refused by the deny policy */
     uint64_t watchdog_notifications; /* interrupts re-sent to a driver left waiting */
     uint64_t coalesced_wakes; /* kicks answered after the coalescing wait */
-    uint64_t async_ios;       /* data requests served through the io_uring (direct mode) */
+    uint64_t async_ios;       /* data requests served through the io_uring */
     uint64_t polled_wakes;    /* requests found by adaptive polling, without a kick */
     uint64_t direct_fallbacks; /* requests O_DIRECT refused (alignment), served buffered */
     uint16_t last_avail_idx;
@@ -170,9 +171,9 @@ struct vpv_blk;
 
 /* Create one frontend connection's block device on a volume. The volume's state word is
  * read on every request; `source` names the connection in ring records and events.
- * direct_fd: -1, or the volume file opened with O_DIRECT (not owned): reads and writes of
- * the data region then go through it, VPV_ASYNC_SLOTS at a time on an io_uring per queue,
- * and fall back to the volume fd for a request the device's alignment refuses.
+ * Reads and writes of the data region go VPV_ASYNC_SLOTS at a time on an io_uring per
+ * queue. direct_fd: -1, or the volume file opened with O_DIRECT (not owned): they then go
+ * through it, and fall back to the volume fd for a request the device's alignment refuses.
  * Returns NULL and sets *err to a negative errno. */
 struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_t *serial,
                             uint32_t source, int direct_fd, int *err);

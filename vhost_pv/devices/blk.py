@@ -77,12 +77,16 @@ class BlkStats:
 class BlkDevice:
     """One frontend connection's view of a volume; implements protocol.DeviceBackend."""
 
-    def __init__(self, volume: Volume, num_queues: int, *, read_only: bool, source: int = 0) -> None:
+    def __init__(
+        self, volume: Volume, num_queues: int, *, read_only: bool, source: int = 0, sync_io: bool = False
+    ) -> None:
+        """sync_io: no io_uring, data I/O one request at a time (what the data path falls
+        back to where io_uring is unavailable; the tests run it on purpose)."""
         self.volume = volume
         self.num_queues = num_queues
         self.read_only = read_only or volume.read_only
         err = ffi.new("int *")
-        flags = lib.VPV_BLK_READ_ONLY if self.read_only else 0
+        flags = (lib.VPV_BLK_READ_ONLY if self.read_only else 0) | (lib.VPV_BLK_SYNC_IO if sync_io else 0)
         # source names this connection in quarantine records and dangling events.
         handle = lib.vpv_blk_new(volume.native, flags, volume.header.serial, source, volume.direct_fd, err)
         if handle == ffi.NULL:
