@@ -82,6 +82,19 @@ struct vpv_ctl_bind {
     uint32_t pad;
 } __attribute__((packed));
 
+#define VPV_META_GET 0
+#define VPV_META_SET 1
+#define VPV_META_REMOVE 2
+#define VPV_META_LIST 3
+#define VPV_META_BOOT 4
+/* Followed by value_len bytes of value (SET). */
+struct vpv_ctl_meta {
+    uint32_t op;
+    uint32_t value_len;
+    char vm[64];
+    char key[192];
+} __attribute__((packed));
+
 #define VPV_IOC_STATUS _IOC(_IOC_READ, 'v', 0x01, 0)
 #define VPV_IOC_PERSISTENT_DISK_DANGLING _IOWR('v', 0x10, struct vpv_ctl_dangling)
 #define VPV_IOC_RECLAIM _IOWR('v', 0x11, struct vpv_ctl_reclaim)
@@ -89,5 +102,6 @@ struct vpv_ctl_bind {
 #define VPV_IOC_DELETE _IOW('v', 0x13, struct vpv_ctl_volume)
 #define VPV_IOC_ALERTS _IOWR('v', 0x14, struct vpv_ctl_alerts)
 #define VPV_IOC_BIND _IOWR('v', 0x15, struct vpv_ctl_bind)
+#define VPV_IOC_META _IOWR('v', 0x16, struct vpv_ctl_meta)
 
 #endif

@@ -31,6 +31,7 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
     "vpv_ctl_volume": (wire.VolumeRequest, ["volume", "flags", "pad"]),
     "vpv_ctl_alerts": (wire.AlertsRequest, ["flags", "pad", "since_seq"]),
     "vpv_ctl_bind": (wire.BindRequest, ["volume", "container", "pid", "pad"]),
+    "vpv_ctl_meta": (wire.MetaRequest, ["op", "value_len", "vm", "key"]),
     "vpv_ring_super": (
         ring.RingSuper,
         ["magic", "version", "align", "area_offset", "area_size", "head", "tail", "next_seq",
@@ -51,6 +52,7 @@ COMMANDS = {
     "VPV_IOC_DELETE": wire.Command.DELETE,
     "VPV_IOC_ALERTS": wire.Command.ALERTS,
     "VPV_IOC_BIND": wire.Command.BIND,
+    "VPV_IOC_META": wire.Command.META,
 }
 
 CONSTANTS = {
@@ -70,6 +72,8 @@ CONSTANTS = {
     "VPV_RECLAIM_REPLAY": wire.ReclaimMode.REPLAY,
     "VPV_RECLAIM_DISCARD": wire.ReclaimMode.DISCARD,
     "VPV_RING_DISCARD": wire.RingOp.DISCARD,
+    "VPV_META_SET": wire.MetaOp.SET,
+    "VPV_META_BOOT": wire.MetaOp.BOOT,
 }
 
 

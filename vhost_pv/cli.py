@@ -12,7 +12,7 @@ from typing import Any
 
 from vhost_pv.control import client
 from vhost_pv.control.server import AccessList
-from vhost_pv.control.wire import ReclaimMode, RingOp
+from vhost_pv.control.wire import MetaOp, ReclaimMode, RingOp
 from vhost_pv.daemon import Daemon, DaemonConfig
 from vhost_pv.guard.containers import ReclaimPolicy
 from vhost_pv.volume.header import HeaderError, ReadPolicy, RingFullPolicy, TtlAction
@@ -105,6 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reconcile_interval=args.reconcile_interval,
         reclaim_policy=ReclaimPolicy(args.reclaim_policy),
         direct=args.direct,
+        vm=args.vm,
+        meta_http=_host_port(args.meta_http) if args.meta_http else None,
     )
     if args.engine and not args.engine.startswith("unix://"):
         print(f"vhost-pv: --engine {args.engine}: expected unix:///path/to/engine.sock", file=sys.stderr)
@@ -156,6 +158,23 @@ def cmd_reclaim(args: argparse.Namespace) -> int:
 def cmd_bind(args: argparse.Namespace) -> int:
     control = Path(args.control)
     return _control_call(args, lambda: client.bind(control, args.volume, args.container, pid=args.pid))
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        return host.strip("[]") or "127.0.0.1", int(port)
+    except ValueError:
+        raise SystemExit(f"vhost-pv: --meta-http {text}: expected HOST:PORT, e.g. 127.0.0.1:8169") from None
+
+
+def cmd_meta(args: argparse.Namespace) -> int:
+    control = Path(args.control)
+    op = MetaOp[{"rm": "REMOVE", "ls": "LIST"}.get(args.op, args.op.upper())]
+    if op == MetaOp.SET and args.value is None:
+        print("vhost-pv: meta set needs a VALUE", file=sys.stderr)
+        return 2
+    return _control_call(args, lambda: client.meta(control, op, args.vm, args.key or "", args.value or ""))
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -321,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reclaim-policy", choices=[p.value for p in ReclaimPolicy], default="same-image",
                    help="which containers labelled vhost-pv.reclaim=VOLUME may reclaim it on start "
                    "(default: those running the old owner's image)")
+    p.add_argument("--vm", default="vm0", help="the VM whose metadata this daemon serves")
+    p.add_argument("--meta-http", metavar="HOST:PORT", help="serve the HTTP metadata server on this "
+                   "loopback address (QEMU: -netdev user,guestfwd=tcp:169.254.169.254:80-tcp:HOST:PORT)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ioctl", help="send an ioctl-style command to a running daemon")
@@ -350,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the owner's init pid, for --proc-events without an engine")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bind)
+
+    p = sub.add_parser("meta", help="read or change a VM's metadata")
+    p.add_argument("op", choices=["get", "set", "rm", "ls", "boot"])
+    p.add_argument("--control", required=True)
+    p.add_argument("vm")
+    p.add_argument("key", nargs="?", help="instance/KEY, attributes/KEY, secrets/KEY, volumes/...")
+    p.add_argument("value", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_meta)
 
     p = sub.add_parser("delete", help="wipe and remove a (dangling) volume")
     p.add_argument("--control", required=True)

@@ -35,6 +35,8 @@ from vhost_pv.control.wire import (
     Command,
     DanglingReply,
     DanglingRequest,
+    MetaOp,
+    MetaRequest,
     ReclaimMode,
     ReclaimRequest,
     RingOp,
@@ -53,6 +55,7 @@ from vhost_pv.guard.containers import (
 from vhost_pv.guard.engine_events import EngineError
 from vhost_pv.guard.guard import VolumeGuard
 from vhost_pv.guard.processes import pid_start_ticks
+from vhost_pv.meta.store import MetadataError, MetadataStore
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
 from vhost_pv.volume import ring as ring_format
@@ -62,6 +65,7 @@ from vhost_pv.volume.volume import Volume, destroy_volume
 
 if TYPE_CHECKING:
     from vhost_pv.guard.engine_api import EngineClient
+    from vhost_pv.meta.http_server import MetadataHttpServer
 
 log = logging.getLogger("vhost_pv.daemon")
 
@@ -125,6 +129,10 @@ class DaemonConfig:
     reclaim_policy: ReclaimPolicy = ReclaimPolicy.SAME_IMAGE
     direct: bool = False
     """Data reads and writes bypass the host page cache (O_DIRECT, io_uring per queue)."""
+    vm: str = "vm0"
+    """The VM whose metadata this daemon serves (its volumes are this daemon's volumes)."""
+    meta_http: tuple[str, int] | None = None
+    """Loopback address of the HTTP metadata server, if any."""
 
 
 def owner_fields(owner: OwnerBinding) -> dict[str, Any]:
@@ -149,8 +157,11 @@ class Daemon:
                 Command.DELETE: self._cmd_delete,
                 Command.ALERTS: self._cmd_alerts,
                 Command.BIND: self._cmd_bind,
+                Command.META: self._cmd_meta,
             },
         )
+        self.metadata: MetadataStore | None = None
+        self.meta_http: MetadataHttpServer | None = None
         self.engine: EngineClient | None = None
         if config.engine_url:
             from vhost_pv.guard.engine_api import EngineClient  # aiohttp: only when used
@@ -211,6 +222,15 @@ class Daemon:
                 path, volume.header.capacity >> 20, ", read-only" if served.read_only else "",
                 ", O_DIRECT" if self.config.direct else "", served.socket_path,
             )
+        self.metadata = MetadataStore(self.config.vm, self._volume_metadata)
+        if self.config.meta_http is not None:
+            from vhost_pv.meta.http_server import MetadataHttpServer  # aiohttp.web: only when used
+
+            host, port = self.config.meta_http
+            meta_http = MetadataHttpServer(self.metadata, self.alerts.raise_alert, host, port)
+            await meta_http.start()
+            self.meta_http = meta_http
+        # The control socket comes last: once it answers, everything else is up.
         await self.control.start()
         if self.process_watcher is not None:
             await self.process_watcher.start()
@@ -229,6 +249,8 @@ class Daemon:
         await asyncio.gather(*self._watcher_tasks, return_exceptions=True)
         if self.process_watcher is not None:
             self.process_watcher.close()
+        if self.meta_http is not None:
+            await self.meta_http.close()
         await self.control.close()
         for served in list(self.served.values()):
             await self._retire(served)
@@ -369,6 +391,8 @@ class Daemon:
             await asyncio.to_thread(served.volume.update, **changes)
             flip_ns = time.perf_counter_ns() - started
             served.guard.flipped(dangling)
+        if self.metadata is not None:
+            self.metadata.touch()  # volumes/<name>/state changed: wake long-polling readers
         log.warning("%s: %s by %s (%s) in %.3f ms", name,
                     "now DANGLING" if dangling else "dangling flag cleared",
                     source, reason or "no reason", flip_ns / 1e6)
@@ -479,6 +503,8 @@ class Daemon:
             )
             await asyncio.to_thread(clear_seal, volume.fd)
             served.guard.flipped(False)
+            if self.metadata is not None:
+                self.metadata.touch()
         self.alerts.raise_alert(
             "volume-reclaimed", name,
             f"{name} reclaimed by {owner.name or owner.container} ({mode.name.lower()})",
@@ -585,6 +611,60 @@ class Daemon:
         finally:
             self.alerts.unsubscribe(queue)
 
+    # -- metadata ---------------------------------------------------------------------------
+
+    def _volume_metadata(self) -> dict[str, dict[str, str]]:
+        """volumes/<name>/... of the metadata tree, live."""
+        result = {}
+        for name, served in self.served.items():
+            header = served.volume.header
+            result[name] = {
+                "state": header.state.name.lower(),
+                "owner": header.owner_name or header.owner,
+                "dangling_since": str(header.dangling_since_ns // 1_000_000_000) if header.dangling else "",
+                "reason": header.reason,
+                "quarantine_records": str(served.volume.ring_stats()["records"]),
+            }
+        return result
+
+    async def _cmd_meta(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+        request = MetaRequest.parse(payload)
+        value = payload[MetaRequest.sizeof():]
+        if len(value) != request.value_len:
+            raise CommandError(errno.EINVAL, f"META says {request.value_len} value bytes, sent {len(value)}")
+        store = self.metadata
+        assert store is not None
+        if request.vm != store.vm:
+            raise CommandError(errno.ENOENT, f"this daemon serves the metadata of VM {store.vm!r}, "
+                               f"not {request.vm!r}")
+        op = MetaOp(request.op)
+        try:
+            if op == MetaOp.SET:
+                store.set(request.key, value.decode())
+                # The key, never the value: secrets must not reach the log.
+                log.info("control: meta set %s %s by pid=%d uid=%d",
+                         store.vm, request.key, peer.pid, peer.uid)
+                result: dict[str, Any] = {"vm": store.vm, "key": request.key, "set": True}
+            elif op == MetaOp.REMOVE:
+                removed = store.remove(request.key)
+                log.info("control: meta rm %s %s by pid=%d uid=%d", store.vm, request.key, peer.pid, peer.uid)
+                result = {"vm": store.vm, "key": request.key, "removed": removed}
+            elif op == MetaOp.GET:
+                node = store.lookup(request.key)
+                result = {"vm": store.vm, "key": request.key, "value": node}
+            elif op == MetaOp.LIST:
+                result = {"vm": store.vm, "key": request.key, "keys": store.keys(request.key)}
+            else:
+                store.new_boot()
+                log.info("control: new boot of VM %s: boot token renewed by pid=%d", store.vm, peer.pid)
+                result = {"vm": store.vm, "boot": True}
+        except MetadataError as exc:
+            code = {404: errno.ENOENT, 413: errno.EFBIG}.get(exc.status, errno.EINVAL)
+            raise CommandError(code, str(exc)) from None
+        except UnicodeDecodeError:
+            raise CommandError(errno.EINVAL, "metadata values are UTF-8 text") from None
+        return json.dumps(result).encode()
+
     # -- what the container watchers see (guard.containers.VolumeDirectory) ----------------
 
     def owned_volumes(self) -> list[OwnedVolume]:
@@ -662,6 +742,12 @@ class Daemon:
             "volumes": volumes,
             "alerts": {"by_kind": dict(self.alerts.counts), "subscribers": self.alerts.subscriber_count,
                        "webhook_failures": self.alerts.webhook_failures},
+            "metadata": {
+                "vm": self.config.vm,
+                "http": f"{self.meta_http.host}:{self.meta_http.port}" if self.meta_http else None,
+                "http_refused": self.meta_http.refused if self.meta_http else 0,
+                "version": self.metadata.version if self.metadata else 0,
+            },
             "watchers": {
                 "engine": self.engine_watcher.describe() if self.engine_watcher else None,
                 "proc_events": self.process_watcher.describe() if self.process_watcher else None,

@@ -22,6 +22,8 @@ from vhost_pv.control.wire import (
     ControlHeader,
     DanglingReply,
     DanglingRequest,
+    MetaOp,
+    MetaRequest,
     ReclaimMode,
     ReclaimRequest,
     ReplyStatus,
@@ -137,6 +139,14 @@ def bind(path: Path, volume: str, container: str, *, pid: int = 0) -> dict[str, 
     """Record a volume's owner container (and, without an engine, its init pid)."""
     request = BindRequest.build({"volume": volume, "container": container, "pid": pid})
     result: dict[str, Any] = json.loads(call(path, Command.BIND, request))
+    return result
+
+
+def meta(path: Path, op: MetaOp, vm: str, key: str = "", value: str = "") -> dict[str, Any]:
+    """Read or change a VM's metadata (vhost-pv meta)."""
+    data = value.encode()
+    request = MetaRequest.build({"op": int(op), "value_len": len(data), "vm": vm, "key": key}) + data
+    result: dict[str, Any] = json.loads(call(path, Command.META, request))
     return result
 
 

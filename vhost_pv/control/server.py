@@ -20,6 +20,7 @@ from vhost_pv.control.wire import (
     FLAG_REPLY,
     MAX_CONTROL_PAYLOAD,
     REQUEST_LAYOUTS,
+    VARIABLE_TAIL,
     Command,
     ControlHeader,
     ReplyStatus,
@@ -146,7 +147,9 @@ class ControlServer:
             await self._reply(writer, cmd, seq, -errno.ENOTTY, f"unknown command {cmd:#x}".encode())
             return
         layout = REQUEST_LAYOUTS.get(Command(cmd))
-        if layout is not None and len(payload) != layout.sizeof():
+        too_short = layout is not None and len(payload) < layout.sizeof()
+        if layout is not None and (too_short or (Command(cmd) not in VARIABLE_TAIL
+                                                 and len(payload) != layout.sizeof())):
             log.warning("control: %s from pid %d with %d bytes, expected %d",
                         Command(cmd).name, peer.pid, len(payload), layout.sizeof())
             message = f"{Command(cmd).name} takes {layout.sizeof()} bytes, got {len(payload)}"

@@ -126,6 +126,26 @@ prefix or name) to its full id, name, image and init pid; without one, `pid` (0:
 the owner's init pid for process events. Reply: JSON (the recorded binding)."""
 
 
+META_KEY_LEN = 192
+MetaRequest = Struct(
+    "op" / Int32ul,
+    "value_len" / Int32ul,
+    "vm" / PaddedString(NAME_LEN, "utf8"),
+    "key" / PaddedString(META_KEY_LEN, "utf8"),
+)
+"""C: struct vpv_ctl_meta { u32 op; u32 value_len; char vm[64]; char key[192]; } (264
+bytes), followed by value_len bytes of UTF-8 value (SET only). key: ROOT/KEY (instance/,
+attributes/, secrets/) or a directory for LIST. Reply: JSON."""
+
+
+class MetaOp(enum.IntEnum):
+    GET = 0
+    SET = 1
+    REMOVE = 2
+    LIST = 3
+    BOOT = 4  # a new boot of the VM: a new one-time token
+
+
 class Command(enum.IntEnum):
     """Control commands, numbered like Linux ioctls (_IOC(dir, 'v', nr, sizeof(request)))."""
 
@@ -136,6 +156,7 @@ class Command(enum.IntEnum):
     DELETE = ioc(_IOC_WRITE, "v", 0x13, VolumeRequest.sizeof())
     ALERTS = ioc(_IOC_READ | _IOC_WRITE, "v", 0x14, AlertsRequest.sizeof())
     BIND = ioc(_IOC_READ | _IOC_WRITE, "v", 0x15, BindRequest.sizeof())
+    META = ioc(_IOC_READ | _IOC_WRITE, "v", 0x16, MetaRequest.sizeof())
 
 
 # Every fixed request layout by command, for the server's size check.
@@ -146,4 +167,8 @@ REQUEST_LAYOUTS = {
     Command.DELETE: VolumeRequest,
     Command.ALERTS: AlertsRequest,
     Command.BIND: BindRequest,
+    Command.META: MetaRequest,
 }
+
+# Commands whose fixed layout is followed by a variable part (its length is in the layout).
+VARIABLE_TAIL = frozenset({Command.META})
