@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: those running the old owner's image)")
     p.add_argument("--vm", default="vm0", help="the VM whose metadata this daemon serves")
     p.add_argument("--meta-http", metavar="HOST:PORT", help="serve the HTTP metadata server on this "
-                   "loopback address (QEMU: -netdev user,guestfwd=tcp:169.254.169.254:80-tcp:HOST:PORT)")
+                   "loopback address, e.g. 127.0.0.1:8169 (for QEMU user networking to forward the guest's "
+                   "169.254.169.254 to)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ioctl", help="send an ioctl-style command to a running daemon")

@@ -1,6 +1,6 @@
-"""The HTTP metadata server a guest reaches at 169.254.169.254 (QEMU user networking
-forwards it to this loopback listener): the metadata tree under /computeMetadata/v1/, in
-the shape cloud guests' tools expect.
+"""The HTTP metadata server, on a loopback listener that a guest is to reach at
+169.254.169.254 through QEMU user networking: the metadata tree under /computeMetadata/v1/,
+in the shape cloud guests' tools expect.
 
 Rules: only GET; the `Metadata-Flavor: Google` header is required (a browser or a
 server-side request forgery does not send it) and a request carrying X-Forwarded-For is
