@@ -177,6 +177,13 @@ def cmd_meta(args: argparse.Namespace) -> int:
     return _control_call(args, lambda: client.meta(control, op, args.vm, args.key or "", args.value or ""))
 
 
+def cmd_meta_relay(args: argparse.Namespace) -> int:
+    from vhost_pv.meta.relay import relay
+
+    host, port = _host_port(args.address)
+    return relay(host, port)
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     control = Path(args.control)
     return _control_call(args, lambda: client.delete(control, args.volume, force=args.force))
@@ -382,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("value", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_meta)
+
+    p = sub.add_parser("meta-relay", help="copy stdin/stdout to HOST:PORT (for QEMU's guestfwd cmd:)")
+    p.add_argument("address", metavar="HOST:PORT")
+    p.set_defaults(func=cmd_meta_relay)
 
     p = sub.add_parser("delete", help="wipe and remove a (dangling) volume")
     p.add_argument("--control", required=True)
