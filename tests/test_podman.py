@@ -164,20 +164,22 @@ def test_process_events_without_an_engine(podman: Podman, tmp_path: Path) -> Non
                            trigger=trigger)
         killed_pid = int(podman.inspect("killed")["State"]["Pid"])
         clean_pid = int(podman.inspect("exits-clean")["State"]["Pid"])
-        paths = [volume(tmp_path, "vol-killed"), volume(tmp_path, "vol-clean")]
+        paths = [volume(tmp_path, name) for name in ("vol-killed", "vol-killed-2", "vol-clean")]
         with ServerProcess(paths, tmp_path / "d", extra_args=["--proc-events"]) as server:
             assert client.status(server.control)["watchers"]["engine"] is None
             bound = client.bind(server.control, "vol-killed", killed, pid=killed_pid)
             assert bound["owner_pid"] == killed_pid and bound["owner_pid_start"] > 0
+            client.bind(server.control, "vol-killed-2", killed, pid=killed_pid)  # one owner, two volumes
             client.bind(server.control, "vol-clean", clean, pid=clean_pid)
             watched = client.status(server.control)["watchers"]["proc_events"]["watched"]
-            assert set(watched.values()) == {"vol-killed", "vol-clean"}
+            assert sorted(map(sorted, watched.values())) == [["vol-clean"], ["vol-killed", "vol-killed-2"]]
             # A pid that does not exist cannot be bound.
             with pytest.raises(client.ControlError, match="No such process"):
                 client.bind(server.control, "vol-clean", "ghost", pid=2**22 + 1)
 
             os.kill(killed_pid, signal.SIGKILL)
             wait_for("the flip", lambda: header_of(server, "vol-killed")["dangling"], server)
+            wait_for("the other volume's flip", lambda: header_of(server, "vol-killed-2")["dangling"], server)
             header = header_of(server, "vol-killed")
             assert (header["reason"], header["dangling_source"]) == ("container-crashed", "proc-events")
             detail = next(a for a in client.alerts(server.control) if a["kind"] == "owner-gone")["details"]

@@ -346,9 +346,13 @@ class ProcessWatcher:
         return {"enabled": self._socket is not None, "watched": self.watched(),
                 "owner_exits_seen": self.exits_seen}
 
-    def watched(self) -> dict[int, str]:
-        return {o.owner.pid: o.volume for o in self.directory.owned_volumes()
-                if o.owner.pid and not o.dangling}
+    def watched(self) -> dict[int, list[str]]:
+        """Owner init pid -> the volumes it owns (one container may own several)."""
+        result: dict[int, list[str]] = {}
+        for owned in self.directory.owned_volumes():
+            if owned.owner.pid and not owned.dangling:
+                result.setdefault(owned.owner.pid, []).append(owned.volume)
+        return result
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -385,9 +389,10 @@ class ProcessWatcher:
             return
         watched = self.watched()
         for process_exit in exits:
-            volume = watched.get(process_exit.pid)
-            if volume is not None:
+            volumes = watched.get(process_exit.pid, [])
+            if volumes:
                 self.exits_seen += 1
+            for volume in volumes:
                 self._spawn(self._on_owner_exit(volume, process_exit))
 
     def _spawn(self, work: Awaitable[None]) -> None:
