@@ -17,7 +17,7 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 HEADER = CSRC / "vhost_pv.h"
-SOURCES = ["vring.c", "blk.c", "volume.c", "sha256.c", "loadgen.c"]
+SOURCES = ["vring.c", "blk.c", "volume.c", "sha256.c", "loadgen.c", "fs.c"]
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-pthread", "-fvisibility=hidden"]
 
 # cdef understands "#define NAME <integer literal>" and nothing else of the preprocessor.

@@ -195,6 +195,30 @@ int vpv_blk_queue_stop(struct vpv_blk *blk, uint32_t index);
 int vpv_blk_queue_process(struct vpv_blk *blk, uint32_t index);
 int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_stats *out);
 
+/* -- virtio-fs queues (fs.c): the metadata file system ---------------------------------------
+ * The rings are walked by the block device's code; each request is answered in Python
+ * (FUSE), one at a time per queue: pop copies its readable bytes out, push copies the reply
+ * into its writable buffers and publishes it. Processed in the caller's thread. */
+#define VPV_FS_MAX_QUEUES 2     /* the high-priority queue and one request queue */
+#define VPV_FS_MAX_REQUEST 1048576 /* readable bytes of one request (FUSE header + write data) */
+
+struct vpv_fs;
+struct vpv_fs *vpv_fs_new(void);
+void vpv_fs_free(struct vpv_fs *fs);
+int vpv_fs_set_memory(struct vpv_fs *fs, const struct vpv_mem_region_desc *regions, uint32_t count);
+int vpv_fs_queue_start(struct vpv_fs *fs, uint32_t index, const struct vpv_vring_config *cfg);
+/* Returns last_avail_idx, or a negative errno. A request popped but not answered gets back
+ * its buffers empty. */
+int vpv_fs_queue_stop(struct vpv_fs *fs, uint32_t index);
+/* The next request: its readable bytes into buf (at most cap), *head, and how many bytes the
+ * reply may have (*writable). Returns the byte count, -EAGAIN (ring empty, kicks re-enabled),
+ * -EBADMSG (a chain that cannot be answered was given back empty), -EBUSY (the previous
+ * request was not pushed yet) or -EIO (the ring itself is corrupt). */
+int vpv_fs_pop(struct vpv_fs *fs, uint32_t index, uint8_t *buf, uint32_t cap, uint32_t *head,
+               uint32_t *writable);
+/* Answer the request popped last on that queue; returns bytes written into its buffers. */
+int vpv_fs_push(struct vpv_fs *fs, uint32_t index, uint32_t head, const uint8_t *reply, uint32_t len);
+
 /* -- Load generator (loadgen.c): the data path of a vhost-user-blk *frontend* --------------
  * vhost_pv.loadgen does the vhost-user handshake and lays out each queue's rings and request
  * area in its memfd "guest memory"; vpv_lg_run then starts one thread per queue, each keeping

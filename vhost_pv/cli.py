@@ -107,6 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         direct=args.direct,
         vm=args.vm,
         meta_http=_host_port(args.meta_http) if args.meta_http else None,
+        meta_socket=Path(args.meta_socket) if args.meta_socket else None,
+        meta_policy=Path(args.meta_policy) if args.meta_policy else None,
     )
     if args.engine and not args.engine.startswith("unix://"):
         print(f"vhost-pv: --engine {args.engine}: expected unix:///path/to/engine.sock", file=sys.stderr)
@@ -351,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-http", metavar="HOST:PORT", help="serve the HTTP metadata server on this "
                    "loopback address, e.g. 127.0.0.1:8169 (for QEMU user networking to forward the guest's "
                    "169.254.169.254 to)")
+    p.add_argument("--meta-socket", metavar="PATH", help="serve the metadata as a virtio-fs file "
+                   "system on this vhost-user socket (QEMU: -device vhost-user-fs-pci,tag=metadata)")
+    p.add_argument("--meta-policy", metavar="FILE", help="TOML policy: which guest uids/gids may "
+                   "read or write which metadata paths (default: secrets/ root only)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ioctl", help="send an ioctl-style command to a running daemon")

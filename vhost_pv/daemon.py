@@ -44,6 +44,7 @@ from vhost_pv.control.wire import (
     VolumeRequest,
 )
 from vhost_pv.devices.blk import BlkDevice
+from vhost_pv.devices.fs import FsDevice
 from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.guard.containers import (
     EngineWatcher,
@@ -65,6 +66,7 @@ from vhost_pv.volume.volume import Volume, destroy_volume
 
 if TYPE_CHECKING:
     from vhost_pv.guard.engine_api import EngineClient
+    from vhost_pv.meta.fuse import FuseFileSystem
     from vhost_pv.meta.http_server import MetadataHttpServer
 
 log = logging.getLogger("vhost_pv.daemon")
@@ -133,6 +135,10 @@ class DaemonConfig:
     """The VM whose metadata this daemon serves (its volumes are this daemon's volumes)."""
     meta_http: tuple[str, int] | None = None
     """Loopback address of the HTTP metadata server, if any."""
+    meta_socket: Path | None = None
+    """vhost-user socket of the metadata file system (virtio-fs), if any."""
+    meta_policy: Path | None = None
+    """TOML policy: which guest uids/gids may read or write which metadata paths."""
 
 
 def owner_fields(owner: OwnerBinding) -> dict[str, Any]:
@@ -162,6 +168,10 @@ class Daemon:
         )
         self.metadata: MetadataStore | None = None
         self.meta_http: MetadataHttpServer | None = None
+        self.meta_fs: FuseFileSystem | None = None
+        self._meta_listener: socket.socket | None = None
+        self._meta_accept: asyncio.Task[None] | None = None
+        self._meta_session: asyncio.Task[None] | None = None
         self.engine: EngineClient | None = None
         if config.engine_url:
             from vhost_pv.guard.engine_api import EngineClient  # aiohttp: only when used
@@ -230,6 +240,16 @@ class Daemon:
             meta_http = MetadataHttpServer(self.metadata, self.alerts.raise_alert, host, port)
             await meta_http.start()
             self.meta_http = meta_http
+        if self.config.meta_socket is not None:
+            from vhost_pv.meta.fuse import FuseFileSystem
+            from vhost_pv.meta.policy import Policy
+
+            policy = Policy.load(self.config.meta_policy) if self.config.meta_policy else Policy.default()
+            self.meta_fs = FuseFileSystem(self.metadata, policy)
+            self._meta_listener = _listen(self.config.meta_socket)
+            self._meta_accept = asyncio.create_task(self._accept_metadata_fs(), name="metadata-fs-accept")
+            self._meta_accept.add_done_callback(_log_watcher_end)
+            log.info("metadata file system of VM %s on %s", self.config.vm, self.config.meta_socket)
         # The control socket comes last: once it answers, everything else is up.
         await self.control.start()
         if self.process_watcher is not None:
@@ -251,6 +271,16 @@ class Daemon:
             self.process_watcher.close()
         if self.meta_http is not None:
             await self.meta_http.close()
+        if self._meta_accept is not None:
+            self._meta_accept.cancel()
+        if self._meta_session is not None:
+            self._meta_session.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._meta_session
+        if self._meta_listener is not None:
+            self._meta_listener.close()
+            if self.config.meta_socket is not None:
+                self.config.meta_socket.unlink(missing_ok=True)
         await self.control.close()
         for served in list(self.served.values()):
             await self._retire(served)
@@ -613,6 +643,27 @@ class Daemon:
 
     # -- metadata ---------------------------------------------------------------------------
 
+    async def _accept_metadata_fs(self) -> None:
+        """The virtio-fs frontend (QEMU), one at a time, from the control socket's allow-list."""
+        loop = asyncio.get_running_loop()
+        assert self._meta_listener is not None and self.meta_fs is not None
+        while True:
+            sock, _ = await loop.sock_accept(self._meta_listener)
+            peer = peer_credentials(sock)
+            if not self.config.control_access.allows(peer):
+                log.warning("metadata fs: refused frontend pid=%d uid=%d gid=%d: not allowed",
+                            peer.pid, peer.uid, peer.gid)
+                sock.close()
+                continue
+            if self._meta_session is not None and not self._meta_session.done():
+                log.warning("metadata fs: refused frontend pid=%d: one is attached already", peer.pid)
+                sock.close()
+                continue
+            device = FsDevice(f"metadata-{self.config.vm}", self.meta_fs.handle)
+            session = VhostUserSession(MessageChannel(sock), device, f"metadata-{self.config.vm}")
+            self._meta_session = asyncio.create_task(session.run())
+            log.info("metadata fs: frontend attached (pid=%d uid=%d)", peer.pid, peer.uid)
+
     def _volume_metadata(self) -> dict[str, dict[str, str]]:
         """volumes/<name>/... of the metadata tree, live."""
         result = {}
@@ -757,7 +808,7 @@ class Daemon:
 
 def _log_watcher_end(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("%s ended: %r; volumes are no longer followed through it",
+        log.error("%s ended: %r; what it served is gone until the daemon restarts",
                   task.get_name(), task.exception())
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
 from vhost_pv._native import ffi, lib
+from vhost_pv.devices.native_ring import memory_table, strerror, vring_config
 from vhost_pv.protocol.channel import ProtocolError
 from vhost_pv.protocol.messages import CONFIG_SPACE_MAX, ProtocolFeature
 from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup
@@ -153,42 +154,23 @@ class BlkDevice:
         log.info("%s: ignoring SET_CONFIG at offset %d (%d bytes)", self.volume.name, offset, len(data))
 
     def set_memory(self, regions: list[MemoryRegionSpec]) -> None:
-        table = ffi.new("struct vpv_mem_region_desc[]", len(regions))
-        for slot, region in zip(table, regions, strict=True):
-            slot.guest_phys_addr = region.guest_phys_addr
-            slot.memory_size = region.memory_size
-            slot.userspace_addr = region.userspace_addr
-            slot.mmap_offset = region.mmap_offset
-            slot.fd = region.fd
+        table = memory_table(regions)
         rc = lib.vpv_blk_set_memory(self._handle, table, len(regions))
         if rc < 0:
-            raise ProtocolError(f"memory table does not map: {_strerror(rc)}")
+            raise ProtocolError(f"memory table does not map: {strerror(rc)}")
 
     def start_queue(self, setup: VringSetup) -> None:
-        cfg = ffi.new(
-            "struct vpv_vring_config *",
-            {
-                "num": setup.num,
-                "base": setup.base,
-                "event_idx": int(setup.event_idx),
-                "indirect": int(setup.indirect),
-                "desc_user_addr": setup.desc_user_addr,
-                "avail_user_addr": setup.avail_user_addr,
-                "used_user_addr": setup.used_user_addr,
-                "kick_fd": setup.kick_fd,
-                "call_fd": setup.call_fd,
-            },
-        )
+        cfg = vring_config(setup)
         rc = lib.vpv_blk_queue_start(self._handle, setup.index, cfg)
         if rc < 0:
-            raise ProtocolError(f"queue {setup.index} cannot start: {_strerror(rc)}")
+            raise ProtocolError(f"queue {setup.index} cannot start: {strerror(rc)}")
         self._started.add(setup.index)
 
     def stop_queue(self, index: int) -> int:
         rc = lib.vpv_blk_queue_stop(self._handle, index)
         self._started.discard(index)
         if rc < 0:
-            raise ProtocolError(f"queue {index} cannot stop: {_strerror(rc)}")
+            raise ProtocolError(f"queue {index} cannot stop: {strerror(rc)}")
         return int(rc)
 
     def process_queue(self, index: int) -> int:
@@ -223,8 +205,3 @@ _STAT_FIELDS = [
     name for name, _ in ffi.typeof("struct vpv_queue_stats").fields if not name.startswith("_")
 ]
 
-
-def _strerror(rc: int) -> str:
-    import os
-
-    return f"{os.strerror(-rc)} (errno {-rc})"

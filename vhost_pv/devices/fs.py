@@ -1,0 +1,137 @@
+"""virtio-fs: the metadata file system as a vhost-user-fs device.
+
+QEMU: `-chardev socket,id=m0,path=SOCK -device vhost-user-fs-pci,chardev=m0,tag=metadata`
+(QEMU keeps the tag and the config space itself); guest: `mount -t virtiofs metadata DIR`.
+Queue 0 is the high-priority queue (FORGET, INTERRUPT), queue 1 the request queue. The C
+side walks the rings (csrc/fs.c, the block device's hardened ring code); each request is a
+FUSE message answered by the handler on the daemon's event loop, when the queue's kick
+eventfd fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from vhost_pv._native import ffi, lib
+from vhost_pv.devices.native_ring import memory_table, strerror, vring_config
+from vhost_pv.protocol.channel import ProtocolError
+from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup
+
+log = logging.getLogger("vhost_pv.fs")
+
+Handler = Callable[[bytes, int], bytes | None]
+"""One FUSE request's bytes and the reply's room -> the reply, or None (no reply)."""
+
+
+class FsDevice:
+    """One frontend connection's virtio-fs device; implements protocol.DeviceBackend."""
+
+    def __init__(self, name: str, handler: Handler) -> None:
+        self.name = name
+        self.handler = handler
+        self._handle: Any = lib.vpv_fs_new()
+        if self._handle == ffi.NULL:
+            raise MemoryError("cannot allocate the virtio-fs device")
+        self._buffer = ffi.new("uint8_t[]", lib.VPV_FS_MAX_REQUEST)
+        self._head = ffi.new("uint32_t *")
+        self._writable = ffi.new("uint32_t *")
+        self._kick_fds: dict[int, int] = {}
+        self.requests = 0
+        self.bad_requests = 0
+        self.broken: set[int] = set()
+
+    # -- DeviceBackend ----------------------------------------------------------------------
+
+    def device_features(self) -> int:
+        return 0  # no virtio-fs feature bits (no DAX window, no notification queue)
+
+    def device_protocol_features(self) -> int:
+        return 0
+
+    def max_queues(self) -> int:
+        return int(lib.VPV_FS_MAX_QUEUES)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return bytes(size)  # QEMU answers the guest's config reads (tag) itself
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        log.info("%s: ignoring SET_CONFIG at offset %d (%d bytes)", self.name, offset, len(data))
+
+    def set_memory(self, regions: list[MemoryRegionSpec]) -> None:
+        rc = lib.vpv_fs_set_memory(self._handle, memory_table(regions), len(regions))
+        if rc < 0:
+            raise ProtocolError(f"memory table does not map: {strerror(rc)}")
+
+    def start_queue(self, setup: VringSetup) -> None:
+        rc = lib.vpv_fs_queue_start(self._handle, setup.index, vring_config(setup))
+        if rc < 0:
+            raise ProtocolError(f"queue {setup.index} cannot start: {strerror(rc)}")
+        self._kick_fds[setup.index] = setup.kick_fd
+        asyncio.get_running_loop().add_reader(setup.kick_fd, self._kicked, setup.index)
+        self._serve(setup.index)  # requests posted before the kick fd was watched
+
+    def stop_queue(self, index: int) -> int:
+        kick_fd = self._kick_fds.pop(index, None)
+        if kick_fd is not None:
+            asyncio.get_running_loop().remove_reader(kick_fd)
+        rc = lib.vpv_fs_queue_stop(self._handle, index)
+        if rc < 0:
+            raise ProtocolError(f"queue {index} cannot stop: {strerror(rc)}")
+        return int(rc)
+
+    def close(self) -> None:
+        if self._handle is None:
+            return
+        loop = asyncio.get_event_loop()
+        for kick_fd in self._kick_fds.values():
+            loop.remove_reader(kick_fd)
+        self._kick_fds.clear()
+        lib.vpv_fs_free(self._handle)
+        self._handle = None
+
+    def describe(self) -> dict[str, int]:
+        return {"requests": self.requests, "bad_requests": self.bad_requests, "broken": len(self.broken)}
+
+    # -- the queues -------------------------------------------------------------------------
+
+    def _kicked(self, index: int) -> None:
+        with contextlib.suppress(BlockingIOError, KeyError):
+            os.eventfd_read(self._kick_fds[index])
+        self._serve(index)
+
+    def _serve(self, index: int) -> None:
+        """Answer every request on the queue."""
+        if index in self.broken or self._handle is None:
+            return
+        while True:
+            n = lib.vpv_fs_pop(self._handle, index, self._buffer, lib.VPV_FS_MAX_REQUEST, self._head,
+                               self._writable)
+            if n == -errno.EAGAIN:  # empty, kicks re-enabled
+                return
+            if n == -errno.EBADMSG:  # a chain nobody can answer, given back empty
+                self.bad_requests += 1
+                log.warning("%s: queue %d: malformed descriptor chain given back empty", self.name, index)
+                continue
+            if n < 0:
+                self.broken.add(index)
+                log.error("%s: queue %d stopped: %s", self.name, index, strerror(n))
+                return
+            self.requests += 1
+            request = bytes(ffi.buffer(self._buffer, n))
+            room = int(self._writable[0])
+            try:
+                reply = self.handler(request, room)
+            except Exception:  # the handler must not take the connection down with it
+                log.exception("%s: FUSE handler failed", self.name)
+                reply = None
+            if reply is not None and len(reply) > room:
+                log.warning("%s: a %d-byte reply does not fit in %d bytes", self.name, len(reply), room)
+                reply = None
+            data = reply or b""
+            lib.vpv_fs_push(self._handle, index, self._head[0], data, len(data))
