@@ -33,7 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import dangling, loadgen_table
+from bench import dangling, loadgen_table, metadata_fs
 from bench.qsd import QsdProcess
 from vhost_pv.guest import VhostUserBlkDisk, ensure_guest_image, run_guest
 from vhost_pv.serverproc import ServerProcess
@@ -101,7 +101,7 @@ def run_round(
     return rows
 
 
-PARTS = ("loadgen-direct", "loadgen-buffered", "loadgen-dangling", "rss", "guest", "dangling")
+PARTS = ("loadgen-direct", "loadgen-buffered", "loadgen-dangling", "rss", "guest", "dangling", "metadata")
 ALIASES = {"loadgen": ("loadgen-direct", "loadgen-buffered", "loadgen-dangling"), "all": PARTS}
 
 
@@ -132,7 +132,24 @@ def mode_line(parts: set[str]) -> str:
         lines.append("  guest fio: host page cache on both backends (fio --direct=1 inside the guest)")
     if "dangling" in parts:
         lines.append("  guest dangling rows and flip latency: vhost-pv serve, host page cache")
+    if "metadata" in parts:
+        lines.append("  metadata fs: reads in a TCG guest, vhost-pv virtio-fs vs virtiofsd cache=none")
     return "\n".join(lines)
+
+
+def metadata_part(console: Console, summary: dict[str, Any]) -> None:
+    console.print("metadata file system: file reads in a guest ...")
+    with tempfile.TemporaryDirectory(prefix="vhost-pv-bench-") as tmp:
+        rows = metadata_fs.metadata_rows(Path(tmp))
+    table = Table(title="metadata file reads per second in a TCG guest (shell read loop, "
+                        f"{metadata_fs.READS} reads of instance/zone)")
+    for column in ("file system", "reads/s", "ratio"):
+        table.add_column(column, justify="left" if column == "file system" else "right")
+    table.add_row("vhost-pv virtio-fs (serve --meta-socket)", f"{rows['vhost-pv']:,.0f}",
+                  f"{rows['ratio']:.2f}x")
+    table.add_row("QEMU virtiofsd, cache=none, same content", f"{rows['virtiofsd']:,.0f}", "1.00x")
+    console.print(table)
+    summary["metadata_fs"] = rows
 
 
 def loadgen_parts(args: argparse.Namespace, parts: set[str], console: Console,
@@ -313,6 +330,8 @@ def main() -> int:
         attempt("guest fio", lambda: guest_part(args, console, summary, rounds_out, problems))
     if "dangling" in guest_parts:
         attempt("guest dangling", lambda: dangling_part(args, console, summary))
+    if "metadata" in parts:
+        attempt("metadata fs", lambda: metadata_part(console, summary))
 
     elapsed = time.monotonic() - started
     console.print(f"bench took {elapsed / 60:.1f} min; "
