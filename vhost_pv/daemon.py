@@ -166,7 +166,8 @@ class Daemon:
                 Command.META: self._cmd_meta,
             },
         )
-        self.metadata: MetadataStore | None = None
+        # The store exists from the start, whether or not anything serves it to the guest.
+        self.metadata = MetadataStore(config.vm, self._volume_metadata)
         self.meta_http: MetadataHttpServer | None = None
         self.meta_fs: FuseFileSystem | None = None
         self._meta_listener: socket.socket | None = None
@@ -232,7 +233,6 @@ class Daemon:
                 path, volume.header.capacity >> 20, ", read-only" if served.read_only else "",
                 ", O_DIRECT" if self.config.direct else "", served.socket_path,
             )
-        self.metadata = MetadataStore(self.config.vm, self._volume_metadata)
         if self.config.meta_http is not None:
             from vhost_pv.meta.http_server import MetadataHttpServer  # aiohttp.web: only when used
 
@@ -248,7 +248,7 @@ class Daemon:
             self.meta_fs = FuseFileSystem(self.metadata, policy)
             self._meta_listener = _listen(self.config.meta_socket)
             self._meta_accept = asyncio.create_task(self._accept_metadata_fs(), name="metadata-fs-accept")
-            self._meta_accept.add_done_callback(_log_watcher_end)
+            self._meta_accept.add_done_callback(_log_task_end)
             log.info("metadata file system of VM %s on %s", self.config.vm, self.config.meta_socket)
         # The control socket comes last: once it answers, everything else is up.
         await self.control.start()
@@ -256,7 +256,7 @@ class Daemon:
             await self.process_watcher.start()
         if self.engine_watcher is not None:
             task = asyncio.create_task(self.engine_watcher.run(), name="engine-watcher")
-            task.add_done_callback(_log_watcher_end)
+            task.add_done_callback(_log_task_end)
             self._watcher_tasks.append(task)
 
     def request_stop(self) -> None:
@@ -421,8 +421,7 @@ class Daemon:
             await asyncio.to_thread(served.volume.update, **changes)
             flip_ns = time.perf_counter_ns() - started
             served.guard.flipped(dangling)
-        if self.metadata is not None:
-            self.metadata.touch()  # volumes/<name>/state changed: wake long-polling readers
+        self.metadata.touch()  # volumes/<name>/state changed: wake long-polling readers
         log.warning("%s: %s by %s (%s) in %.3f ms", name,
                     "now DANGLING" if dangling else "dangling flag cleared",
                     source, reason or "no reason", flip_ns / 1e6)
@@ -533,8 +532,7 @@ class Daemon:
             )
             await asyncio.to_thread(clear_seal, volume.fd)
             served.guard.flipped(False)
-            if self.metadata is not None:
-                self.metadata.touch()
+            self.metadata.touch()
         self.alerts.raise_alert(
             "volume-reclaimed", name,
             f"{name} reclaimed by {owner.name or owner.container} ({mode.name.lower()})",
@@ -684,7 +682,6 @@ class Daemon:
         if len(value) != request.value_len:
             raise CommandError(errno.EINVAL, f"META says {request.value_len} value bytes, sent {len(value)}")
         store = self.metadata
-        assert store is not None
         if request.vm != store.vm:
             raise CommandError(errno.ENOENT, f"this daemon serves the metadata of VM {store.vm!r}, "
                                f"not {request.vm!r}")
@@ -797,7 +794,7 @@ class Daemon:
                 "vm": self.config.vm,
                 "http": f"{self.meta_http.host}:{self.meta_http.port}" if self.meta_http else None,
                 "http_refused": self.meta_http.refused if self.meta_http else 0,
-                "version": self.metadata.version if self.metadata else 0,
+                "version": self.metadata.version,
             },
             "watchers": {
                 "engine": self.engine_watcher.describe() if self.engine_watcher else None,
@@ -806,7 +803,8 @@ class Daemon:
         }
 
 
-def _log_watcher_end(task: asyncio.Task[None]) -> None:
+def _log_task_end(task: asyncio.Task[None]) -> None:
+    """A background task (a watcher, the metadata fs listener) ended by an error: say so."""
     if not task.cancelled() and task.exception() is not None:
         log.error("%s ended: %r; what it served is gone until the daemon restarts",
                   task.get_name(), task.exception())

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from vhost_pv.meta.store import MetadataError, MetadataStore, Tree
+from vhost_pv.meta.store import MetadataError, MetadataStore, Tree, listing
 
 log = logging.getLogger("vhost_pv.meta.http")
 
@@ -128,8 +128,7 @@ class MetadataHttpServer:
         if query.get("recursive") == "true" or query.get("alt") == "json":
             return web.Response(text=json.dumps(_jsonable(node), sort_keys=True), headers=headers,
                                 content_type="application/json")
-        listing = sorted(f"{k}/" if isinstance(v, dict) else k for k, v in node.items())
-        return web.Response(text="".join(f"{name}\n" for name in listing), headers=headers)
+        return web.Response(text="".join(f"{name}\n" for name in listing(node)), headers=headers)
 
 
 def _jsonable(node: Tree) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class MetadataError(Exception):
 def split_path(path: str) -> list[str]:
     """'instance/zone' -> ['instance', 'zone']; '' -> []. Refuses '..', '.', empty or
     over-long segments, and keys outside [A-Za-z0-9._-]."""
-    parts = [p for p in path.strip("/").split("/")] if path.strip("/") else []
+    parts = path.strip("/").split("/") if path.strip("/") else []
     for part in parts:
         if part in ("", ".", ".."):
             raise MetadataError(400, "path segments may not be empty, '.' or '..'")
@@ -49,6 +49,11 @@ def split_path(path: str) -> list[str]:
         if not _KEY.match(part):
             raise MetadataError(400, f"{part[:40]!r} is not a valid key (A-Z a-z 0-9 . _ -)")
     return parts
+
+
+def listing(directory: Tree) -> list[str]:
+    """A directory's entries, sorted, subdirectories with a trailing '/'."""
+    return sorted(f"{k}/" if isinstance(v, dict) else k for k, v in directory.items())
 
 
 class MetadataStore:
@@ -133,7 +138,7 @@ class MetadataStore:
         node = self.lookup(path)
         if not isinstance(node, dict):
             raise MetadataError(400, "not a directory")
-        return sorted(f"{k}/" if isinstance(v, dict) else k for k, v in node.items())
+        return listing(node)
 
     def _writable(self, path: str) -> tuple[str, str]:
         parts = split_path(path)
