@@ -23,6 +23,7 @@
 #include <linux/falloc.h>
 #include <poll.h>
 #include <pthread.h>
+#include <setjmp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -94,6 +95,16 @@ struct vpv_queue {
     uint32_t unsubmitted;     /* prepared since the last io_uring_submit */
     int uring_efd;            /* eventfd the io_uring signals completions on, or -1 */
     uint16_t notify_checked_used; /* used->idx when notify() last looked */
+    int in_round;             /* holds the volume's flip lock (read side): a fault releases it */
+    int quarantined;          /* execute(): the request became a ring record (deferred push) */
+    uint32_t ndeferred;
+    struct deferred_push {    /* quarantined requests of the round, acknowledged at its end */
+        uint16_t head;
+        uint8_t status;
+        uint8_t *status_ptr;
+    } deferred[VPV_ASYNC_SLOTS];
+    uint8_t *bounce;          /* a write's payload copied out of guest memory (dangling) */
+    size_t bounce_size;
 };
 
 struct vpv_blk {
@@ -107,6 +118,7 @@ struct vpv_blk {
     uint32_t source;           /* connection id, recorded in ring records and events */
     uint8_t serial[VPV_SERIAL_BYTES];
     struct vpv_memory mem;
+    int broken_fd;             /* eventfd: a queue broke, the control plane ends the connection */
     struct vpv_queue queues[VPV_MAX_QUEUES];
 };
 
@@ -114,12 +126,62 @@ struct vpv_blk {
 
 static void async_teardown(struct vpv_queue *q);
 
+/* Interrupt the driver through its call eventfd without ever blocking. The fd is
+ * non-blocking (vpv_blk_queue_start): a full counter (a frontend that never reads it, or one
+ * that filled it on purpose) gives EAGAIN, and then an interrupt is pending anyway. */
+static int signal_call(struct vpv_queue *q, int fd)
+{
+    uint64_t one = 1;
+    if (write(fd, &one, sizeof(one)) == sizeof(one))
+        return 1;
+    if (errno == EAGAIN)
+        STAT_ADD(q, calls_saturated, 1);
+    return 0;
+}
+
+/* The frontend's kick and call eventfds are read and written by the worker, which must
+ * never block on them (a blocked worker blocks the stop that joins it, on the event loop).
+ * O_NONBLOCK is a flag of the open file description, which the frontend shares: QEMU creates
+ * its eventfds with EFD_NONBLOCK itself, so nothing changes for it. The control plane sets
+ * it too (session.py); this keeps the C side safe on its own. */
+static int set_nonblocking(int fd)
+{
+    if (fd < 0)
+        return 0;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0))
+        return -errno;
+    return 0;
+}
+
+/* A queue stopped serving (corrupt ring, lost memory): tell the control plane. */
+static void report_broken(struct vpv_queue *q)
+{
+    __atomic_store_n(&q->stats.broken, 1, __ATOMIC_RELAXED);
+    uint64_t one = 1;
+    if (write(q->blk->broken_fd, &one, sizeof(one)) < 0) {
+        /* EAGAIN: saturated, it is readable already. */
+    }
+}
+
+int vpv_blk_broken_fd(struct vpv_blk *blk)
+{
+    return blk->broken_fd;
+}
+
 struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_t *serial,
                             uint32_t source, int direct_fd, int *err)
 {
+    vpv_guard_install();
     struct vpv_blk *blk = calloc(1, sizeof(*blk));
     if (!blk) {
         *err = -ENOMEM;
+        return NULL;
+    }
+    blk->broken_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (blk->broken_fd < 0) {
+        *err = -errno;
+        free(blk);
         return NULL;
     }
     blk->vol = vol;
@@ -150,8 +212,10 @@ void vpv_blk_free(struct vpv_blk *blk)
     for (uint32_t i = 0; i < VPV_MAX_QUEUES; i++) {
         vpv_blk_queue_stop(blk, i);
         async_teardown(&blk->queues[i]);   /* a queue whose start failed after async_setup */
+        free(blk->queues[i].bounce);
     }
     vpv_memory_unmap(&blk->mem);
+    close(blk->broken_fd);
     free(blk);
 }
 
@@ -337,10 +401,34 @@ static uint8_t quarantine(struct vpv_queue *q, const struct blk_req_header *hdr,
                           size_t payload_len)
 {
     uint64_t seq = 0;
+    /* Copy the payload out of guest memory here, before vpv_volume_ring_append takes the
+     * ring's mutex: memory that vanishes under us faults in this copy (the SIGBUS guard
+     * jumps out of it), never while a lock other queues need is held. A payload larger than
+     * the whole ring is refused by the append before it reads a byte. */
+    struct iovec copy;
+    if (payload_len <= q->blk->vol->super.area_size) {
+        if (q->bounce_size < payload_len) {
+            uint8_t *b = realloc(q->bounce, payload_len);
+            if (!b) {
+                STAT_ADD(q, quarantine_refused, 1);
+                post_event(q, hdr, length, VPV_EVENT_RING_ERROR, 0);
+                return VIRTIO_BLK_S_IOERR;
+            }
+            q->bounce = b;
+            q->bounce_size = payload_len;
+        }
+        copy.iov_base = q->bounce;
+        copy.iov_len = iov_copy_out(iov, n, 0, q->bounce, payload_len);
+        iov = &copy;
+        n = 1;
+    }
     int err = vpv_volume_ring_append(q->blk->vol, type, (uint16_t)q->index, q->blk->source, sector,
                                      length > UINT32_MAX ? UINT32_MAX : (uint32_t)length, iov, n,
                                      payload_len, &seq);
     if (err == 0) {
+        /* Acknowledged only once the superblock covering the record is in the file
+         * (publish_deferred, at the end of the round). */
+        q->quarantined = 1;
         STAT_ADD(q, quarantined, 1);
         post_event(q, hdr, length, VPV_EVENT_QUARANTINED, seq);
         return VIRTIO_BLK_S_OK;
@@ -562,7 +650,11 @@ static void complete(struct vpv_queue *q, uint16_t head, uint8_t *status_ptr, ui
 }
 
 /* One io_uring completion: short transfers are finished, and a request O_DIRECT refused
- * for its alignment is done again through the page cache, both synchronously. */
+ * for its alignment is done again through the page cache, both synchronously. The slot is
+ * released before the status byte and used entry go to guest memory, so a fault there (the
+ * memory vanished) leaves the slot bookkeeping and the volume's in-flight count right. */
+static void async_release(struct vpv_queue *q, struct async_slot *slot);
+
 static void async_complete(struct vpv_queue *q, struct async_slot *slot, int res)
 {
     uint8_t status = VIRTIO_BLK_S_OK;
@@ -588,7 +680,11 @@ static void async_complete(struct vpv_queue *q, struct async_slot *slot, int res
         else
             STAT_ADD(q, bytes_read, slot->len);
     }
-    complete(q, slot->head, slot->status_ptr, status, slot->write ? 0 : (uint32_t)slot->len);
+    uint16_t head = slot->head;
+    uint8_t *status_ptr = slot->status_ptr;
+    uint32_t written = slot->write ? 0 : (uint32_t)slot->len;
+    async_release(q, slot);
+    complete(q, head, status_ptr, status, written);
 }
 
 static void async_release(struct vpv_queue *q, struct async_slot *slot)
@@ -630,8 +726,10 @@ static uint32_t async_reap(struct vpv_queue *q, uint32_t wait)
             for (uint32_t i = 0; i < VPV_ASYNC_SLOTS; i++) {
                 struct async_slot *slot = &q->slots[i];
                 if (slot->status_ptr) {
-                    complete(q, slot->head, slot->status_ptr, VIRTIO_BLK_S_IOERR, 0);
+                    uint16_t head = slot->head;
+                    uint8_t *status_ptr = slot->status_ptr;
                     async_release(q, slot);
+                    complete(q, head, status_ptr, VIRTIO_BLK_S_IOERR, 0);
                     done++;
                 }
             }
@@ -640,11 +738,35 @@ static uint32_t async_reap(struct vpv_queue *q, uint32_t wait)
         struct async_slot *slot = io_uring_cqe_get_data(cqe);
         int res = cqe->res;
         io_uring_cqe_seen(&q->uring, cqe);
-        async_complete(q, slot, res);
-        async_release(q, slot);
+        async_complete(q, slot, res);   /* releases the slot */
         done++;
     }
     return done;
+}
+
+/* A broken queue's requests still in flight: wait for each (the kernel finishes I/O into
+ * memory that vanished with EFAULT, it does not hang) and free its slot without touching
+ * guest memory; nothing is published on a broken ring. */
+static void async_abandon(struct vpv_queue *q)
+{
+    if (!q->slots)
+        return;
+    async_submit(q);
+    while (q->inflight > 0) {
+        struct io_uring_cqe *cqe;
+        int rc = io_uring_wait_cqe(&q->uring, &cqe);
+        if (rc == -EINTR)
+            continue;
+        if (rc < 0) {
+            for (uint32_t i = 0; i < VPV_ASYNC_SLOTS; i++)
+                if (q->slots[i].status_ptr)
+                    async_release(q, &q->slots[i]);
+            break;
+        }
+        struct async_slot *slot = io_uring_cqe_get_data(cqe);
+        io_uring_cqe_seen(&q->uring, cqe);
+        async_release(q, slot);
+    }
 }
 
 /* Wait for everything this queue has in flight. */
@@ -652,8 +774,46 @@ static void async_drain(struct vpv_queue *q)
 {
     if (!q->slots)
         return;
+    if (__atomic_load_n(&q->stats.broken, __ATOMIC_RELAXED)) {
+        async_abandon(q);
+        return;
+    }
     async_submit(q);
     async_reap(q, q->inflight);
+}
+
+/* Publish the quarantined requests of this round: first the ring's superblock, which makes
+ * their records part of the ring in the file, then their used entries. A used entry
+ * published before would let a crash (kill -9: the page cache survives, our cached
+ * superblock does not) lose a write the guest saw complete. One superblock write per round,
+ * not per record. */
+static void publish_deferred(struct vpv_queue *q)
+{
+    if (q->ndeferred == 0)
+        return;
+    int err = vpv_volume_ring_sync(q->blk->vol);
+    uint32_t n = q->ndeferred;
+    q->ndeferred = 0;   /* before touching guest memory: a fault must not publish them again */
+    for (uint32_t i = 0; i < n; i++) {
+        struct deferred_push *d = &q->deferred[i];
+        complete(q, d->head, d->status_ptr, err ? VIRTIO_BLK_S_IOERR : d->status, 0);
+    }
+}
+
+/* Guest memory vanished under the worker (SIGBUS caught by the guard, which jumped here out
+ * of whatever touched it). Release what the worker holds, abandon its I/O, mark the queue
+ * broken and tell the control plane; the worker then waits for its stop. Quarantined records
+ * stay in the ring (they were appended); their completions are lost with the memory. */
+static void queue_fault(struct vpv_queue *q)
+{
+    if (q->in_round) {
+        q->in_round = 0;
+        vpv_volume_end_request(q->blk->vol);
+    }
+    q->ndeferred = 0;
+    STAT_ADD(q, guest_faults, 1);
+    report_broken(q);   /* async_drain abandons from now on */
+    async_abandon(q);
 }
 
 /* Drain the ring once, in rounds. Returns requests taken (completed or in flight) or -EIO
@@ -667,6 +827,7 @@ static int process_ring(struct vpv_queue *q)
     while (more) {
         /* A round under the flip lock: a flip lands between two rounds. */
         vpv_volume_begin_request(q->blk->vol);
+        q->in_round = 1;
         for (uint32_t round = 0; round < VPV_ASYNC_SLOTS; round++) {
             if (q->slots && q->free_slot == VPV_ASYNC_SLOTS) {
                 more = 0;   /* all slots busy: the rest waits for completions */
@@ -678,9 +839,11 @@ static int process_ring(struct vpv_queue *q)
                 break;
             }
             if (r == VPV_POP_BROKEN) {
+                publish_deferred(q);
                 async_drain(q);
+                q->in_round = 0;
                 vpv_volume_end_request(q->blk->vol);
-                __atomic_store_n(&q->stats.broken, 1, __ATOMIC_RELAXED);
+                report_broken(q);
                 return -EIO;
             }
             STAT_ADD(q, requests, 1);
@@ -702,7 +865,13 @@ static int process_ring(struct vpv_queue *q)
                 STAT_ADD(q, bad_requests, 1);
                 status = VIRTIO_BLK_S_IOERR;
             } else {
+                q->quarantined = 0;
                 status = execute(q, c, &written, &slot);
+                if (q->quarantined) {
+                    q->deferred[q->ndeferred++] =
+                        (struct deferred_push){.head = c->head, .status = status, .status_ptr = status_ptr};
+                    continue;
+                }
             }
             if (status == STATUS_PENDING) {
                 slot->head = c->head;
@@ -713,6 +882,8 @@ static int process_ring(struct vpv_queue *q)
         }
         /* Submitted inside the round: a write is counted in flight before a flip can run. */
         async_submit(q);
+        publish_deferred(q);
+        q->in_round = 0;
         vpv_volume_end_request(q->blk->vol);
     }
     __atomic_store_n(&q->stats.last_avail_idx, q->vr.last_avail_idx, __ATOMIC_RELAXED);
@@ -728,11 +899,8 @@ static void notify(struct vpv_queue *q)
     if (q->vr.used_idx == q->notify_checked_used)
         return;
     q->notify_checked_used = q->vr.used_idx;
-    if (q->call_fd >= 0 && vpv_vring_should_notify(&q->vr)) {
-        uint64_t one = 1;
-        if (write(q->call_fd, &one, sizeof(one)) == sizeof(one))
-            STAT_ADD(q, notifications, 1);
-    }
+    if (q->call_fd >= 0 && vpv_vring_should_notify(&q->vr) && signal_call(q, q->call_fd))
+        STAT_ADD(q, notifications, 1);
 }
 
 /* One pass: take what is available, complete what finished, notify. Returns requests
@@ -762,20 +930,30 @@ int vpv_blk_queue_process(struct vpv_blk *blk, uint32_t index)
     struct vpv_queue *q = &blk->queues[index];
     if (q->stats.broken)
         return -EIO;
+    /* In the caller's thread: guarded like a worker's passes. */
+    sigjmp_buf env;
+    sigjmp_buf *prev = vpv_guard_arm(NULL);
+    if (sigsetjmp(env, 0)) {
+        vpv_guard_restore(prev);
+        queue_fault(q);
+        return -EFAULT;
+    }
+    vpv_guard_arm(&env);
     int total = 0;
     int n;
     /* Called without a worker (tests, no kick fd): finish everything before returning. */
     do {
         n = queue_pass(q);
         if (n < 0)
-            return n;
+            break;
         total += n;
         if (q->inflight > 0) {
             async_drain(q);
             notify(q);
         }
     } while (n > 0 && vpv_vring_avail_pending(&q->vr));
-    return total;
+    vpv_guard_restore(prev);
+    return n < 0 ? n : total;
 }
 
 /* How long a queue may sit idle before the watchdog looks at it. */
@@ -796,8 +974,7 @@ static void watchdog(struct vpv_queue *q)
     /* used_event is where the driver stopped reading; more than that is published. */
     if (unseen == 0 || unseen > vr->num)
         return;
-    uint64_t one = 1;
-    if (write(q->call_fd, &one, sizeof(one)) == sizeof(one))
+    if (signal_call(q, q->call_fd))
         STAT_ADD(q, watchdog_notifications, 1);
 }
 
@@ -853,17 +1030,18 @@ static int poll_work(struct vpv_queue *q, uint64_t window_ns)
     return 0;
 }
 
-static void *queue_worker(void *arg)
+/* The worker's loop, until the stop. A broken queue only waits for its stop. */
+static void worker_loop(struct vpv_queue *q)
 {
-    struct vpv_queue *q = arg;
+    int broken = __atomic_load_n(&q->stats.broken, __ATOMIC_RELAXED);
     struct pollfd fds[3] = {
-        {.fd = q->kick_fd, .events = POLLIN},
+        {.fd = broken ? -1 : q->kick_fd, .events = POLLIN},
         {.fd = q->stop_fd, .events = POLLIN},
-        {.fd = q->uring_efd, .events = POLLIN},   /* -1 (ignored) without an io_uring */
+        {.fd = broken ? -1 : q->uring_efd, .events = POLLIN},   /* -1 (ignored) without an io_uring */
     };
     uint64_t poll_ns = 0;
     /* A kick may have been sent before we started polling: look once up front. */
-    if (queue_pass(q) == -EIO)
+    if (!broken && queue_pass(q) == -EIO)
         fds[0].fd = -1;
     for (;;) {
         if (poll_ns && fds[0].fd >= 0 && poll_work(q, poll_ns)) {
@@ -916,6 +1094,20 @@ static void *queue_worker(void *arg)
     }
     /* Guest memory is unmapped after the stop: nothing may still be in flight into it. */
     async_drain(q);
+}
+
+static void *queue_worker(void *arg)
+{
+    struct vpv_queue *q = arg;
+    /* Every pass over guest memory runs under the SIGBUS guard: a frontend that shrinks its
+     * memory file breaks this queue, not the process. The whole loop is armed (a TLS store,
+     * once); a fault lands here, then the loop runs again and only waits for the stop. */
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0))
+        queue_fault(q);
+    vpv_guard_arm(&env);
+    worker_loop(q);
+    vpv_guard_restore(NULL);
     return NULL;
 }
 
@@ -975,15 +1167,16 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     q->notify_checked_used = q->vr.used_idx;
     q->kick_fd = cfg->kick_fd;
     q->call_fd = cfg->call_fd;
+    q->in_round = 0;
+    q->ndeferred = 0;
+    if ((err = set_nonblocking(cfg->kick_fd)) != 0 || (err = set_nonblocking(cfg->call_fd)) != 0)
+        return err;
     q->started = 1;
     /* A queue resumed after a stop (new call fd, memory table, ...) may have completions
      * whose interrupt went to the old call fd: interrupt once. The driver checks the used
      * ring, so a spurious interrupt costs nothing, a lost one hangs its I/O. */
-    if (q->call_fd >= 0 && q->vr.used_idx != 0) {
-        uint64_t one = 1;
-        if (write(q->call_fd, &one, sizeof(one)) == sizeof(one))
-            STAT_ADD(q, notifications, 1);
-    }
+    if (q->call_fd >= 0 && q->vr.used_idx != 0 && signal_call(q, q->call_fd))
+        STAT_ADD(q, notifications, 1);
     q->has_thread = 0;
     if (cfg->kick_fd < 0)
         return 0;
@@ -1058,5 +1251,7 @@ int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_st
     out->running = __atomic_load_n(&s->running, __ATOMIC_RELAXED);
     out->broken = __atomic_load_n(&s->broken, __ATOMIC_RELAXED);
     out->_pad = 0;
+    out->guest_faults = __atomic_load_n(&s->guest_faults, __ATOMIC_RELAXED);
+    out->calls_saturated = __atomic_load_n(&s->calls_saturated, __ATOMIC_RELAXED);
     return 0;
 }

@@ -10,6 +10,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -18,6 +20,7 @@
 
 struct vpv_fs_queue {
     int started;
+    int broken;               /* its guest memory vanished: nothing touches it any more */
     int has_chain;            /* a popped chain waits for its reply */
     int call_fd;
     struct vpv_vring vr;
@@ -31,6 +34,7 @@ struct vpv_fs {
 
 struct vpv_fs *vpv_fs_new(void)
 {
+    vpv_guard_install();
     return calloc(1, sizeof(struct vpv_fs));
 }
 
@@ -60,8 +64,16 @@ int vpv_fs_queue_start(struct vpv_fs *fs, uint32_t index, const struct vpv_vring
     int err = vpv_vring_init(&q->vr, &fs->mem, cfg);
     if (err)
         return err;
+    /* The call fd is written on the event loop thread: it must never block it (see
+     * set_nonblocking in blk.c; the control plane sets O_NONBLOCK too). */
+    if (cfg->call_fd >= 0) {
+        int fl = fcntl(cfg->call_fd, F_GETFL);
+        if (fl < 0 || fcntl(cfg->call_fd, F_SETFL, fl | O_NONBLOCK) < 0)
+            return -errno;
+    }
     q->call_fd = cfg->call_fd;
     q->has_chain = 0;
+    q->broken = 0;
     q->started = 1;
     return 0;
 }
@@ -71,8 +83,15 @@ int vpv_fs_queue_stop(struct vpv_fs *fs, uint32_t index)
     if (index >= VPV_FS_MAX_QUEUES || !fs->queues[index].started)
         return -EINVAL;
     struct vpv_fs_queue *q = &fs->queues[index];
-    if (q->has_chain)   /* never answered: give the buffers back empty */
-        vpv_vring_push(&q->vr, q->chain.head, 0);
+    if (q->has_chain && !q->broken) {   /* never answered: give the buffers back empty */
+        sigjmp_buf env;
+        sigjmp_buf *prev = vpv_guard_arm(NULL);
+        if (sigsetjmp(env, 0) == 0) {
+            vpv_guard_arm(&env);
+            vpv_vring_push(&q->vr, q->chain.head, 0);
+        }
+        vpv_guard_restore(prev);
+    }
     q->started = 0;
     q->has_chain = 0;
     q->call_fd = -1;
@@ -83,9 +102,16 @@ static void notify(struct vpv_fs_queue *q)
 {
     if (q->call_fd >= 0 && vpv_vring_should_notify(&q->vr)) {
         uint64_t one = 1;
-        (void)!write(q->call_fd, &one, sizeof(one));
+        (void)!write(q->call_fd, &one, sizeof(one));   /* EAGAIN: an interrupt is pending */
     }
 }
+
+/* pop and push run on the daemon's event loop thread: a fault in guest memory (the frontend
+ * shrank its memory file) must end this connection, not the process. Each runs its body
+ * under the SIGBUS guard; a fault breaks the queue and returns -EFAULT. */
+static int fs_pop_body(struct vpv_fs *fs, struct vpv_fs_queue *q, uint8_t *buf, uint32_t cap,
+                      uint32_t *head, uint32_t *writable);
+static int fs_push_body(struct vpv_fs_queue *q, uint32_t head, const uint8_t *reply, uint32_t len);
 
 int vpv_fs_pop(struct vpv_fs *fs, uint32_t index, uint8_t *buf, uint32_t cap, uint32_t *head,
                uint32_t *writable)
@@ -93,8 +119,48 @@ int vpv_fs_pop(struct vpv_fs *fs, uint32_t index, uint8_t *buf, uint32_t cap, ui
     if (index >= VPV_FS_MAX_QUEUES || !fs->queues[index].started)
         return -EINVAL;
     struct vpv_fs_queue *q = &fs->queues[index];
+    if (q->broken)
+        return -EIO;
     if (q->has_chain)
         return -EBUSY;   /* the previous request has not been answered */
+    sigjmp_buf env;
+    sigjmp_buf *prev = vpv_guard_arm(NULL);
+    if (sigsetjmp(env, 0)) {
+        vpv_guard_restore(prev);
+        q->broken = 1;
+        q->has_chain = 0;
+        return -EFAULT;
+    }
+    vpv_guard_arm(&env);
+    int rc = fs_pop_body(fs, q, buf, cap, head, writable);
+    vpv_guard_restore(prev);
+    return rc;
+}
+
+int vpv_fs_push(struct vpv_fs *fs, uint32_t index, uint32_t head, const uint8_t *reply, uint32_t len)
+{
+    if (index >= VPV_FS_MAX_QUEUES || !fs->queues[index].started)
+        return -EINVAL;
+    struct vpv_fs_queue *q = &fs->queues[index];
+    if (q->broken)
+        return -EIO;
+    sigjmp_buf env;
+    sigjmp_buf *prev = vpv_guard_arm(NULL);
+    if (sigsetjmp(env, 0)) {
+        vpv_guard_restore(prev);
+        q->broken = 1;
+        q->has_chain = 0;
+        return -EFAULT;
+    }
+    vpv_guard_arm(&env);
+    int rc = fs_push_body(q, head, reply, len);
+    vpv_guard_restore(prev);
+    return rc;
+}
+
+static int fs_pop_body(struct vpv_fs *fs, struct vpv_fs_queue *q, uint8_t *buf, uint32_t cap,
+                      uint32_t *head, uint32_t *writable)
+{
     for (;;) {
         vpv_vring_disable_kicks(&q->vr);
         enum vpv_pop r = vpv_vring_pop(&q->vr, &fs->mem, &q->chain);
@@ -124,11 +190,8 @@ int vpv_fs_pop(struct vpv_fs *fs, uint32_t index, uint8_t *buf, uint32_t cap, ui
     }
 }
 
-int vpv_fs_push(struct vpv_fs *fs, uint32_t index, uint32_t head, const uint8_t *reply, uint32_t len)
+static int fs_push_body(struct vpv_fs_queue *q, uint32_t head, const uint8_t *reply, uint32_t len)
 {
-    if (index >= VPV_FS_MAX_QUEUES || !fs->queues[index].started)
-        return -EINVAL;
-    struct vpv_fs_queue *q = &fs->queues[index];
     struct vpv_chain *c = &q->chain;
     if (!q->has_chain || c->head != head)
         return -ENOENT;

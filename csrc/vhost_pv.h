@@ -97,8 +97,10 @@ struct vpv_queue_stats {
     uint64_t direct_fallbacks; /* requests O_DIRECT refused (alignment), served buffered */
     uint16_t last_avail_idx;
     uint16_t running;
-    uint16_t broken;          /* the ring itself was corrupt; the queue stopped */
+    uint16_t broken;          /* the ring was corrupt or its memory vanished; the queue stopped */
     uint16_t _pad;
+    uint64_t guest_faults;    /* guest memory vanished under the queue (SIGBUS caught) */
+    uint64_t calls_saturated; /* interrupts not sent: the call eventfd was full (one is pending) */
 };
 
 /* Where a volume's regions are and how it behaves while dangling. */
@@ -194,6 +196,9 @@ int vpv_blk_queue_stop(struct vpv_blk *blk, uint32_t index);
  * Returns the number of requests completed, or a negative errno if the ring is broken. */
 int vpv_blk_queue_process(struct vpv_blk *blk, uint32_t index);
 int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_stats *out);
+/* An eventfd (non-blocking, owned by the device) that becomes readable when a queue breaks
+ * (corrupt ring, guest memory gone): the control plane then ends the connection. */
+int vpv_blk_broken_fd(struct vpv_blk *blk);
 
 /* -- virtio-fs queues (fs.c): the metadata file system ---------------------------------------
  * The rings are walked by the block device's code; each request is answered in Python
@@ -213,10 +218,13 @@ int vpv_fs_queue_stop(struct vpv_fs *fs, uint32_t index);
 /* The next request: its readable bytes into buf (at most cap), *head, and how many bytes the
  * reply may have (*writable). Returns the byte count, -EAGAIN (ring empty, kicks re-enabled),
  * -EBADMSG (a chain that cannot be answered was given back empty), -EBUSY (the previous
- * request was not pushed yet) or -EIO (the ring itself is corrupt). */
+ * request was not pushed yet) or -EIO (the ring itself is corrupt). -EFAULT: guest memory
+ * vanished under the queue (the frontend shrank its memory file); the queue is broken from
+ * then on (-EIO), and the connection should end. */
 int vpv_fs_pop(struct vpv_fs *fs, uint32_t index, uint8_t *buf, uint32_t cap, uint32_t *head,
                uint32_t *writable);
-/* Answer the request popped last on that queue; returns bytes written into its buffers. */
+/* Answer the request popped last on that queue; returns bytes written into its buffers, or
+ * -EFAULT (guest memory vanished, as for vpv_fs_pop). */
 int vpv_fs_push(struct vpv_fs *fs, uint32_t index, uint32_t head, const uint8_t *reply, uint32_t len);
 
 /* -- Load generator (loadgen.c): the data path of a vhost-user-blk *frontend* --------------

@@ -8,11 +8,80 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
 #include "vring.h"
+
+/* -- SIGBUS guard (see vring.h) -------------------------------------------------------------- */
+
+static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
+static struct sigaction guard_previous;
+static uint64_t guard_fault_count;
+/* initial-exec: the handler reads this with one %fs-relative load. The general TLS model of a
+ * dlopen'ed library may call __tls_get_addr, which can allocate on a thread's first access
+ * and is not async-signal-safe; one pointer fits glibc's static TLS reserve for dlopen. */
+static __thread sigjmp_buf *guard_env __attribute__((tls_model("initial-exec")));
+
+static void guard_handler(int sig, siginfo_t *info, void *uctx)
+{
+    (void)uctx;
+    sigjmp_buf *env = guard_env;
+    if (env && info->si_code > 0) {   /* a fault on a guarded thread, not a kill(SIGBUS) */
+        guard_env = NULL;             /* a second fault before re-arming is a real crash */
+        __atomic_fetch_add(&guard_fault_count, 1, __ATOMIC_RELAXED);
+        siglongjmp(*env, 1);
+    }
+    /* Not a guest memory access: behave exactly as without the guard. Put the previous
+     * disposition back; returning re-executes the faulting instruction, which now gets it
+     * (normally the default: a core dump). A SIGBUS sent by kill() is sent again. */
+    sigaction(SIGBUS, &guard_previous, NULL);
+    if (info->si_code <= 0)
+        raise(sig);
+}
+
+static void guard_install_once(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = guard_handler;
+    sigemptyset(&sa.sa_mask);
+    /* SA_NODEFER: SIGBUS is not added to the mask while the handler runs, so leaving it by
+     * siglongjmp to a sigsetjmp(env, 0) (which does not restore the mask, and so costs no
+     * system call per arm) leaves SIGBUS unblocked for the next fault. */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigaction(SIGBUS, &sa, &guard_previous);
+}
+
+void vpv_guard_install(void)
+{
+    pthread_once(&guard_once, guard_install_once);
+}
+
+sigjmp_buf *vpv_guard_arm(sigjmp_buf *env)
+{
+    sigjmp_buf *prev = guard_env;
+    /* The jump buffer must be complete before the handler can see it. */
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    guard_env = env;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    return prev;
+}
+
+void vpv_guard_restore(sigjmp_buf *prev)
+{
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    guard_env = prev;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+uint64_t vpv_guard_faults(void)
+{
+    return __atomic_load_n(&guard_fault_count, __ATOMIC_RELAXED);
+}
 
 int vpv_memory_map(struct vpv_memory *mem, const struct vpv_mem_region_desc *regions,
                    uint32_t count)
@@ -41,6 +110,12 @@ int vpv_memory_map(struct vpv_memory *mem, const struct vpv_mem_region_desc *reg
             vpv_memory_unmap(mem);
             return -EINVAL;
         }
+        /* The size checked above is only a snapshot: the frontend can shrink the file later.
+         * A memfd sealed with F_SEAL_SHRINK (QEMU's memory-backend-memfd seals by default)
+         * cannot shrink, but memory-backend-file on /dev/shm or hugetlbfs cannot be sealed,
+         * an unsealed memfd is just as valid, and a hostile frontend does not seal. So every
+         * access to guest memory runs under the SIGBUS guard (vpv_guard_arm) whatever the
+         * seals say; they would only save a guard nobody pays for (arming is a TLS store). */
         void *base = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, d->fd, 0);
         if (base == MAP_FAILED) {
             int err = -errno;
@@ -116,8 +191,21 @@ int vpv_vring_init(struct vpv_vring *vr, const struct vpv_memory *mem,
     vr->event_idx = cfg->event_idx;
     vr->indirect = cfg->indirect;
     vr->last_avail_idx = cfg->base;
-    /* Resume where the used ring is; on a fresh ring both are zero. */
+    /* Resume where the used ring is; on a fresh ring both are zero. This is the first touch
+     * of the rings, on the control plane's thread: memory that vanished since SET_MEM_TABLE
+     * refuses the start instead of killing the process. */
+    sigjmp_buf env;
+    sigjmp_buf *prev = vpv_guard_arm(NULL);   /* set before sigsetjmp: valid after a jump */
+    if (sigsetjmp(env, 0)) {
+        vpv_guard_restore(prev);
+        memset(vr, 0, sizeof(*vr));
+        return -EFAULT;
+    }
+    vpv_guard_arm(&env);
     vr->used_idx = __atomic_load_n(&vr->used->idx, __ATOMIC_ACQUIRE);
+    (void)__atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
+    (void)__atomic_load_n(&vr->desc[0].flags, __ATOMIC_RELAXED);
+    vpv_guard_restore(prev);
     vr->signalled_valid = 0;
     return 0;
 }

@@ -5,6 +5,7 @@
 #ifndef VHOST_PV_VRING_H
 #define VHOST_PV_VRING_H
 
+#include <setjmp.h>
 #include <stdint.h>
 #include <sys/uio.h>
 
@@ -111,6 +112,34 @@ int vpv_vring_enable_kicks(struct vpv_vring *vr);
 void vpv_vring_disable_kicks(struct vpv_vring *vr);
 /* Has the driver made requests available that were not popped yet? */
 int vpv_vring_avail_pending(struct vpv_vring *vr);
+
+/* -- guest memory that vanishes under us ------------------------------------------------------
+ *
+ * Guest memory is a file the frontend owns. If it shrinks that file after SET_MEM_TABLE, our
+ * next load or store in the lost range raises SIGBUS, which would kill the whole daemon.
+ * The guard turns that into an error for the one queue (or request) that touched it:
+ *
+ *     sigjmp_buf env;
+ *     sigjmp_buf *prev;
+ *     if (sigsetjmp(env, 0)) {            // a fault: the guard is already disarmed
+ *         vpv_guard_restore(prev);
+ *         ... release what is held, fail the queue ...
+ *     }
+ *     prev = vpv_guard_arm(&env);
+ *     ... touch guest memory ...
+ *     vpv_guard_restore(prev);
+ *
+ * (prev must be volatile or set before sigsetjmp if it is read after a fault; the helpers
+ * below return the previous value so guards nest.) Arming is a thread-local store, no system
+ * call: sigsetjmp(env, 0) does not save the signal mask, and the handler runs with
+ * SA_NODEFER, so SIGBUS is never left blocked after the jump. A SIGBUS on a thread with no
+ * guard armed behaves as before (the previous disposition, normally a core dump).
+ * The kernel side (preadv/pwritev/io_uring into lost memory) fails with EFAULT instead. */
+void vpv_guard_install(void);              /* once per process; every device creation calls it */
+sigjmp_buf *vpv_guard_arm(sigjmp_buf *env); /* returns the previously armed guard, or NULL */
+void vpv_guard_restore(sigjmp_buf *prev);
+/* Faults caught since the process started (all threads). */
+uint64_t vpv_guard_faults(void);
 
 /* SHA-256 for the quarantine ring (sha256.c). */
 struct vpv_sha256 {
