@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
@@ -95,6 +99,45 @@ class BlkDevice:
         self._handle: Any = handle
         self._started: set[int] = set()
         self._final_stats: BlkStats | None = None
+        self._broken_fd = int(lib.vpv_blk_broken_fd(handle))
+        self._watching: asyncio.AbstractEventLoop | None = None
+        self._on_failure: Callable[[str], None] | None = None
+        self._failed = False
+
+    def set_failure_handler(self, handler: Callable[[str], None]) -> None:
+        """Who ends the connection when a queue breaks (the session)."""
+        self._on_failure = handler
+
+    def _watch_broken(self) -> None:
+        """Watch the C side's broken eventfd on the running loop (once per device)."""
+        if self._watching is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (in-process tests): process_queue reports a broken queue itself
+        loop.add_reader(self._broken_fd, self._queue_broke)
+        self._watching = loop
+
+    def _queue_broke(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._broken_fd)
+        if self._failed or self._handle is None:
+            return
+        reasons = []
+        for index, queue in enumerate(self.stats().queues):
+            if queue["broken"]:
+                why = ("its guest memory vanished (the frontend shrank or truncated its memory file)"
+                       if queue["guest_faults"] else "its ring is corrupt")
+                reasons.append(f"queue {index} stopped: {why}")
+        if not reasons:
+            return
+        self._failed = True
+        reason = "; ".join(reasons)
+        if self._on_failure is None:
+            log.error("%s: %s", self.volume.name, reason)
+        else:
+            self._on_failure(reason)
 
     # -- DeviceBackend ----------------------------------------------------------------------
 
@@ -165,6 +208,7 @@ class BlkDevice:
         if rc < 0:
             raise ProtocolError(f"queue {setup.index} cannot start: {strerror(rc)}")
         self._started.add(setup.index)
+        self._watch_broken()
 
     def stop_queue(self, index: int) -> int:
         rc = lib.vpv_blk_queue_stop(self._handle, index)
@@ -178,6 +222,10 @@ class BlkDevice:
         return int(lib.vpv_blk_queue_process(self._handle, index))
 
     def close(self) -> None:
+        if self._watching is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed already
+                self._watching.remove_reader(self._broken_fd)
+            self._watching = None
         if self._handle is not None:
             # Stop the workers first so the counters kept for status are final.
             for index in sorted(self._started):

@@ -45,6 +45,23 @@ class FsDevice:
         self.requests = 0
         self.bad_requests = 0
         self.broken: set[int] = set()
+        self._on_failure: Callable[[str], None] | None = None
+
+    def set_failure_handler(self, handler: Callable[[str], None]) -> None:
+        """Who ends the connection when guest memory vanishes (the session)."""
+        self._on_failure = handler
+
+    def _fail(self, index: int, rc: int) -> None:
+        """A queue cannot go on: log it, and end the connection when its memory is gone."""
+        self.broken.add(index)
+        if rc == -errno.EFAULT:
+            reason = f"queue {index} stopped: its guest memory vanished (the frontend shrank its memory file)"
+            if self._on_failure is not None:
+                self._on_failure(reason)
+            else:
+                log.error("%s: %s", self.name, reason)
+        else:
+            log.error("%s: queue %d stopped: %s", self.name, index, strerror(rc))
 
     # -- DeviceBackend ----------------------------------------------------------------------
 
@@ -119,8 +136,7 @@ class FsDevice:
                 log.warning("%s: queue %d: malformed descriptor chain given back empty", self.name, index)
                 continue
             if n < 0:
-                self.broken.add(index)
-                log.error("%s: queue %d stopped: %s", self.name, index, strerror(n))
+                self._fail(index, n)
                 return
             self.requests += 1
             request = bytes(ffi.buffer(self._buffer, n))
@@ -134,4 +150,7 @@ class FsDevice:
                 log.warning("%s: a %d-byte reply does not fit in %d bytes", self.name, len(reply), room)
                 reply = None
             data = reply or b""
-            lib.vpv_fs_push(self._handle, index, self._head[0], data, len(data))
+            rc = lib.vpv_fs_push(self._handle, index, self._head[0], data, len(data))
+            if rc < 0:
+                self._fail(index, rc)
+                return

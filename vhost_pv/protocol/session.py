@@ -7,11 +7,15 @@ implements `DeviceBackend`; this module never imports a device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
+import socket
+import stat
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 from construct import ConstructError
 
@@ -47,6 +51,62 @@ TRANSPORT_FEATURES = (
 )
 BASE_PROTOCOL_FEATURES = (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK)
 MAX_QUEUE_SIZE = 1024
+
+FdKind = Literal["eventfd", "memory"]
+"""What a frontend's fd must be: a kick/call/err eventfd, or a guest memory file."""
+
+
+def describe_fd(fd: int) -> str:
+    """What an fd is, in words, for an error message."""
+    try:
+        mode = os.fstat(fd).st_mode
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        return f"an fd that cannot be examined ({exc.strerror})"
+    for test, what in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return f"{what} ({target})"
+    return target  # anon_inode:[eventfd], anon_inode:[timerfd], ...
+
+
+def check_frontend_fd(fd: int, kind: FdKind, request: str) -> None:
+    """The one check of every fd a frontend hands us; raises ProtocolError naming the request
+    and what the fd is.
+
+    "eventfd" (kick, call, err; also what a device signals): it must be an eventfd, and it is
+    made O_NONBLOCK, so neither the queue workers nor the event loop can ever block on it.
+    O_NONBLOCK belongs to the open file description, shared with the frontend: QEMU creates
+    its eventfds with EFD_NONBLOCK itself, so nothing changes for it, and a frontend that
+    relies on blocking reads of its own eventfds is not one we can serve anyway.
+
+    "memory" (SET_MEM_TABLE regions, the inflight area): it must be a regular file (memfd,
+    /dev/shm, hugetlbfs). A pipe or socket does not map; a character device such as
+    /dev/zero maps to memory the guest never sees; neither is guest memory.
+    """
+    if kind == "eventfd":
+        what = describe_fd(fd)
+        if what != "anon_inode:[eventfd]":
+            raise ProtocolError(f"{request}: the fd is {what}, not an eventfd")
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if not flags & os.O_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        except OSError as exc:
+            raise ProtocolError(f"{request}: cannot make the eventfd non-blocking: {exc.strerror}") from None
+        return
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise ProtocolError(f"{request}: the memory fd cannot be examined: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ProtocolError(f"{request}: the memory fd is {describe_fd(fd)}, not a regular file")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +185,12 @@ class VhostUserSession:
         self.channel = channel
         self.backend = backend
         self.name = name
+        # A device whose data path broke (guest memory gone, corrupt ring) ends the connection.
+        register: Callable[[Callable[[str], None]], None] | None = getattr(
+            backend, "set_failure_handler", None
+        )
+        if register is not None:
+            register(self._device_failed)
         self.features = 0
         self.protocol_features = 0
         self.memory_mapped = False
@@ -194,6 +260,14 @@ class VhostUserSession:
             self.channel.send(message.request, reply)
         elif message.need_reply and self._negotiated(ProtocolFeature.REPLY_ACK):
             self.channel.send(message.request, U64Payload.build(0))
+
+    def _device_failed(self, reason: str) -> None:
+        """The device cannot serve this frontend any more: end the connection. Shutting the
+        socket down ends run() (the next receive sees the close), which stops the queues and
+        releases everything through shutdown()."""
+        log.error("%s: %s; closing connection", self.name, reason)
+        with contextlib.suppress(OSError):  # closed already
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
 
     def shutdown(self) -> None:
         """Stop every queue and release what the frontend gave us."""
@@ -312,6 +386,8 @@ class VhostUserSession:
         if not 1 <= count <= MAX_MEMORY_REGIONS:
             raise ProtocolError(f"SET_MEM_TABLE: {count} regions (1..{MAX_MEMORY_REGIONS} allowed)")
         self._expect(message, 8 + count * MemoryRegion.sizeof(), fds=count)
+        for fd in message.fds:
+            check_frontend_fd(fd, "memory", "SET_MEM_TABLE")
         table = MemoryTable.parse(message.payload)
         regions = [
             MemoryRegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
@@ -380,6 +456,8 @@ class VhostUserSession:
                 f"{request}: carries {len(message.fds)} fds but the no-fd flag is {nofd}"
             )
         queue = self._queue(index, request)
+        if not nofd:
+            check_frontend_fd(message.fds[0], "eventfd", request)
         fd = -1 if nofd else message.take_fds()[0]
         return queue, index, fd
 
