@@ -387,3 +387,15 @@ class VhostUserFrontend(_Frontend):
         if [head for head, _ in used] != [request.head]:
             raise FrontendError(f"used entries {used}, expected head {request.head}")
         return request
+
+
+def spin_used(ring: SplitRing, count: int, timeout: float = 10.0) -> list[tuple[int, int]]:
+    """Wait for `count` more used entries by watching the used ring only, never the call
+    eventfd (for tests whose call fd is not the frontend's to drain); returns them (see
+    SplitRing.collect)."""
+    deadline = time.monotonic() + timeout
+    while ring.pending() < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{ring.pending()}/{count} used entries after {timeout} s")
+        time.sleep(0.0005)
+    return ring.collect()
