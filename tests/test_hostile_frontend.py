@@ -48,11 +48,13 @@ from frontend import (
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command
+from vhost_pv.devices.blk import BlkDevice
 from vhost_pv.protocol.messages import Request, U64Payload
-from vhost_pv.protocol.session import MemoryRegionSpec
+from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup
 from vhost_pv.serverproc import ServerProcess
+from vhost_pv.volume.header import VolumeState
 from vhost_pv.volume.ring import RingReader
-from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv.volume.volume import CreateOptions, Volume, create_volume, read_header
 
 DISK_SIZE = 16 << 20
 MEMORY_SIZE = 4 << 20
@@ -405,3 +407,37 @@ def test_acknowledged_quarantined_writes_are_in_the_ring(tmp_path: Path) -> None
         assert client.status(server.control)["volumes"]
     finally:
         server.kill()
+
+
+def test_ring_reader_reports_records_past_the_tail(tmp_path: Path) -> None:
+    """A record written whose superblock never followed (a crash in between) is not part of
+    the ring, and the reader says it is there instead of ignoring it."""
+    path = tmp_path / "vol.img"
+    create_volume(path, CreateOptions(size=DISK_SIZE, ring_size=1 << 20))
+    volume = Volume(path)
+    device = BlkDevice(volume, 1, read_only=False, sync_io=True)
+    memory = GuestMemory(MEMORY_SIZE)
+    ring = SplitRing(memory, 64)
+    try:
+        volume.update(state=VolumeState.DANGLING)
+        device.set_memory([memory.region()])
+        device.start_queue(VringSetup(0, 64, 0, memory.uaddr(ring.desc_addr), memory.uaddr(ring.avail_addr),
+                                      memory.uaddr(ring.used_addr), -1, -1, False, False))
+        header = volume.header
+        for seed in range(2):
+            write_request(memory, 8 * seed, pattern(4096, seed)).submit(ring)
+            assert device.process_queue(0) == 1
+        acknowledged_super = os.pread(volume.fd, 4096, header.ring_offset)
+        write_request(memory, 16, pattern(4096, 2)).submit(ring)
+        assert device.process_queue(0) == 1
+        # The crash: the third record is in the file, its superblock is not.
+        os.pwrite(volume.fd, acknowledged_super, header.ring_offset)
+        with RingReader(path, read_header(path)) as reader:
+            report = reader.verify()
+            assert report.ok and report.records == 2 and report.unacknowledged == 1
+            (late,) = reader.past_tail()
+            assert late.sector == 16 and reader.payload(late).tobytes() == pattern(4096, 2)
+    finally:
+        device.close()
+        memory.close()
+        volume.close()

@@ -137,6 +137,8 @@ class ChainReport:
     first_seq: int = 0
     last_seq: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
+    unacknowledged: int = 0
+    """Valid records past the superblock's tail (see RingReader.past_tail): not a problem."""
 
     @property
     def ok(self) -> bool:
@@ -149,6 +151,7 @@ class ChainReport:
             "first_seq": self.first_seq,
             "last_seq": self.last_seq,
             "problems": self.problems,
+            "unacknowledged_past_tail": self.unacknowledged,
         }
 
 
@@ -272,6 +275,40 @@ class RingReader:
         start = record.position % self.super.area_size + RECORD_HEADER_SIZE
         return self.area[start : start + record.payload_len]
 
+    def past_tail(self) -> list[RingRecord]:
+        """Records written after the superblock's tail that chain on from its newest record.
+
+        The daemon writes a record, then the superblock that covers it, and only then tells
+        the guest the write completed; a crash between the two leaves records here that no
+        guest ever saw acknowledged. They are not part of the ring (replay ignores them) but
+        worth reporting rather than ignoring silently. Each must carry the next sequence
+        number, chain on from the previous hash and hash correctly, so a stale record from an
+        earlier lap of the ring is never taken for one."""
+        sb = self.super
+        found: list[RingRecord] = []
+        position, previous, seq = sb.tail, bytes(sb.last_hash), sb.next_seq
+        while position - sb.head < sb.area_size:
+            try:
+                record = self._record_at(position)
+            except RingError:
+                break
+            if position + record.total_len - sb.head > sb.area_size:
+                break  # would reach the live records
+            if record.type != RecordType.PAD:
+                offset = position % sb.area_size
+                hashed = self.area[offset : offset + RECORD_HASHED_BYTES]
+                if (
+                    record.seq != seq
+                    or record.prev_hash != previous
+                    or hashlib.sha256(hashed.data).digest() != record.record_hash
+                    or hashlib.sha256(self.payload(record).data).digest() != record.payload_sha256
+                ):
+                    break
+                found.append(record)
+                previous, seq = record.record_hash, seq + 1
+            position += record.total_len
+        return found
+
     def verify(self) -> ChainReport:
         """Check every record's own hash, its payload digest and the chain between them."""
         report = ChainReport()
@@ -301,6 +338,7 @@ class RingReader:
             report.problems.append(f"superblock counts {self.super.records} records, found {report.records}")
         if report.records and previous != bytes(self.super.last_hash):
             report.problems.append("newest record is not the one the superblock names (last_hash)")
+        report.unacknowledged = len(self.past_tail())
         return report
 
     def dump(self, directory: Path) -> list[Path]:
