@@ -13,6 +13,7 @@ kill -9 and restart.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -49,6 +50,7 @@ from frontend import (
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command
 from vhost_pv.devices.blk import BlkDevice
+from vhost_pv.devices.fs import FsDevice
 from vhost_pv.protocol.messages import Request, U64Payload
 from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup
 from vhost_pv.serverproc import ServerProcess
@@ -441,3 +443,38 @@ def test_ring_reader_reports_records_past_the_tail(tmp_path: Path) -> None:
         device.close()
         memory.close()
         volume.close()
+
+
+def test_fs_memory_shrunk_ends_the_connection_not_the_process() -> None:
+    """The virtio-fs rings are walked on the event loop thread: a fault there fails the
+    device (and so its connection), and the daemon's process lives on."""
+    failures: list[str] = []
+
+    async def scenario() -> None:
+        device = FsDevice("metadata-test", lambda request, room: b"")
+        device.set_failure_handler(failures.append)
+        memory = GuestMemory(MEMORY_SIZE)
+        ring = SplitRing(memory, 64)
+        kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+        try:
+            device.set_memory([memory.region()])
+            desc, avail, used = (memory.uaddr(a) for a in (ring.desc_addr, ring.avail_addr, ring.used_addr))
+            device.start_queue(VringSetup(1, 64, 0, desc, avail, used, kick, call, False, False))
+            request = memory.put(bytes(64))
+            reply = memory.alloc(64)
+            ring.publish(ring.add_chain([(request, 64, False), (reply, 64, True)]))
+            os.ftruncate(memory.fd, 0)
+            os.eventfd_write(kick, 1)
+            deadline = time.monotonic() + 5
+            while not failures and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert device.describe()["broken"] == 1
+            device.stop_queue(1)
+        finally:
+            device.close()
+            os.close(kick)
+            os.close(call)
+            memory.close()
+
+    asyncio.run(scenario())
+    assert len(failures) == 1 and "guest memory vanished" in failures[0]
