@@ -96,6 +96,7 @@ struct vpv_queue {
     int uring_efd;            /* eventfd the io_uring signals completions on, or -1 */
     uint16_t notify_checked_used; /* used->idx when notify() last looked */
     int in_round;             /* holds the volume's flip lock (read side): a fault releases it */
+    int stopping;             /* vpv_blk_queue_stop is waiting: leave the passes, whatever is posted */
     int quarantined;          /* execute(): the request became a ring record (deferred push) */
     uint32_t ndeferred;
     struct deferred_push {    /* quarantined requests of the round, acknowledged at its end */
@@ -152,6 +153,15 @@ static int set_nonblocking(int fd)
     if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0))
         return -errno;
     return 0;
+}
+
+/* The stop is waiting for the worker. A driver that posts requests as fast as they complete
+ * would otherwise keep it in its passes (which only end when the ring is empty) forever, and
+ * the stop joins the worker on the event loop. Unfinished requests stay in the ring:
+ * last_avail_idx, which the stop returns, says where to resume. */
+static int stopping(struct vpv_queue *q)
+{
+    return __atomic_load_n(&q->stopping, __ATOMIC_RELAXED);
 }
 
 /* A queue stopped serving (corrupt ring, lost memory): tell the control plane. */
@@ -824,7 +834,7 @@ static int process_ring(struct vpv_queue *q)
     struct vpv_chain *c = &q->chain;
     int taken = 0;
     int more = 1;
-    while (more) {
+    while (more && !stopping(q)) {
         /* A round under the flip lock: a flip lands between two rounds. */
         vpv_volume_begin_request(q->blk->vol);
         q->in_round = 1;
@@ -919,6 +929,8 @@ static int queue_pass(struct vpv_queue *q)
             notify(q);
         if (q->slots && q->free_slot == VPV_ASYNC_SLOTS)
             break;   /* kicks stay off: the next completion brings the worker back */
+        if (stopping(q))
+            break;
     } while (vpv_vring_enable_kicks(&q->vr));
     return total;
 }
@@ -1044,6 +1056,8 @@ static void worker_loop(struct vpv_queue *q)
     if (!broken && queue_pass(q) == -EIO)
         fds[0].fd = -1;
     for (;;) {
+        if (stopping(q))
+            break;
         if (poll_ns && fds[0].fd >= 0 && poll_work(q, poll_ns)) {
             STAT_ADD(q, polled_wakes, 1);
             if (queue_pass(q) == -EIO)
@@ -1169,6 +1183,7 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     q->call_fd = cfg->call_fd;
     q->in_round = 0;
     q->ndeferred = 0;
+    q->stopping = 0;
     if ((err = set_nonblocking(cfg->kick_fd)) != 0 || (err = set_nonblocking(cfg->call_fd)) != 0)
         return err;
     q->started = 1;
@@ -1205,6 +1220,7 @@ int vpv_blk_queue_stop(struct vpv_blk *blk, uint32_t index)
     if (!q->started)
         return -ENOENT;
     if (q->has_thread) {
+        __atomic_store_n(&q->stopping, 1, __ATOMIC_RELAXED);
         uint64_t one = 1;
         while (write(q->stop_fd, &one, sizeof(one)) < 0 && errno == EINTR)
             ;
