@@ -392,9 +392,10 @@ int vpv_volume_ring_append(struct vpv_volume *vol, uint16_t type, uint16_t queue
     sb->records++;
     sb->tail += need;
 out_store:
-    /* The superblock goes to disk at the end of the worker's batch or at a FLUSH
-     * (vpv_volume_ring_sync), not per record: a crash loses only records the guest had not
-     * flushed, exactly as with unflushed writes to the data region. */
+    /* The superblock goes to the file (page cache) once per round of the worker, before
+     * any request of the round is acknowledged (blk.c publish_deferred), and is made durable
+     * at a FLUSH (fdatasync), not per record: a kill -9 loses no acknowledged record, a power
+     * loss only records the guest had not flushed, as with writes to the data region. */
     vol->super_dirty = 1;
 out:
     pthread_mutex_unlock(&vol->ring_lock);

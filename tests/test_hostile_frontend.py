@@ -23,6 +23,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -478,3 +480,26 @@ def test_fs_memory_shrunk_ends_the_connection_not_the_process() -> None:
 
     asyncio.run(scenario())
     assert len(failures) == 1 and "guest memory vanished" in failures[0]
+
+
+def test_a_sigbus_outside_guest_memory_access_still_crashes() -> None:
+    """The guard catches faults only where it is armed: anywhere else a SIGBUS is the crash it
+    always was (here: a Python mmap of a file that shrank, after a device installed it)."""
+    script = """
+import mmap, os
+from vhost_pv.devices.fs import FsDevice
+FsDevice("x", lambda request, room: None)  # installs the guard's handler
+fd = os.memfd_create("gone")
+os.ftruncate(fd, 8192)
+view = mmap.mmap(fd, 8192)
+os.ftruncate(fd, 0)
+view[4096]  # not armed: SIGBUS
+print("survived")
+"""
+    for faulthandler in (False, True):
+        options = ["-X", "faulthandler"] if faulthandler else []
+        result = subprocess.run([sys.executable, *options, "-c", script], capture_output=True, timeout=30)
+        assert result.returncode == -signal.SIGBUS, result
+        assert b"survived" not in result.stdout
+        # A handler installed before ours (faulthandler) still gets the fault.
+        assert (b"Fatal Python error: Bus error" in result.stderr) == faulthandler, result
