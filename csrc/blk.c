@@ -16,6 +16,13 @@
  * done one by one with preadv/pwritev in the worker. A data write counts in the volume's in-flight writes from its submission (inside a
  * round, after the state check) to its completion, and a flip waits for that count to reach
  * zero, so no write that began before a flip lands after it returned.
+ *
+ * The frontend is not trusted: its call and kick eventfds are non-blocking (a full call
+ * counter is an interrupt already pending), every pass over guest memory runs under the
+ * SIGBUS guard (vring.h: memory the frontend shrinks under us breaks the queue, not the
+ * process), and a stop ends the passes even if the driver never lets the ring empty. On a
+ * dangling volume a write's used entry is published only after the ring's superblock that
+ * covers its record is in the file, so a write the guest saw complete survives kill -9.
  */
 #define _GNU_SOURCE
 #include <errno.h>
