@@ -31,6 +31,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -137,14 +138,69 @@ static void async_teardown(struct vpv_queue *q);
 /* Interrupt the driver through its call eventfd without ever blocking. The fd is
  * non-blocking (vpv_blk_queue_start): a full counter (a frontend that never reads it, or one
  * that filled it on purpose) gives EAGAIN, and then an interrupt is pending anyway. */
+static int stopping(struct vpv_queue *q);
+
 static int signal_call(struct vpv_queue *q, int fd)
 {
     uint64_t one = 1;
-    if (write(fd, &one, sizeof(one)) == sizeof(one))
-        return 1;
-    if (errno == EAGAIN)
-        STAT_ADD(q, calls_saturated, 1);
-    return 0;
+    for (;;) {
+        if (write(fd, &one, sizeof(one)) == sizeof(one))
+            return 1;
+        if (errno == EAGAIN)
+            STAT_ADD(q, calls_saturated, 1);
+        /* EINTR: the frontend cleared O_NONBLOCK on the description it shares with us and
+         * the write blocked; the stop interrupted it (unstick_worker). */
+        if (errno != EINTR || stopping(q))
+            return 0;
+    }
+}
+
+/* O_NONBLOCK lives in the open file description, which the frontend shares and can clear
+ * again at any time (an eventfd cannot be reopened for a description of our own). So a
+ * worker may still block on a frontend's fd; the stop then interrupts it with a signal whose
+ * handler does nothing and is installed without SA_RESTART: the blocked call returns EINTR,
+ * and the worker, seeing the stop, leaves. Nothing else in this process uses SIGURG (no
+ * socket here asks for out-of-band data notifications). */
+#define UNSTICK_SIGNAL SIGURG
+#define UNSTICK_AFTER_MS 20
+
+static pthread_once_t unstick_once = PTHREAD_ONCE_INIT;
+
+static void unstick_handler(int sig)
+{
+    (void)sig;
+}
+
+static void unstick_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = unstick_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;   /* no SA_RESTART */
+    sigaction(UNSTICK_SIGNAL, &sa, NULL);
+}
+
+/* Join a worker that was told to stop; interrupt it while it does not leave. */
+static void join_worker(struct vpv_queue *q)
+{
+    for (;;) {
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_nsec += UNSTICK_AFTER_MS * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        int rc = pthread_timedjoin_np(q->thread, NULL, &deadline);
+        if (rc == 0)
+            return;
+        if (rc != ETIMEDOUT) {
+            pthread_join(q->thread, NULL);
+            return;
+        }
+        pthread_kill(q->thread, UNSTICK_SIGNAL);
+    }
 }
 
 /* The frontend's kick and call eventfds are read and written by the worker, which must
@@ -190,6 +246,7 @@ struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_
                             uint32_t source, int direct_fd, int *err)
 {
     vpv_guard_install();
+    pthread_once(&unstick_once, unstick_install);
     struct vpv_blk *blk = calloc(1, sizeof(*blk));
     if (!blk) {
         *err = -ENOMEM;
@@ -1123,6 +1180,10 @@ static void *queue_worker(void *arg)
     /* Every pass over guest memory runs under the SIGBUS guard: a frontend that shrinks its
      * memory file breaks this queue, not the process. The whole loop is armed (a TLS store,
      * once); a fault lands here, then the loop runs again and only waits for the stop. */
+    sigset_t unstick;
+    sigemptyset(&unstick);
+    sigaddset(&unstick, UNSTICK_SIGNAL);
+    pthread_sigmask(SIG_UNBLOCK, &unstick, NULL);   /* whatever mask the creating thread had */
     sigjmp_buf env;
     if (sigsetjmp(env, 0))
         queue_fault(q);
@@ -1231,7 +1292,7 @@ int vpv_blk_queue_stop(struct vpv_blk *blk, uint32_t index)
         uint64_t one = 1;
         while (write(q->stop_fd, &one, sizeof(one)) < 0 && errno == EINTR)
             ;
-        pthread_join(q->thread, NULL);
+        join_worker(q);
         close(q->stop_fd);
         q->stop_fd = -1;
         q->has_thread = 0;

@@ -263,6 +263,32 @@ def test_full_blocking_call_eventfd_never_blocks_the_daemon(daemon: Daemon) -> N
     assert_unharmed(daemon, 11)
 
 
+def test_call_eventfd_made_blocking_again_cannot_hold_the_stop(daemon: Daemon) -> None:
+    """O_NONBLOCK belongs to the description the frontend shares with us: it can clear it
+    again. A worker then blocked writing to the full call eventfd is interrupted by the stop."""
+    call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    guest = Guest(daemon.socket(VICTIM), call=call)
+    try:
+        guest.round_trip(0, pattern(4096, 1))
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(call)
+        os.eventfd_write(call, 0xFFFF_FFFF_FFFF_FFFE)
+        fcntl.fcntl(call, fcntl.F_SETFL, fcntl.fcntl(call, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        guest.ring.set_used_event(guest.ring.used_idx)  # EVENT_IDX: interrupt on the next one
+        write = write_request(guest.memory, 8, pattern(4096, 2)).submit(guest.ring)
+        guest.frontend.kick(0)
+        spin_used(guest.ring, 1)  # published; the interrupt after it blocks
+        assert write.status == VIRTIO_BLK_S_OK
+        daemon.status()
+        started = time.monotonic()
+        guest.frontend.get_vring_base(0)
+        assert time.monotonic() - started < 1.0
+        daemon.status()
+    finally:
+        guest.close()
+    assert_unharmed(daemon, 15)
+
+
 # -- fds of the wrong kind ----------------------------------------------------------------------
 
 
