@@ -181,6 +181,19 @@ static void unstick_install(void)
     sigaction(UNSTICK_SIGNAL, &sa, NULL);
 }
 
+/* Consume a kick. RWF_NOWAIT makes this read non-blocking whatever the frontend did to the
+ * shared O_NONBLOCK flag (eventfds support it since Linux 5.12; before, the flag and the
+ * stop's interruption still cover it). Returns 1 if a kick was there. */
+static int read_kick(int fd)
+{
+    uint64_t count;
+    struct iovec iov = {.iov_base = &count, .iov_len = sizeof(count)};
+    ssize_t r = preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
+    if (r < 0 && errno == EOPNOTSUPP)
+        r = read(fd, &count, sizeof(count));
+    return r == sizeof(count);
+}
+
 /* Join a worker that was told to stop; interrupt it while it does not leave. */
 static void join_worker(struct vpv_queue *q)
 {
@@ -1153,8 +1166,7 @@ static void worker_loop(struct vpv_queue *q)
                 fds[2].fd = -1;
         }
         if (fds[0].revents & POLLIN) {
-            uint64_t count;
-            if (read(q->kick_fd, &count, sizeof(count)) == sizeof(count))
+            if (read_kick(q->kick_fd))
                 STAT_ADD(q, kicks, 1);
             coalesce_kicks(q);
         } else if (fds[0].revents) {

@@ -101,6 +101,14 @@ int vpv_fs_queue_stop(struct vpv_fs *fs, uint32_t index)
 static void notify(struct vpv_fs_queue *q)
 {
     if (q->call_fd >= 0 && vpv_vring_should_notify(&q->vr)) {
+        /* This runs on the event loop thread, which no peer may block. The frontend shares
+         * the description and could have cleared O_NONBLOCK since the queue started: set it
+         * again first (an eventfd write has no per-call RWF_NOWAIT). What remains is a
+         * frontend racing to clear it between these two calls while the counter is full;
+         * the metadata frontend is the allow-listed QEMU, not an arbitrary peer. */
+        int fl = fcntl(q->call_fd, F_GETFL);
+        if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(q->call_fd, F_SETFL, fl | O_NONBLOCK) < 0))
+            return;
         uint64_t one = 1;
         (void)!write(q->call_fd, &one, sizeof(one));   /* EAGAIN: an interrupt is pending */
     }

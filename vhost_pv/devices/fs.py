@@ -119,7 +119,7 @@ class FsDevice:
 
     def _kicked(self, index: int) -> None:
         with contextlib.suppress(BlockingIOError, KeyError):
-            os.eventfd_read(self._kick_fds[index])
+            _consume_kick(self._kick_fds[index])
         self._serve(index)
 
     def _serve(self, index: int) -> None:
@@ -154,3 +154,15 @@ class FsDevice:
             if rc < 0:
                 self._fail(index, rc)
                 return
+
+
+def _consume_kick(fd: int) -> None:
+    """Read a kick eventfd without ever blocking the event loop: RWF_NOWAIT holds whatever
+    the frontend did to the O_NONBLOCK flag of the description it shares with us."""
+    try:
+        os.preadv(fd, [bytearray(8)], -1, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:  # eventfds take RWF_NOWAIT since Linux 5.12
+            raise
+        os.set_blocking(fd, False)
+        os.eventfd_read(fd)
