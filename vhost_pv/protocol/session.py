@@ -76,6 +76,21 @@ def describe_fd(fd: int) -> str:
     return target  # anon_inode:[eventfd], anon_inode:[timerfd], ...
 
 
+def _filesystem_type(st_dev: int) -> str | None:
+    """The type of the mounted file system a device number belongs to (fuse.sshfs, tmpfs,
+    ...), or None when it is not mounted in our namespace (memfd's internal mount)."""
+    wanted = f"{os.major(st_dev)}:{os.minor(st_dev)}"
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 4 and fields[2] == wanted and "-" in fields:
+                    return fields[fields.index("-") + 1]
+    except OSError:
+        pass
+    return None
+
+
 def check_frontend_fd(fd: int, kind: FdKind, request: str) -> None:
     """The one check of every fd a frontend hands us; raises ProtocolError naming the request
     and what the fd is.
@@ -102,11 +117,18 @@ def check_frontend_fd(fd: int, kind: FdKind, request: str) -> None:
             raise ProtocolError(f"{request}: cannot make the eventfd non-blocking: {exc.strerror}") from None
         return
     try:
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
     except OSError as exc:
         raise ProtocolError(f"{request}: the memory fd cannot be examined: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         raise ProtocolError(f"{request}: the memory fd is {describe_fd(fd)}, not a regular file")
+    # A page fault in a FUSE file waits for the FUSE server, which may be the frontend itself:
+    # it could hold a queue worker, and the stop that joins it, forever (no signal but a
+    # fatal one ends that wait).
+    fs_type = _filesystem_type(st.st_dev)
+    if fs_type is not None and (fs_type == "fuse" or fs_type.startswith(("fuse.", "fuseblk"))):
+        raise ProtocolError(f"{request}: the memory fd is a file on a {fs_type} file system, "
+                            "which its server can stall")
 
 
 @dataclasses.dataclass(frozen=True)
