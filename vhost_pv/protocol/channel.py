@@ -23,9 +23,10 @@ from vhost_pv.protocol.messages import (
     MessageHeader,
 )
 
-# A message whose header arrived must be complete soon after; a peer that stalls mid-message
-# is broken or hostile.
-PAYLOAD_TIMEOUT_S = 5.0
+# A message whose first byte arrived must be complete soon after, and a new frontend must
+# send its first message soon after connecting: a peer that stalls is broken or hostile, and
+# must not hold the volume's frontend slot.
+MESSAGE_TIMEOUT_S = 5.0
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
 
@@ -72,9 +73,11 @@ def _extract_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 class MessageChannel:
     """One connected vhost-user socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, timeout: float = MESSAGE_TIMEOUT_S) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.timeout = timeout
+        self._received = 0
         self._loop = asyncio.get_running_loop()
 
     async def _readable(self) -> None:
@@ -114,31 +117,42 @@ class MessageChannel:
         return b"".join(chunks)
 
     async def receive(self) -> Message:
+        """The next message. The first one must arrive within the timeout of the connection;
+        every message within the timeout from its first byte (header and payload alike)."""
+        if self._received == 0:
+            try:
+                await asyncio.wait_for(self._readable(), self.timeout)
+            except TimeoutError:
+                raise ProtocolError(f"no message within {self.timeout:g} s of connecting") from None
+        else:
+            await self._readable()
         fds: list[int] = []
         try:
-            raw_header = await self._recv_exact(HEADER_SIZE, fds)
-            header = MessageHeader.parse(raw_header)
-            if header.flags & FLAG_VERSION_MASK != PROTOCOL_VERSION:
-                raise ProtocolError(f"unsupported protocol version in flags {header.flags:#x}")
-            if header.size > MAX_PAYLOAD_SIZE:
-                raise ProtocolError(
-                    f"request {header.request}: payload of {header.size} bytes exceeds "
-                    f"{MAX_PAYLOAD_SIZE}"
-                )
             try:
-                payload = await asyncio.wait_for(
-                    self._recv_exact(header.size, fds), PAYLOAD_TIMEOUT_S
-                )
+                message = await asyncio.wait_for(self._receive(fds), self.timeout)
             except TimeoutError:
                 raise ProtocolError(
-                    f"request {header.request}: payload of {header.size} bytes did not arrive "
-                    f"within {PAYLOAD_TIMEOUT_S:.0f} s"
+                    f"a message begun was not complete within {self.timeout:g} s"
                 ) from None
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        return Message(header.request, header.flags, payload, fds)
+        self._received += 1
+        return message
+
+    async def _receive(self, fds: list[int]) -> Message:
+        raw_header = await self._recv_exact(HEADER_SIZE, fds)
+        header = MessageHeader.parse(raw_header)
+        if header.flags & FLAG_VERSION_MASK != PROTOCOL_VERSION:
+            raise ProtocolError(f"unsupported protocol version in flags {header.flags:#x}")
+        if header.size > MAX_PAYLOAD_SIZE:
+            raise ProtocolError(
+                f"request {header.request}: payload of {header.size} bytes exceeds "
+                f"{MAX_PAYLOAD_SIZE}"
+            )
+        payload = await self._recv_exact(header.size, fds)
+        return Message(header.request, header.flags, payload, list(fds))
 
     def send(self, request: int, payload: bytes, *, reply: bool = True) -> None:
         flags = PROTOCOL_VERSION | (FLAG_REPLY if reply else 0)
