@@ -20,7 +20,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 
@@ -127,7 +127,7 @@ class MetadataHttpServer:
                 log.warning("metadata: cannot set up a connection: %s", exc)
                 sock.close()
                 continue
-            self._connections[cast(asyncio.Transport, transport)] = [time.monotonic() + self.idle_timeout, 0]
+            self._connections[transport] = [time.monotonic() + self.idle_timeout, 0]
 
     def _forget_closed(self) -> None:
         for transport in [t for t in self._connections if t.is_closing()]:
