@@ -374,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "system on this vhost-user socket (QEMU: -device vhost-user-fs-pci,tag=metadata)")
     p.add_argument("--meta-policy", metavar="FILE", help="TOML policy: which guest uids/gids may "
                    "read or write which metadata paths (default: secrets/ root only); SIGHUP reloads it")
-    p.add_argument("--peer-timeout", type=float, default=10.0, metavar="S",
+    p.add_argument("--peer-timeout", type=float, default=5.0, metavar="S",
                    help="a new frontend's first message, every message from its first byte, and an "
-                   "idle control or metadata HTTP connection get this long (default 10)")
+                   "idle control or metadata HTTP connection get this long (default 5)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ioctl", help="send an ioctl-style command to a running daemon")

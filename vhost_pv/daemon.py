@@ -142,7 +142,7 @@ class DaemonConfig:
     """vhost-user socket of the metadata file system (virtio-fs), if any."""
     meta_policy: Path | None = None
     """TOML policy: which guest uids/gids may read or write which metadata paths."""
-    peer_timeout: float = 10.0
+    peer_timeout: float = 5.0
     """Seconds a peer may take for its first message, for each message from its first byte,
     and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
 
@@ -315,6 +315,10 @@ class Daemon:
                 path, volume.header.capacity >> 20, ", read-only" if served.read_only else "",
                 ", O_DIRECT" if self.config.direct else "", served.socket_path,
             )
+        if self.failed and not self.served:
+            # Nothing at all to serve: a daemon that only reports errors helps nobody.
+            raise ValueError("no volume can be served: " + "; ".join(
+                f"{failure['path']}: {failure['error']}" for failure in self.failed))
         if self.config.meta_http is not None:
             from vhost_pv.meta.http_server import MetadataHttpServer  # aiohttp.web: only when used
 

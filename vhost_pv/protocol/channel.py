@@ -78,6 +78,7 @@ class MessageChannel:
         self.sock = sock
         self.timeout = timeout
         self._received = 0
+        self._pending: MessageHeader | None = None  # the header of a message being received
         self._loop = asyncio.get_running_loop()
 
     async def _readable(self) -> None:
@@ -127,12 +128,18 @@ class MessageChannel:
         else:
             await self._readable()
         fds: list[int] = []
+        self._pending = None
         try:
             try:
                 message = await asyncio.wait_for(self._receive(fds), self.timeout)
             except TimeoutError:
+                header = self._pending
+                if header is None:
+                    raise ProtocolError(f"a message header begun did not arrive within "
+                                        f"{self.timeout:g} s") from None
                 raise ProtocolError(
-                    f"a message begun was not complete within {self.timeout:g} s"
+                    f"request {header.request}: payload of {header.size} bytes did not arrive "
+                    f"within {self.timeout:g} s"
                 ) from None
         except BaseException:
             for fd in fds:
@@ -151,6 +158,7 @@ class MessageChannel:
                 f"request {header.request}: payload of {header.size} bytes exceeds "
                 f"{MAX_PAYLOAD_SIZE}"
             )
+        self._pending = header
         payload = await self._recv_exact(header.size, fds)
         return Message(header.request, header.flags, payload, list(fds))
 
