@@ -31,8 +31,9 @@ log = logging.getLogger("vhost_pv.control")
 
 MAX_CONNECTIONS = 64
 """Control connections at once: more are closed at accept (each holds an fd and a task)."""
-FD_RESERVE = 64
-"""fds kept free for the vhost-user sockets: no control connection is taken below this."""
+FD_RESERVE = 16
+"""fds kept free for the vhost-user sockets: no control connection is taken below this
+(less than the metadata HTTP server keeps: an admin still gets in when HTTP is refused)."""
 
 Send = Callable[[bytes], Awaitable[None]]
 """Sends one more successful reply on the connection (streaming commands)."""
