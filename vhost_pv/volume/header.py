@@ -2,9 +2,22 @@
 
 A volume file is `[header area | data region | quarantine ring]`. The header area holds two
 copies ("slots") of the header record, each with a generation number and a CRC32. An update
-writes the slot holding the older generation and syncs it, so a crash at any byte leaves
-the other slot intact: the reader takes the valid slot with the highest generation, which
-is either the old or the new state, never a mix.
+writes the slot holding the older generation and syncs it, then the other slot and syncs
+it, so that afterwards both copies hold the current state and one damaged copy cannot roll
+a flip back. A crash at any byte of either write leaves one valid copy, old or new, never a
+mix (resolve_slots reads them):
+
+- during the first write: the untouched copy holds the old state; the torn one is damaged
+  (or complete). If the torn copy's state field already reads dangling, or reads garbage,
+  while the old state was attached, the volume is served dangling: a flip may have been
+  under way.
+- between the writes: the copies are valid and differ. The newer one wins, unless it says
+  attached and the older dangling (an interrupted clear or reclaim): served dangling.
+- during the second write: the first copy holds the new state; the torn one is damaged. The
+  same rule as in the first write applies, so an interrupted clear may read dangling.
+
+None of these updates had returned, so no acknowledged state is lost, and the conservative
+choice only ever errs towards dangling (writes go to the quarantine ring, never lost).
 
 The header area also holds the *live state word* that the C hot path reads on every
 request (see csrc/vhost_pv.h, VPV_STATE_*). It mirrors the durable state while a daemon
