@@ -78,22 +78,46 @@ class MessageChannel:
         self.sock = sock
         self.timeout = timeout
         self._received = 0
-        self._pending: MessageHeader | None = None  # the header of a message being received
+        # The message being received: its deadline (None: no byte yet and not the first
+        # message, so no deadline), whether a byte of it came, and its header once parsed.
+        self._deadline: float | None = None
+        self._started = False
+        self._pending: MessageHeader | None = None
         self._loop = asyncio.get_running_loop()
 
-    async def _readable(self) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
+    async def _readable(self) -> bool:
+        """Wait until the socket is readable; False if the message's deadline passed first.
+        (A timer rather than asyncio.wait_for: no extra task, so a message already waiting
+        costs no extra loop iteration.)"""
+        fut: asyncio.Future[bool] = self._loop.create_future()
         fd = self.sock.fileno()
 
-        def ready() -> None:
+        def done(result: bool) -> None:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(result)
 
-        self._loop.add_reader(fd, ready)
+        timer = None
+        if self._deadline is not None:
+            remaining = self._deadline - self._loop.time()
+            if remaining <= 0:
+                return False
+            timer = self._loop.call_later(remaining, done, False)
+        self._loop.add_reader(fd, done, True)
         try:
-            await fut
+            return await fut
         finally:
             self._loop.remove_reader(fd)
+            if timer is not None:
+                timer.cancel()
+
+    def _timed_out(self) -> ProtocolError:
+        header = self._pending
+        if not self._started:
+            return ProtocolError(f"no message within {self.timeout:g} s of connecting")
+        if header is None:
+            return ProtocolError(f"a message header begun did not arrive within {self.timeout:g} s")
+        return ProtocolError(f"request {header.request}: payload of {header.size} bytes did not arrive "
+                             f"within {self.timeout:g} s")
 
     async def _recv_exact(self, size: int, fds: list[int]) -> bytes:
         chunks: list[bytes] = []
@@ -102,7 +126,8 @@ class MessageChannel:
             try:
                 data, ancdata, msg_flags, _ = self.sock.recvmsg(remaining, _ANCILLARY_SPACE)
             except BlockingIOError:
-                await self._readable()
+                if not await self._readable():
+                    raise self._timed_out() from None
                 continue
             except ConnectionResetError:
                 raise PeerClosed() from None
@@ -113,54 +138,40 @@ class MessageChannel:
                 if remaining == size and not chunks and size == HEADER_SIZE:
                     raise PeerClosed()
                 raise ProtocolError(f"connection closed mid-message ({size - remaining}/{size})")
+            if not self._started:
+                # From its first byte a message must be complete within the timeout.
+                self._started = True
+                self._deadline = self._loop.time() + self.timeout
             chunks.append(data)
             remaining -= len(data)
         return b"".join(chunks)
 
     async def receive(self) -> Message:
-        """The next message. The first one must arrive within the timeout of the connection;
-        every message within the timeout from its first byte (header and payload alike)."""
-        if self._received == 0:
-            try:
-                await asyncio.wait_for(self._readable(), self.timeout)
-            except TimeoutError:
-                raise ProtocolError(f"no message within {self.timeout:g} s of connecting") from None
-        else:
-            await self._readable()
-        fds: list[int] = []
+        """The next message. The first one must begin within the timeout of the connection;
+        every message must be complete within the timeout from its first byte. Between
+        messages a frontend may be idle as long as it likes."""
+        self._started = False
         self._pending = None
+        self._deadline = self._loop.time() + self.timeout if self._received == 0 else None
+        fds: list[int] = []
         try:
-            try:
-                message = await asyncio.wait_for(self._receive(fds), self.timeout)
-            except TimeoutError:
-                header = self._pending
-                if header is None:
-                    raise ProtocolError(f"a message header begun did not arrive within "
-                                        f"{self.timeout:g} s") from None
+            raw_header = await self._recv_exact(HEADER_SIZE, fds)
+            header = MessageHeader.parse(raw_header)
+            if header.flags & FLAG_VERSION_MASK != PROTOCOL_VERSION:
+                raise ProtocolError(f"unsupported protocol version in flags {header.flags:#x}")
+            if header.size > MAX_PAYLOAD_SIZE:
                 raise ProtocolError(
-                    f"request {header.request}: payload of {header.size} bytes did not arrive "
-                    f"within {self.timeout:g} s"
-                ) from None
+                    f"request {header.request}: payload of {header.size} bytes exceeds "
+                    f"{MAX_PAYLOAD_SIZE}"
+                )
+            self._pending = header
+            payload = await self._recv_exact(header.size, fds)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         self._received += 1
-        return message
-
-    async def _receive(self, fds: list[int]) -> Message:
-        raw_header = await self._recv_exact(HEADER_SIZE, fds)
-        header = MessageHeader.parse(raw_header)
-        if header.flags & FLAG_VERSION_MASK != PROTOCOL_VERSION:
-            raise ProtocolError(f"unsupported protocol version in flags {header.flags:#x}")
-        if header.size > MAX_PAYLOAD_SIZE:
-            raise ProtocolError(
-                f"request {header.request}: payload of {header.size} bytes exceeds "
-                f"{MAX_PAYLOAD_SIZE}"
-            )
-        self._pending = header
-        payload = await self._recv_exact(header.size, fds)
-        return Message(header.request, header.flags, payload, list(fds))
+        return Message(header.request, header.flags, payload, fds)
 
     def send(self, request: int, payload: bytes, *, reply: bool = True) -> None:
         flags = PROTOCOL_VERSION | (FLAG_REPLY if reply else 0)
