@@ -38,12 +38,23 @@ def _lowest_free_fd(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def _fd_limit(pid: int, limit: int) -> Iterator[None]:
+def _fd_limit(pid: int, headroom: int) -> Iterator[int]:
+    """The daemon's soft RLIMIT_NOFILE set `headroom` fds above its lowest free fd number
+    (0: its next open or accept fails with EMFILE); yields the limit."""
     # The soft limit only: raising a hard limit back needs CAP_SYS_RESOURCE.
     old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, old[1]))
+    limit = _lowest_free_fd(pid) + headroom
     try:
-        yield
+        # An fd the daemon closes meanwhile (the last status request's connection) opens a
+        # hole below the limit: lower it again until the fd table is still.
+        for _ in range(50):
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, old[1]))
+            time.sleep(0.05)
+            lowest = _lowest_free_fd(pid) + headroom
+            if lowest >= limit:
+                break
+            limit = lowest
+        yield limit
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
 
@@ -113,12 +124,12 @@ def test_accept_failures_are_survived(daemon: ServerProcess) -> None:
     port = _http_port(server)
     meta_socket = Path(server.extra_args[server.extra_args.index("--meta-socket") + 1])
     waiting: list[socket.socket] = []
-    with _fd_limit(server.pid, _lowest_free_fd(server.pid)):
+    with _fd_limit(server.pid, 0):
         try:
             # Each connection waits in its listener's backlog; every accept() fails (EMFILE).
             waiting += [_unix(_volume_socket(server)), _unix(server.control), _unix(meta_socket), _tcp(port)]
             for what in ("vol", "control socket", "metadata fs", "metadata http"):
-                wait_until(lambda w=what: f"{w}: accept() failed" in server.log(), 5.0,  # type: ignore[misc]
+                wait_until(lambda w=what: f"{w}: accept() failed" in server.log(), 10.0,  # type: ignore[misc]
                            f"{what}: accept failure logged", server.log)
             # Let the loops retry a few times (back-off up to 1 s) while fds stay short.
             time.sleep(1.5)
@@ -190,9 +201,8 @@ def test_control_and_http_stalled_peers_are_closed(daemon: ServerProcess) -> Non
 def test_idle_http_connections_do_not_starve_vhost_user(daemon: ServerProcess) -> None:
     server = daemon
     port = _http_port(server)
-    limit = _lowest_free_fd(server.pid) + 100
     flood: list[socket.socket] = []
-    with _fd_limit(server.pid, limit):
+    with _fd_limit(server.pid, 100) as limit:
         try:
             for _ in range(300):
                 flood.append(_tcp(port))

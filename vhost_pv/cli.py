@@ -260,6 +260,8 @@ def cmd_ring_control(args: argparse.Namespace) -> int:
 
 def _print_status(status: dict[str, Any]) -> None:
     print(f"daemon pid {status['pid']}")
+    for failure in status.get("failed", []):
+        print(f"  not served: {failure['path']}: {failure['error']}")
     for volume in status["volumes"]:
         header = volume["header"]
         line = (f"  {volume['name']}: {header['capacity'] >> 20} MiB, state {header['state']}, "
