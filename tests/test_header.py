@@ -23,6 +23,7 @@ from vhost_pv.volume.header import (
     VolumeState,
     choose_slot,
     encode_slot,
+    resolve_slots,
 )
 from vhost_pv.volume.ring import RingError
 from vhost_pv.volume.volume import (
@@ -374,6 +375,77 @@ def test_torn_slot_decode_via_choose_slot(tmp_path: Path) -> None:
             slots[target] = new_slot[:k] + old_slot[k:]
             _, got = choose_slot(slots)
             assert got in (header, new), k
+
+
+# -- one damaged copy never undoes a flip ----------------------------------------------------
+
+
+def _flip_every_bit(slot: bytes) -> list[bytes]:
+    record = HeaderSlot.sizeof()
+    return [slot[:i // 8] + bytes([slot[i // 8] ^ (1 << i % 8)]) + slot[i // 8 + 1:]
+            for i in range(record * 8)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("layout", ["both-copies", "one-copy"])
+def test_no_single_bit_flip_in_one_copy_reads_attached_after_a_flip(tmp_path: Path, layout: str) -> None:
+    """After a flip to dangling, a bit flipped anywhere in either copy's record still reads
+    dangling: with both copies written (this build), and with the older copy still
+    attached (as a build that wrote one copy per update left it, or a crash between the
+    two writes)."""
+    _, header = _create(tmp_path)
+    dangling = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING,
+                                   dangling_since_ns=123, reason="container-deleted")
+    slots = [encode_slot(dangling), encode_slot(dangling if layout == "both-copies" else header)]
+    for target in (0, 1):
+        for damaged in _flip_every_bit(slots[target]):
+            copies = list(slots)
+            copies[target] = damaged
+            try:
+                resolution = resolve_slots(copies)
+            except HeaderError:
+                pytest.fail("one damaged copy made the volume unreadable")
+            assert resolution.header.dangling, (target, resolution.disagreement)
+
+
+@pytest.mark.timeout(60)
+def test_interrupted_clear_reads_dangling(tmp_path: Path) -> None:
+    _, header = _create(tmp_path)
+    dangling = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING, reason="gone")
+    cleared = dataclasses.replace(dangling, generation=3, state=VolumeState.ATTACHED, reason="")
+    resolution = resolve_slots([encode_slot(cleared), encode_slot(dangling)])
+    assert resolution.forced and resolution.header.dangling
+    assert resolution.header.reason == DAMAGED_REASON
+    assert resolution.disagreement == ("copy 0 (generation 3) says attached, "
+                                       "copy 1 (generation 2) says dangling")
+    # The newer copy dangling and the older attached is an ordinary (interrupted) flip.
+    plain = resolve_slots([encode_slot(header), encode_slot(dangling)])
+    assert not plain.forced and plain.header == dangling and plain.disagreement
+
+
+@pytest.mark.timeout(60)
+def test_open_repairs_the_copies(tmp_path: Path) -> None:
+    path, header = _create(tmp_path)
+    dangling = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING,
+                                   dangling_since_ns=5, reason="gone")
+    # Newest copy damaged, older attached: served dangling at a new generation, both copies.
+    _pwrite(path, encode_slot(dangling)[:100] + b"\xff" + encode_slot(dangling)[101:], SLOT_OFFSETS[0])
+    _pwrite(path, encode_slot(header), SLOT_OFFSETS[1])
+    assert read_header(path).dangling  # read only: nothing is written
+    assert _pread(path, SLOT_SIZE, SLOT_OFFSETS[1]) == encode_slot(header)
+    with Volume(path) as volume:
+        assert volume.resolution.forced
+        repaired = volume.header
+        assert repaired.dangling and repaired.reason == DAMAGED_REASON and repaired.generation == 2
+        assert repaired.dangling_since_ns > 0
+        assert _state_word(path) == VolumeState.DANGLING
+    slots = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
+    assert slots[0] == slots[1] == encode_slot(repaired)
+    # One copy damaged, both said the same: the damaged one is rewritten from the other.
+    _pwrite(path, b"\xff" * 8, SLOT_OFFSETS[1] + 200)
+    with Volume(path) as volume:
+        assert not volume.resolution.forced and volume.header == repaired
+    assert _pread(path, SLOT_SIZE, SLOT_OFFSETS[1]) == encode_slot(repaired)
 
 
 # -- sizes -----------------------------------------------------------------------------------
