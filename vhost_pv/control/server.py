@@ -145,7 +145,10 @@ class ControlServer:
         first = await asyncio.wait_for(reader.read(1), self.timeout)
         if not first:
             raise asyncio.IncompleteReadError(b"", ControlHeader.sizeof())
-        rest = await asyncio.wait_for(reader.readexactly(ControlHeader.sizeof() - 1), self.timeout)
+        try:
+            rest = await asyncio.wait_for(reader.readexactly(ControlHeader.sizeof() - 1), self.timeout)
+        except asyncio.IncompleteReadError as exc:
+            raise asyncio.IncompleteReadError(first + exc.partial, ControlHeader.sizeof()) from None
         return first + rest
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
