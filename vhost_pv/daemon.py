@@ -59,7 +59,14 @@ from vhost_pv.guard.processes import pid_start_ticks
 from vhost_pv.meta.store import MetadataError, MetadataStore
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
-from vhost_pv.sockfile import Acceptor, AlreadyServed, SocketClaim, lock_volume, raise_fd_limit
+from vhost_pv.sockfile import (
+    Acceptor,
+    AlreadyServed,
+    SocketClaim,
+    lock_volume,
+    raise_fd_limit,
+    watch_task,
+)
 from vhost_pv.volume import ring as ring_format
 from vhost_pv.volume.header import HeaderError, VolumeState
 from vhost_pv.volume.seal import check_seal, clear_seal
@@ -309,7 +316,8 @@ class Daemon:
             self._loop.add_reader(volume.event_fd, self._on_volume_events, served)
             served.claim = SocketClaim(served.socket_path)
             served.listener = served.claim.listen()
-            served.accept_task = asyncio.create_task(self._accept_loop(served))
+            served.accept_task = watch_task(
+                asyncio.create_task(self._accept_loop(served), name=f"{volume.name}-accept"), log)
             log.info(
                 "serving %s (%d MiB%s%s) on %s",
                 path, volume.header.capacity >> 20, ", read-only" if served.read_only else "",

@@ -227,3 +227,15 @@ def fds_free(reserve: int) -> bool:
     except OSError:
         return False  # listing needs an fd too: none is left
     return in_use + reserve < soft
+
+
+def watch_task(task: asyncio.Task[None], logger: logging.Logger) -> asyncio.Task[None]:
+    """Log a server task (an accept loop) that ends by an error: it must never die silently."""
+
+    def ended(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            logger.error("%s ended: %r; what it served is gone until the daemon restarts",
+                         done.get_name(), done.exception())
+
+    task.add_done_callback(ended)
+    return task

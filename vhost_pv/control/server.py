@@ -25,7 +25,7 @@ from vhost_pv.control.wire import (
     ControlHeader,
     ReplyStatus,
 )
-from vhost_pv.sockfile import Acceptor, SocketClaim, fds_free
+from vhost_pv.sockfile import Acceptor, SocketClaim, fds_free, watch_task
 
 log = logging.getLogger("vhost_pv.control")
 
@@ -94,7 +94,7 @@ class ControlServer:
         # (EMFILE...) on a server's listener closes that server for good; here it backs off.
         self._claim = SocketClaim(self.path)  # raises if another daemon serves this path
         self._listener = self._claim.listen(backlog=64)  # mode 0600 from birth
-        self._accept_task = asyncio.create_task(self._accept_loop(), name="control-accept")
+        self._accept_task = watch_task(asyncio.create_task(self._accept_loop(), name="control-accept"), log)
         log.info("control socket at %s", self.path)
 
     async def close(self) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from vhost_pv.meta.store import MetadataError, MetadataStore, Tree, listing
-from vhost_pv.sockfile import Acceptor, fds_free
+from vhost_pv.sockfile import Acceptor, fds_free, watch_task
 
 log = logging.getLogger("vhost_pv.meta.http")
 
@@ -86,8 +86,8 @@ class MetadataHttpServer:
             raise
         self._listener = sock
         self.port = int(sock.getsockname()[1])  # ephemeral: learn what the kernel gave
-        self._tasks = [asyncio.create_task(self._accept_loop(), name="metadata-http-accept"),
-                       asyncio.create_task(self._expire_loop(), name="metadata-http-expire")]
+        self._tasks = [watch_task(asyncio.create_task(self._accept_loop(), name="metadata-http-accept"), log),
+                       watch_task(asyncio.create_task(self._expire_loop(), name="metadata-http-expire"), log)]
         log.info("metadata server for VM %s on http://%s:%d%s", self.store.vm, self.host, self.port, PREFIX)
 
     async def close(self) -> None:

@@ -133,7 +133,8 @@ class MessageChannel:
                 raise PeerClosed() from None
             fds.extend(_extract_fds(ancdata))
             if msg_flags & socket.MSG_CTRUNC:
-                raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message")
+                raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message "
+                                    "(or none left in this process to receive them)")
             if not data:
                 if remaining == size and not chunks and size == HEADER_SIZE:
                     raise PeerClosed()
