@@ -17,7 +17,14 @@ from vhost_pv.daemon import Daemon, DaemonConfig
 from vhost_pv.guard.containers import ReclaimPolicy
 from vhost_pv.volume.header import HeaderError, ReadPolicy, RingFullPolicy, TtlAction
 from vhost_pv.volume.ring import RingError, RingReader
-from vhost_pv.volume.volume import DEFAULT_RING_SIZE, CreateOptions, create_volume, parse_size, read_header
+from vhost_pv.volume.volume import (
+    DEFAULT_RING_SIZE,
+    CreateOptions,
+    create_volume,
+    inspect_header,
+    parse_size,
+    read_header,
+)
 
 
 def _size(text: str) -> int:
@@ -66,14 +73,21 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
-        header = read_header(Path(args.path))
+        resolution = inspect_header(Path(args.path))
     except HeaderError as exc:
         print(f"vhost-pv: {args.path}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"vhost-pv: {args.path}: {exc.strerror}", file=sys.stderr)
         return 1
+    header = resolution.header
     info = header.to_dict()
+    if not resolution.consistent:
+        # What a daemon would do on open: serve this state and rewrite both copies to it.
+        info["header_copies"] = [p or "valid" for p in resolution.problems]
+        info["header_disagreement"] = resolution.disagreement
+        print(f"vhost-pv: {args.path}: header copies disagree: {resolution.disagreement}"
+              + ("; it would be served dangling" if resolution.forced else ""), file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -109,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         meta_http=_host_port(args.meta_http) if args.meta_http else None,
         meta_socket=Path(args.meta_socket) if args.meta_socket else None,
         meta_policy=Path(args.meta_policy) if args.meta_policy else None,
+        peer_timeout=args.peer_timeout,
     )
     if args.engine and not args.engine.startswith("unix://"):
         print(f"vhost-pv: --engine {args.engine}: expected unix:///path/to/engine.sock", file=sys.stderr)
@@ -116,16 +131,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.reconcile_interval <= 0:
         print("vhost-pv: --reconcile-interval must be positive", file=sys.stderr)
         return 2
-    for path in config.volumes:
-        try:
-            read_header(path)
-        except (HeaderError, OSError) as exc:
-            print(f"vhost-pv: {path}: {exc}", file=sys.stderr)
-            return 1
+    if args.peer_timeout <= 0:
+        print("vhost-pv: --peer-timeout must be positive", file=sys.stderr)
+        return 2
+    # A volume that cannot be opened does not stop the others: the daemon logs it, alerts
+    # and lists it in status (see Daemon._open_volume).
     try:
         uvloop.run(Daemon(config).run())
     except (HeaderError, RingError, OSError, ValueError) as exc:
-        print(f"vhost-pv: {exc}", file=sys.stderr)
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, OSError) and exc.filename:
+            message = f"{exc.filename}: {message}"
+        print(f"vhost-pv: {message}", file=sys.stderr)
         return 1
     return 0
 
@@ -243,6 +260,8 @@ def cmd_ring_control(args: argparse.Namespace) -> int:
 
 def _print_status(status: dict[str, Any]) -> None:
     print(f"daemon pid {status['pid']}")
+    for failure in status.get("failed", []):
+        print(f"  not served: {failure['path']}: {failure['error']}")
     for volume in status["volumes"]:
         header = volume["header"]
         line = (f"  {volume['name']}: {header['capacity'] >> 20} MiB, state {header['state']}, "
@@ -356,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-socket", metavar="PATH", help="serve the metadata as a virtio-fs file "
                    "system on this vhost-user socket (QEMU: -device vhost-user-fs-pci,tag=metadata)")
     p.add_argument("--meta-policy", metavar="FILE", help="TOML policy: which guest uids/gids may "
-                   "read or write which metadata paths (default: secrets/ root only)")
+                   "read or write which metadata paths (default: secrets/ root only); SIGHUP reloads it")
+    p.add_argument("--peer-timeout", type=float, default=5.0, metavar="S",
+                   help="a new frontend's first message, every message from its first byte, and an "
+                   "idle control or metadata HTTP connection get this long (default 5)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ioctl", help="send an ioctl-style command to a running daemon")

@@ -59,8 +59,16 @@ from vhost_pv.guard.processes import pid_start_ticks
 from vhost_pv.meta.store import MetadataError, MetadataStore
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
+from vhost_pv.sockfile import (
+    Acceptor,
+    AlreadyServed,
+    SocketClaim,
+    lock_volume,
+    raise_fd_limit,
+    watch_task,
+)
 from vhost_pv.volume import ring as ring_format
-from vhost_pv.volume.header import VolumeState
+from vhost_pv.volume.header import HeaderError, VolumeState
 from vhost_pv.volume.seal import check_seal, clear_seal
 from vhost_pv.volume.volume import Volume, destroy_volume
 
@@ -100,6 +108,8 @@ class ServedVolume:
     guard: VolumeGuard
     state_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     listener: socket.socket | None = None
+    claim: SocketClaim | None = None
+    lock_fd: int = -1
     accept_task: asyncio.Task[None] | None = None
     connection: Connection | None = None
     connections_total: int = 0
@@ -139,6 +149,9 @@ class DaemonConfig:
     """vhost-user socket of the metadata file system (virtio-fs), if any."""
     meta_policy: Path | None = None
     """TOML policy: which guest uids/gids may read or write which metadata paths."""
+    peer_timeout: float = 5.0
+    """Seconds a peer may take for its first message, for each message from its first byte,
+    and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
 
 
 def owner_fields(owner: OwnerBinding) -> dict[str, Any]:
@@ -165,12 +178,16 @@ class Daemon:
                 Command.BIND: self._cmd_bind,
                 Command.META: self._cmd_meta,
             },
+            timeout=config.peer_timeout,
         )
         # The store exists from the start, whether or not anything serves it to the guest.
         self.metadata = MetadataStore(config.vm, self._volume_metadata)
         self.meta_http: MetadataHttpServer | None = None
         self.meta_fs: FuseFileSystem | None = None
         self._meta_listener: socket.socket | None = None
+        self._meta_claim: SocketClaim | None = None
+        # Volumes named on the command line that could not be served: path and why.
+        self.failed: list[dict[str, str]] = []
         self._meta_accept: asyncio.Task[None] | None = None
         self._meta_session: asyncio.Task[None] | None = None
         self.engine: EngineClient | None = None
@@ -198,6 +215,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
+        # Unhandled, SIGHUP would end the daemon silently (e.g. its terminal closing).
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         try:
             await self._stopping.wait()
@@ -207,11 +226,79 @@ class Daemon:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.alerts.bind_loop(self._loop)
+        raise_fd_limit(log)
+        try:
+            await self._start()
+        except BaseException:
+            # Whatever was created so far goes: no stale sockets, locks or guard threads.
+            await self.stop()
+            raise
+
+    def reload(self) -> None:
+        """SIGHUP: reload what can be reloaded (the metadata policy file)."""
+        if self.config.meta_policy is None or self.meta_fs is None:
+            log.info("SIGHUP: nothing to reload (no --meta-policy)")
+            return
+        from vhost_pv.meta.policy import Policy
+
+        try:
+            self.meta_fs._policy = Policy.load(self.config.meta_policy)  # read per request: takes effect now
+        except Exception as exc:  # a bad edit must not take the daemon down: keep the old one
+            log.error("SIGHUP: cannot reload %s, keeping the policy in force: %s",
+                      self.config.meta_policy, exc)
+            return
+        log.info("SIGHUP: metadata policy reloaded from %s", self.config.meta_policy)
+
+    def _open_volume(self, path: Path) -> tuple[Volume, int] | None:
+        """Lock and open one volume; a volume that cannot be served is logged, alerted and
+        listed in status (None), the others are served. Another daemon serving it is fatal."""
+        lock_fd = -1
+        try:
+            lock_fd = lock_volume(path)
+            volume = Volume(path, direct=self.config.direct)
+        except AlreadyServed:
+            raise
+        except (HeaderError, ring_format.RingError, OSError, ValueError) as exc:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.failed.append({"path": str(path), "error": why})
+            log.error("%s: cannot serve this volume: %s", path, why)
+            self.alerts.raise_alert("volume-failed", path.stem, f"{path} cannot be served: {why}",
+                                    severity="critical", path=str(path), error=why)
+            return None
+        resolution = volume.resolution
+        if not resolution.consistent:
+            detail = {"copies": [p or "valid" for p in resolution.problems],
+                      "disagreement": resolution.disagreement}
+            if resolution.forced:
+                log.critical("%s: header copies disagree (%s): served DANGLING (%s); copies repaired",
+                             path, resolution.disagreement, volume.header.reason)
+                self.alerts.raise_alert(
+                    "header-damaged", volume.name,
+                    f"{volume.name}: header copies disagree, served dangling: {resolution.disagreement}",
+                    severity="critical", path=str(path), **detail)
+            else:
+                log.warning("%s: header copies disagree (%s): repaired to generation %d (%s)",
+                            path, resolution.disagreement, volume.header.generation,
+                            volume.header.state.name.lower())
+                self.alerts.raise_alert(
+                    "header-repaired", volume.name,
+                    f"{volume.name}: a header copy was repaired: {resolution.disagreement}",
+                    severity="warning", path=str(path), **detail)
+        return volume, lock_fd
+
+    async def _start(self) -> None:
+        assert self._loop is not None
         self.config.socket_dir.mkdir(parents=True, exist_ok=True)
         for path in self.config.volumes:
-            volume = Volume(path, direct=self.config.direct)
+            opened = self._open_volume(path)
+            if opened is None:
+                continue
+            volume, lock_fd = opened
             if volume.name in self.served:
                 volume.close()
+                os.close(lock_fd)
                 raise ValueError(f"two volumes share the name {volume.name!r}: socket names clash")
             guard = VolumeGuard(
                 volume, self.alerts, describe_source=self.describe_source,
@@ -222,22 +309,30 @@ class Daemon:
                 socket_path=self.config.socket_dir / f"{volume.name}.sock",
                 read_only=self.config.read_only or volume.read_only,
                 guard=guard,
+                lock_fd=lock_fd,
             )
             self.served[volume.name] = served
             guard.start()
             self._loop.add_reader(volume.event_fd, self._on_volume_events, served)
-            served.listener = _listen(served.socket_path)
-            served.accept_task = asyncio.create_task(self._accept_loop(served))
+            served.claim = SocketClaim(served.socket_path)
+            served.listener = served.claim.listen()
+            served.accept_task = watch_task(
+                asyncio.create_task(self._accept_loop(served), name=f"{volume.name}-accept"), log)
             log.info(
                 "serving %s (%d MiB%s%s) on %s",
                 path, volume.header.capacity >> 20, ", read-only" if served.read_only else "",
                 ", O_DIRECT" if self.config.direct else "", served.socket_path,
             )
+        if self.failed and not self.served:
+            # Nothing at all to serve: a daemon that only reports errors helps nobody.
+            raise ValueError("no volume can be served: " + "; ".join(
+                f"{failure['path']}: {failure['error']}" for failure in self.failed))
         if self.config.meta_http is not None:
             from vhost_pv.meta.http_server import MetadataHttpServer  # aiohttp.web: only when used
 
             host, port = self.config.meta_http
-            meta_http = MetadataHttpServer(self.metadata, self.alerts.raise_alert, host, port)
+            meta_http = MetadataHttpServer(self.metadata, self.alerts.raise_alert, host, port,
+                                           idle_timeout=self.config.peer_timeout)
             await meta_http.start()
             self.meta_http = meta_http
         if self.config.meta_socket is not None:
@@ -246,7 +341,8 @@ class Daemon:
 
             policy = Policy.load(self.config.meta_policy) if self.config.meta_policy else Policy.default()
             self.meta_fs = FuseFileSystem(self.metadata, policy)
-            self._meta_listener = _listen(self.config.meta_socket)
+            self._meta_claim = SocketClaim(self.config.meta_socket)
+            self._meta_listener = self._meta_claim.listen()
             self._meta_accept = asyncio.create_task(self._accept_metadata_fs(), name="metadata-fs-accept")
             self._meta_accept.add_done_callback(_log_task_end)
             log.info("metadata file system of VM %s on %s", self.config.vm, self.config.meta_socket)
@@ -279,8 +375,10 @@ class Daemon:
                 await self._meta_session
         if self._meta_listener is not None:
             self._meta_listener.close()
-            if self.config.meta_socket is not None:
-                self.config.meta_socket.unlink(missing_ok=True)
+            self._meta_listener = None
+        if self._meta_claim is not None:
+            self._meta_claim.release()
+            self._meta_claim = None
         await self.control.close()
         for served in list(self.served.values()):
             await self._retire(served)
@@ -295,7 +393,9 @@ class Daemon:
         if served.listener is not None:
             served.listener.close()
             served.listener = None
-            served.socket_path.unlink(missing_ok=True)
+        if served.claim is not None:
+            served.claim.release()  # unlinks the socket only if it still is the one we bound
+            served.claim = None
         if served.connection is not None:
             served.connection.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -304,6 +404,9 @@ class Daemon:
             self._loop.remove_reader(served.volume.event_fd)
         await asyncio.to_thread(served.guard.stop)
         served.volume.close()
+        if served.lock_fd >= 0:
+            os.close(served.lock_fd)
+            served.lock_fd = -1
 
     def _on_volume_events(self, served: ServedVolume) -> None:
         # Reset the eventfd here (level-triggered reader) and let the guard drain the queue.
@@ -317,10 +420,10 @@ class Daemon:
     # -- vhost-user connections -------------------------------------------------------------
 
     async def _accept_loop(self, served: ServedVolume) -> None:
-        loop = asyncio.get_running_loop()
         assert served.listener is not None
+        acceptor = Acceptor(served.listener, served.volume.name, log)
         while True:
-            sock, _ = await loop.sock_accept(served.listener)
+            sock = await acceptor.accept()
             peer = peer_credentials(sock)
             name = served.volume.name
             header = served.volume.header
@@ -361,7 +464,7 @@ class Daemon:
                 log.error("%s: cannot attach frontend: %s", name, exc)
                 sock.close()
                 continue
-            session = VhostUserSession(MessageChannel(sock), device, name)
+            session = VhostUserSession(MessageChannel(sock, timeout=self.config.peer_timeout), device, name)
             task = asyncio.create_task(self._run_session(served, session))
             served.connection = Connection(source, peer, time.time(), device, session, task)
             served.connections_total += 1
@@ -643,10 +746,10 @@ class Daemon:
 
     async def _accept_metadata_fs(self) -> None:
         """The virtio-fs frontend (QEMU), one at a time, from the control socket's allow-list."""
-        loop = asyncio.get_running_loop()
         assert self._meta_listener is not None and self.meta_fs is not None
+        acceptor = Acceptor(self._meta_listener, "metadata fs", log)
         while True:
-            sock, _ = await loop.sock_accept(self._meta_listener)
+            sock = await acceptor.accept()
             peer = peer_credentials(sock)
             if not self.config.control_access.allows(peer):
                 log.warning("metadata fs: refused frontend pid=%d uid=%d gid=%d: not allowed",
@@ -658,7 +761,8 @@ class Daemon:
                 sock.close()
                 continue
             device = FsDevice(f"metadata-{self.config.vm}", self.meta_fs.handle)
-            session = VhostUserSession(MessageChannel(sock), device, f"metadata-{self.config.vm}")
+            session = VhostUserSession(MessageChannel(sock, timeout=self.config.peer_timeout), device,
+                                       f"metadata-{self.config.vm}")
             self._meta_session = asyncio.create_task(session.run())
             log.info("metadata fs: frontend attached (pid=%d uid=%d)", peer.pid, peer.uid)
 
@@ -788,6 +892,7 @@ class Daemon:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "volumes": volumes,
+            "failed": list(self.failed),
             "alerts": {"by_kind": dict(self.alerts.counts), "subscribers": self.alerts.subscriber_count,
                        "webhook_failures": self.alerts.webhook_failures},
             "metadata": {
@@ -815,23 +920,3 @@ def _add_counters(into: dict[str, int], queues: list[dict[str, int]]) -> None:
         for key, value in queue.items():
             if key in _SUMMED:
                 into[key] = into.get(key, 0) + value
-
-
-def _listen(path: Path) -> socket.socket:
-    """A listening unix socket with mode 0600 from birth."""
-    path.unlink(missing_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(exc.errno, f"{path} is in use by another server") from None
-        raise
-    finally:
-        os.umask(old_umask)
-    sock.listen(4)
-    sock.setblocking(False)
-    return sock
-

@@ -21,10 +21,11 @@ from vhost_pv.volume.header import (
     HeaderError,
     ReadPolicy,
     RingFullPolicy,
+    SlotResolution,
     TtlAction,
     VolumeHeader,
-    choose_slot,
     encode_slot,
+    resolve_slots,
 )
 from vhost_pv.volume.ring import RingError, format_ring
 
@@ -121,17 +122,25 @@ def destroy_volume(path: Path, fd: int, size: int) -> None:
 
 
 def read_header(path: Path) -> VolumeHeader:
-    """The current header of a volume file (HeaderError if it has none that is valid)."""
+    """The current header of a volume file (HeaderError if it has none that is valid): the
+    state a daemon would serve it in, dangling if its copies disagree in a way that could
+    hide a dangling state (see resolve_slots)."""
+    return inspect_header(path).header
+
+
+def inspect_header(path: Path) -> SlotResolution:
+    """Both header copies of a volume file and how they were resolved (read only)."""
     with open(path, "rb") as f:
         slots = [_read_at(f.fileno(), offset) for offset in SLOT_OFFSETS]
-    header = choose_slot(slots)[1]
+    resolution = resolve_slots(slots)
+    header = resolution.header
     size = path.stat().st_size
     if size < header.ring_offset + header.ring_size:
         raise HeaderError(
             f"file is {size} bytes but the header describes "
             f"{header.ring_offset + header.ring_size}: truncated volume"
         )
-    return header
+    return resolution
 
 
 def _read_at(fd: int, offset: int) -> bytes:
@@ -153,7 +162,8 @@ class Volume:
             if direct:
                 self.direct_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
             slots = [_read_at(self.fd, offset) for offset in SLOT_OFFSETS]
-            self._slot, self.header = choose_slot(slots)
+            self.resolution = resolve_slots(slots)
+            self._slot, self.header = self.resolution.slot, self.resolution.header
             size = os.fstat(self.fd).st_size
             end = self.header.ring_offset + self.header.ring_size
             if size < end:
@@ -177,6 +187,8 @@ class Volume:
                     raise RingError(f"{path}: the quarantine ring superblock is missing or damaged")
                 raise OSError(-err[0], f"{path}: cannot open the data path: {os.strerror(-err[0])}")
             self.native = handle
+            if not self.resolution.consistent:
+                self._repair()
             # The live word is rewritten from the durable header: a stale value is never used.
             lib.vpv_volume_set_state(self.native, int(self.header.state))
         except BaseException:
@@ -193,15 +205,37 @@ class Volume:
     def read_only(self) -> bool:
         return self.header.read_only
 
-    def update(self, **changes: Any) -> VolumeHeader:
-        """Durably replace header fields (crash-safe: the older slot is rewritten), then
-        publish state and policy to the data path. Returns once the data path has passed
-        the change (see vpv_volume_set_state)."""
-        new = dataclasses.replace(self.header, generation=self.header.generation + 1, **changes)
+    def _repair(self) -> None:
+        """Both copies rewritten to the state chosen at open (forced dangling: a new
+        generation, stamped now), so one later damaged copy cannot undo it."""
+        header = self.header
+        if self.resolution.forced:
+            generations = [c.generation for c in self.resolution.copies if c is not None]
+            header = dataclasses.replace(
+                header, generation=max(generations) + 1,
+                dangling_since_ns=header.dangling_since_ns or time.time_ns())
+        self._write_both(header)
+        self.header = header
+
+    def _write_both(self, new: VolumeHeader) -> None:
+        """Two-phase write: the older slot, sync, then the other, sync. A crash in the first
+        write leaves the other copy old and valid; in the second, the first copy new and
+        valid; afterwards both hold `new`, so one damaged copy never rolls the state back."""
+        slot = encode_slot(new)
         target = 1 - self._slot
-        os.pwrite(self.fd, encode_slot(new), SLOT_OFFSETS[target])
+        os.pwrite(self.fd, slot, SLOT_OFFSETS[target])
         os.fdatasync(self.fd)
-        self._slot, self.header = target, new
+        os.pwrite(self.fd, slot, SLOT_OFFSETS[1 - target])
+        os.fdatasync(self.fd)
+        self._slot = target
+
+    def update(self, **changes: Any) -> VolumeHeader:
+        """Durably replace header fields (crash-safe: both copies rewritten one after the
+        other, see _write_both), then publish state and policy to the data path. Returns
+        once the data path has passed the change (see vpv_volume_set_state)."""
+        new = dataclasses.replace(self.header, generation=self.header.generation + 1, **changes)
+        self._write_both(new)
+        self.header = new
         lib.vpv_volume_set_policy(self.native, int(new.read_policy), int(new.ring_full_policy))
         lib.vpv_volume_set_state(self.native, int(new.state))
         return new
