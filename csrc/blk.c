@@ -1060,3 +1060,10 @@ int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_st
     out->_pad = 0;
     return 0;
 }
+
+int vpv_blk_queue_inflight(struct vpv_blk *blk, uint32_t index)
+{
+    if (index >= VPV_MAX_QUEUES)
+        return -EINVAL;
+    return (int)vpv_vring_inflight_count(&blk->queues[index].vr);
+}
