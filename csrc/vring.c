@@ -117,7 +117,7 @@ static int by_counter(const void *a, const void *b)
  * before that index no longer (or mixed with ones we did complete, since completions are
  * out of order). The region says which heads they are; they are taken again first, in the
  * order they were first taken, and the avail ring resumes after them, whatever base the
- * frontend sent.
+ * frontend sent. Returns 0, or -EBADMSG for a region that cannot be believed.
  */
 static int inflight_recover(struct vpv_vring *vr, uint8_t *base, uint64_t size)
 {
@@ -125,7 +125,7 @@ static int inflight_recover(struct vpv_vring *vr, uint8_t *base, uint64_t size)
     struct vpv_inflight_region *r = (struct vpv_inflight_region *)base;
     if ((uintptr_t)base & 7 ||
         size < sizeof(*r) + (uint64_t)num * sizeof(struct vpv_inflight_desc))
-        return -EINVAL;
+        return -EBADMSG;
     uint16_t version = __atomic_load_n(&r->version, __ATOMIC_ACQUIRE);
     if (version == 0) {
         /* Never initialised (the spec's meaning of version 0): nothing is in flight. */
@@ -139,19 +139,19 @@ static int inflight_recover(struct vpv_vring *vr, uint8_t *base, uint64_t size)
         return 0;
     }
     if (version != VPV_INFLIGHT_VERSION || r->desc_num != num)
-        return -EINVAL;
+        return -EBADMSG;
 
     /* A crash while completing a batch: used->idx was published, the flags not cleared. The
      * batch is the list from last_batch_head, as long as the difference of the indices. */
     uint16_t batch = (uint16_t)(vr->used_idx - r->used_idx);
     if (batch > num)
-        return -EINVAL;
+        return -EBADMSG;
     uint8_t in_batch[VPV_MAX_QUEUE_SIZE];
     memset(in_batch, 0, num);
     uint16_t head = r->last_batch_head;
     for (uint16_t i = 0; i < batch; i++) {
         if (head >= num)
-            return -EINVAL;
+            return -EBADMSG;
         in_batch[head] = 1;
         head = r->desc[head].next;
     }
@@ -162,7 +162,7 @@ static int inflight_recover(struct vpv_vring *vr, uint8_t *base, uint64_t size)
     for (uint32_t i = 0; i < num; i++) {
         uint8_t flag = r->desc[i].inflight;
         if (flag > 1)
-            return -EINVAL;
+            return -EBADMSG;
         uint64_t counter = r->desc[i].counter;
         if (counter > max_counter)
             max_counter = counter;
@@ -176,7 +176,7 @@ static int inflight_recover(struct vpv_vring *vr, uint8_t *base, uint64_t size)
      * have made at least that many available. */
     uint16_t avail_idx = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
     if ((uint16_t)(avail_idx - vr->used_idx) < count)
-        return -EINVAL;
+        return -EBADMSG;
 
     /* Consistent: commit the interrupted batch, then resume. */
     for (uint32_t i = 0; i < num; i++)

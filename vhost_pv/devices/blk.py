@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 from typing import Any
 
@@ -164,6 +165,8 @@ class BlkDevice:
     def start_queue(self, setup: VringSetup) -> None:
         cfg = vring_config(setup)
         rc = lib.vpv_blk_queue_start(self._handle, setup.index, cfg)
+        if rc == -errno.EBADMSG:
+            raise ProtocolError(f"queue {setup.index} cannot start: its inflight region is inconsistent")
         if rc < 0:
             raise ProtocolError(f"queue {setup.index} cannot start: {strerror(rc)}")
         self._started.add(setup.index)
