@@ -7,12 +7,14 @@ implements `DeviceBackend`; this module never imports a device.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import fcntl
 import logging
 import mmap
 import os
+import socket
 import stat
 from collections.abc import Callable
 from typing import Protocol
@@ -186,6 +188,9 @@ class VhostUserSession:
         self.queues = [QueueState() for _ in range(backend.max_queues())]
         self.inflight: InflightArea | None = None
         self.messages = 0
+        # While held (hold/release), no queue starts: the daemon settles the volume under us.
+        self._held = False
+        self._closed = False
         self._handlers: dict[int, Callable[[Message], bytes | tuple[bytes, int] | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -266,6 +271,7 @@ class VhostUserSession:
 
     def shutdown(self) -> None:
         """Stop every queue and release what the frontend gave us."""
+        self._closed = True
         for index, queue in enumerate(self.queues):
             if queue.running:
                 self.backend.stop_queue(index)
@@ -302,10 +308,36 @@ class VhostUserSession:
     def _offered_protocol_features(self) -> int:
         return BASE_PROTOCOL_FEATURES | self.backend.device_protocol_features()
 
+    def hold(self) -> None:
+        """Stop every running queue (each worker finishes the requests it has in flight
+        first) and start none until `release`; the frontend's messages are still served.
+        What a queue was doing resumes from its last_avail_idx."""
+        self._held = True
+        for index in range(len(self.queues)):
+            self._pause(index)
+
+    def release(self) -> None:
+        """Start again every queue that may run (those stopped by `hold`, and any the
+        frontend set up meanwhile). A queue that cannot start ends the connection, as it
+        would have when the frontend started it."""
+        self._held = False
+        if self._closed:
+            return
+        try:
+            for index in range(len(self.queues)):
+                self._maybe_start(index)
+        except ProtocolError as exc:
+            log.error("%s: protocol error, closing connection: %s", self.name, exc)
+            # run() sees the end of the stream and shuts the session down as usual.
+            with contextlib.suppress(OSError):
+                self.channel.sock.shutdown(socket.SHUT_RDWR)
+
     def _maybe_start(self, index: int) -> None:
         queue = self.queues[index]
         if (
-            queue.running
+            self._held
+            or self._closed
+            or queue.running
             or not queue.enabled
             or queue.kick_fd < 0
             or queue.addr is None
