@@ -386,3 +386,52 @@ def test_sigkill_under_load_loses_and_repeats_nothing(volume: Path, tmp_path: Pa
     finally:
         server.kill()
         memory.close()
+
+
+def test_each_queue_recovers_from_its_own_region(volume: Path, tmp_path: Path) -> None:
+    """Two queues share one area, a region each: a request left in flight on queue 1 is
+    resubmitted on queue 1 only, and queue 0 (nothing in flight) resumes where it was."""
+    with ServerProcess([volume], tmp_path / "run", queues=2) as server:
+        sock = server.socket_for(volume)
+        with VhostUserFrontend(sock) as first:
+            first.negotiate()
+            fd, size, offset = first.get_inflight_fd(2, RING)
+        assert size == inflight_area_size(2, RING)
+        view = InflightView(fd, size, 2, RING)
+        memory = GuestMemory(4 << 20)
+        rings = [SplitRing(memory, RING), SplitRing(memory, RING)]
+        # Queue 1: the "old backend" took a write, then a read, completed the read first and
+        # died. Without the right region, base = used->idx would take the read again and
+        # never the write.
+        lost = write_request(memory, 64, pattern(42, 4096))
+        done = read_request(memory, 0, 512)
+        for request in (lost, done):
+            request.head = rings[1].add_chain(request.buffers)
+        rings[1].publish(lost.head, done.head)
+        view.descs(1)["inflight"][lost.head] = 1
+        view.descs(1)["counter"][lost.head] = 1
+        view.descs(1)["counter"][done.head] = 2
+        rings[1].used_ring[0] = (done.head, 513)
+        rings[1].used_idx_view[0] = 1
+        view.header(1)["last_batch_head"] = done.head
+        view.header(1)["used_idx"] = 1
+        assert [h for h, _ in rings[1].collect()] == [done.head]
+
+        frontend = VhostUserFrontend(sock)
+        with frontend:
+            frontend.negotiate()
+            frontend.set_inflight_fd(fd, size, offset, 2, RING)
+            frontend.set_mem_table(memory)
+            for index, ring in enumerate(rings):
+                frontend.setup_queue(index, ring, base=ring.used_idx)
+            frontend.kick(1)
+            assert [h for h, _ in frontend.wait_used(1, rings[1], 1)] == [lost.head]
+            assert lost.status == VIRTIO_BLK_S_OK
+            barrier_request = BlkRequest.build(memory, VIRTIO_BLK_T_FLUSH)
+            assert frontend.submit(1, rings[1], barrier_request).status == VIRTIO_BLK_S_OK
+            assert view.in_flight(0) == [] and view.in_flight(1) == []
+            read = frontend.submit(0, rings[0], read_request(memory, 64, 4096))
+            assert read.status == VIRTIO_BLK_S_OK and read.data() == pattern(42, 4096)
+            assert rings[0].pending() == 0 and rings[1].pending() == 0
+        os.close(fd)
+        assert "Traceback" not in server.log()
