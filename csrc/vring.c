@@ -113,11 +113,12 @@ static int by_counter(const void *a, const void *b)
  * and nothing is written to it until the whole of it is found consistent.
  *
  * After a crash the frontend (QEMU) restarts the ring with last_avail_idx = used->idx (it
- * cannot know better): the requests we had taken and not completed sit in the avail ring
- * before that index no longer (or mixed with ones we did complete, since completions are
- * out of order). The region says which heads they are; they are taken again first, in the
- * order they were first taken, and the avail ring resumes after them, whatever base the
- * frontend sent. Returns 0, or -EBADMSG for a region that cannot be believed.
+ * cannot know better). Completions are out of order, so the avail entries from that index
+ * on are a mix of requests we completed and requests we never did, and some of the latter
+ * may lie before it. The region says which heads are still ours: they are taken again
+ * first, in the order they were first taken, and the avail ring resumes after them
+ * (used->idx + their count), whatever base the frontend sent. Returns 0, or -EBADMSG for a
+ * region that cannot be believed.
  */
 static int inflight_recover(struct vpv_vring *vr, uint8_t *base, uint64_t size)
 {

@@ -581,7 +581,7 @@ class VhostUserSession:
                 f"SET_INFLIGHT_FD: mmap_size {mmap_size}, {num_queues} queues of {queue_size} need {needed}"
             )
         if mmap_offset % mmap.ALLOCATIONGRANULARITY or mmap_offset > 1 << 40:
-            raise ProtocolError(f"SET_INFLIGHT_FD: mmap_offset {mmap_offset:#x} is not page aligned")
+            raise ProtocolError(f"SET_INFLIGHT_FD: mmap_offset {mmap_offset:#x} is not a page-aligned offset")
         if any(q.running for q in self.queues):
             raise ProtocolError("SET_INFLIGHT_FD: queues are running")
         fd = message.fds[0]
