@@ -11,6 +11,7 @@ import errno
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -84,9 +85,12 @@ _SUMMED = frozenset({
     "requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
     "unsupported", "bytes_read", "bytes_written", "io_errors", "bad_requests", "kicks",
     "notifications", "quarantined", "quarantine_refused", "dangling_denied", "watchdog_notifications",
-    "coalesced_wakes", "async_ios", "direct_fallbacks", "polled_wakes",
+    "coalesced_wakes", "async_ios", "direct_fallbacks", "polled_wakes", "guest_faults", "calls_saturated",
 })
 ALERT_KEEPALIVE_S = 15.0
+# A frontend attaching to a dangling volume is alerted at most this often per volume: QEMU
+# with reconnect=1 may come back every second (a crashed daemon, a restarted VM).
+DANGLING_ATTACH_ALERT_S = 60.0
 SOURCE_HISTORY = 1024
 
 
@@ -116,6 +120,13 @@ class ServedVolume:
     refused_total: int = 0
     # Counters of connections that have ended, so totals survive a reconnect.
     finished: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Attaches to the volume while dangling: when the last alert went out, and how many
+    # attaches since went without one (see DANGLING_ATTACH_ALERT_S).
+    dangling_attach_alerted: float = -math.inf
+    dangling_attach_suppressed: int = 0
+    dangling_attaches: int = 0
+    # A reclaim is settling the volume: a frontend attaching meanwhile starts no queue.
+    reclaiming: bool = False
 
     def totals(self) -> dict[str, int]:
         totals = dict(self.finished)
@@ -436,18 +447,6 @@ class Daemon:
                 )
                 sock.close()
                 continue
-            if header.dangling:
-                served.refused_total += 1
-                log.warning(
-                    "%s: refused frontend pid=%d uid=%d: the volume is dangling (%s); reclaim it first",
-                    name, peer.pid, peer.uid, header.reason,
-                )
-                self.alerts.raise_alert(
-                    "attach-refused", name, f"a frontend tried to attach to dangling volume {name}",
-                    pid=peer.pid, uid=peer.uid,
-                )
-                sock.close()
-                continue
             if served.connection is not None:
                 served.refused_total += 1
                 log.warning(
@@ -465,6 +464,10 @@ class Daemon:
                 sock.close()
                 continue
             session = VhostUserSession(MessageChannel(sock, timeout=self.config.peer_timeout), device, name)
+            if header.dangling:
+                self._dangling_attach(served, peer)
+            if served.reclaiming:
+                session.hold()   # the reclaim releases it once the volume is settled
             task = asyncio.create_task(self._run_session(served, session))
             served.connection = Connection(source, peer, time.time(), device, session, task)
             served.connections_total += 1
@@ -473,6 +476,35 @@ class Daemon:
             while len(self.sources) > SOURCE_HISTORY:
                 self.sources.popitem(last=False)
             log.info("%s: frontend attached (pid=%d uid=%d)", name, peer.pid, peer.uid)
+
+    def _dangling_attach(self, served: ServedVolume, peer: PeerCredentials) -> None:
+        """A frontend attaching to a dangling volume is served, under the dangling rules.
+
+        Refusing it would not protect anything (the C data path already sends every write of
+        a dangling volume to the quarantine ring and answers reads per the read policy, per
+        request) and wedges the VM: QEMU reconnecting after a daemon restart would be closed
+        again and again (one alert each time), its guest hung on I/O nobody serves, and still
+        hung after a reclaim. So the attach goes ahead; the admin hears of it once a minute at
+        most per volume, the next alert counting the attaches it stood for."""
+        name = served.volume.name
+        served.dangling_attaches += 1
+        log.warning(
+            "%s: frontend pid=%d uid=%d attached to a dangling volume (%s): writes go to the "
+            "quarantine ring, reads follow the read policy",
+            name, peer.pid, peer.uid, served.volume.header.reason,
+        )
+        now = time.monotonic()
+        if now - served.dangling_attach_alerted < DANGLING_ATTACH_ALERT_S:
+            served.dangling_attach_suppressed += 1
+            return
+        suppressed, served.dangling_attach_suppressed = served.dangling_attach_suppressed, 0
+        served.dangling_attach_alerted = now
+        more = f" ({suppressed} more attach(es) since the last alert)" if suppressed else ""
+        self.alerts.raise_alert(
+            "dangling-attach", name,
+            f"a frontend attached to dangling volume {name}; its I/O is quarantined{more}",
+            pid=peer.pid, uid=peer.uid, suppressed=suppressed,
+        )
 
     async def _run_session(self, served: ServedVolume, session: VhostUserSession) -> None:
         try:
@@ -597,45 +629,23 @@ class Daemon:
         async with served.state_lock:
             if not volume.header.dangling:
                 raise CommandError(errno.EINVAL, f"{name} is not dangling: nothing to reclaim")
-            if served.connection is not None:
-                raise CommandError(errno.EBUSY, f"{name} still has a frontend attached "
-                                   f"(pid {served.connection.peer.pid}); detach it first")
-            seal = await asyncio.to_thread(served.guard.wait_sealed, 3600.0)
-            report: dict[str, Any] = {"volume": name, "owner": owner.container, "owner_name": owner.name,
-                                      "mode": mode.name.lower()}
-            if seal is None:
-                report["seal"] = {"checked": False}
-            else:
-                check = await asyncio.to_thread(check_seal, volume.fd, volume.header, seal)
-                report["seal"] = {"checked": True, "chunk_size": check.chunk_size,
-                                  "changed_chunks": check.changed_chunks,
-                                  "changed_ranges": check.changed_ranges()}
-                if check.changed_chunks:
-                    self.alerts.raise_alert(
-                        "tamper-detected", name,
-                        f"data of dangling volume {name} changed outside the backend: "
-                        f"{len(check.changed_chunks)} chunk(s) differ from the seal",
-                        severity="critical", changed_ranges=check.changed_ranges(),
-                    )
-            chain = await asyncio.to_thread(self._ring_verify, served)
-            report["ring"] = chain
-            if mode == ReclaimMode.REPLAY:
-                try:
-                    report["replayed"] = await asyncio.to_thread(
-                        ring_format.replay, volume.path, volume.fd, volume.header)
-                except ring_format.RingError as exc:
-                    raise CommandError(errno.EBADMSG, str(exc)) from None
-                volume.ring_reset()
-            elif mode == ReclaimMode.DISCARD:
-                report["discarded"] = volume.ring_stats()["records"]
-                volume.ring_reset()
-            await asyncio.to_thread(
-                volume.update, state=VolumeState.ATTACHED, dangling_since_ns=0, reason="",
-                dangling_source="", **owner_fields(owner),
-            )
-            await asyncio.to_thread(clear_seal, volume.fd)
-            served.guard.flipped(False)
-            self.metadata.touch()
+            # A frontend may be attached (served under the dangling rules): its queues stop
+            # for the reclaim, each worker finishing what it has in flight, so no quarantined
+            # write lands while the ring is replayed or discarded, and the first request after
+            # it goes to the data region, behind the replayed writes.
+            held = served.connection.session if served.connection is not None else None
+            served.reclaiming = True
+            if held is not None:
+                held.hold()
+            try:
+                report = await self._settle_reclaim(served, owner, mode)
+            finally:
+                served.reclaiming = False
+                # Whoever is attached now (the same frontend, or one that came meanwhile).
+                if served.connection is not None:
+                    served.connection.session.release()
+                if held is not None and (served.connection is None or served.connection.session is not held):
+                    held.release()
         self.alerts.raise_alert(
             "volume-reclaimed", name,
             f"{name} reclaimed by {owner.name or owner.container} ({mode.name.lower()})",
@@ -643,6 +653,50 @@ class Daemon:
             source=source,
             tampered=bool(report["seal"].get("changed_chunks")),
         )
+        return report
+
+    async def _settle_reclaim(
+        self, served: ServedVolume, owner: OwnerBinding, mode: ReclaimMode
+    ) -> dict[str, Any]:
+        """reclaim's work, under the state lock with no queue running."""
+        name = served.volume.name
+        volume = served.volume
+        seal = await asyncio.to_thread(served.guard.wait_sealed, 3600.0)
+        report: dict[str, Any] = {"volume": name, "owner": owner.container, "owner_name": owner.name,
+                                  "mode": mode.name.lower()}
+        if seal is None:
+            report["seal"] = {"checked": False}
+        else:
+            check = await asyncio.to_thread(check_seal, volume.fd, volume.header, seal)
+            report["seal"] = {"checked": True, "chunk_size": check.chunk_size,
+                              "changed_chunks": check.changed_chunks,
+                              "changed_ranges": check.changed_ranges()}
+            if check.changed_chunks:
+                self.alerts.raise_alert(
+                    "tamper-detected", name,
+                    f"data of dangling volume {name} changed outside the backend: "
+                    f"{len(check.changed_chunks)} chunk(s) differ from the seal",
+                    severity="critical", changed_ranges=check.changed_ranges(),
+                )
+        chain = await asyncio.to_thread(self._ring_verify, served)
+        report["ring"] = chain
+        if mode == ReclaimMode.REPLAY:
+            try:
+                report["replayed"] = await asyncio.to_thread(
+                    ring_format.replay, volume.path, volume.fd, volume.header)
+            except ring_format.RingError as exc:
+                raise CommandError(errno.EBADMSG, str(exc)) from None
+            volume.ring_reset()
+        elif mode == ReclaimMode.DISCARD:
+            report["discarded"] = volume.ring_stats()["records"]
+            volume.ring_reset()
+        await asyncio.to_thread(
+            volume.update, state=VolumeState.ATTACHED, dangling_since_ns=0, reason="",
+            dangling_source="", **owner_fields(owner),
+        )
+        await asyncio.to_thread(clear_seal, volume.fd)
+        served.guard.flipped(False)
+        self.metadata.touch()
         return report
 
     @staticmethod
@@ -871,6 +925,7 @@ class Daemon:
                 "header": served.volume.header.to_dict(),
                 "connections_total": served.connections_total,
                 "refused_total": served.refused_total,
+                "dangling_attaches": served.dangling_attaches,
                 "totals": served.totals(),
                 "ring": served.volume.ring_stats(),
                 "guard": served.guard.describe(),

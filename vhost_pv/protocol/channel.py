@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import os
 import socket
+from collections.abc import Sequence
 
 from vhost_pv.protocol.messages import (
     FLAG_NEED_REPLY,
@@ -174,12 +175,19 @@ class MessageChannel:
         self._received += 1
         return Message(header.request, header.flags, payload, fds)
 
-    def send(self, request: int, payload: bytes, *, reply: bool = True) -> None:
+    def send(self, request: int, payload: bytes, *, reply: bool = True, fds: Sequence[int] = ()) -> None:
+        """Send one message; `fds` (the caller's, which it still closes) go with its first byte."""
         flags = PROTOCOL_VERSION | (FLAG_REPLY if reply else 0)
         data = MessageHeader.build({"request": request, "flags": flags, "size": len(payload)})
         # Replies are a few bytes: the socket buffer always has room, so a blocking send
         # is never needed; a peer that stopped reading is treated as gone.
         try:
+            if fds:
+                message = data + payload
+                sent = socket.send_fds(self.sock, [message], list(fds))
+                if sent < len(message):
+                    self.sock.sendall(message[sent:])
+                return
             self.sock.sendall(data + payload)
         except (BlockingIOError, BrokenPipeError, ConnectionResetError):
             raise PeerClosed() from None
