@@ -55,6 +55,19 @@ def daemon_rss_kib(pid: int) -> int:
     return 0
 
 
+def daemon_native(pid: int) -> tuple[str, bool]:
+    """The C data path file the daemon mapped, and whether the ASan runtime is in it too
+    (`make asan` runs this fuzzer against the sanitized build: this proves it did)."""
+    native, asan = "", False
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            path = line.split(maxsplit=5)[-1].strip() if line.count(" ") >= 5 else ""
+            if "_vhost_pv_native" in path:
+                native = path
+            asan = asan or "libasan" in path
+    return native, asan
+
+
 class Bystander:
     """A well-behaved frontend on the other volume: one read request at a time."""
 
@@ -119,6 +132,8 @@ class Report:
     ring_sessions: int = 0
     connection_errors: int = 0
     daemon_pid: int = 0
+    daemon_native: str = ""
+    daemon_asan: bool = False
     fds_before: int = 0
     fds_after: int = 0
     rss_before_kib: int = 0
@@ -202,6 +217,7 @@ class Fuzzer:
             except Unhealthy as exc:
                 report.failure = {"problem": f"before any fuzzing: {exc}"}
                 return
+            report.daemon_native, report.daemon_asan = daemon_native(server.pid)
             report.fds_before = daemon_fds(server.pid)
             report.rss_before_kib = daemon_rss_kib(server.pid)
             while time.monotonic() - started < self.duration and (
