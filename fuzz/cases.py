@@ -400,8 +400,11 @@ def ring_session(rng: random.Random, socket_path: Path, kit: FdKit, stats: Stats
             stats.messages += 12
             conn.setup_vring(0, size, *addrs)
             rounds = rng.randint(1, 6)
+            disrupted = []
             for _ in range(rounds):
                 _ring_round(rng, conn, memory, ring, stats, capacity)
+                if rng.random() < 0.25:
+                    disrupted.append(_disrupt(rng, conn, memory, ring, kit, stats))
             if rng.random() < 0.1 and "truncate" not in skip:
                 # Guest memory shrinks under the backend (a frontend may truncate its memfd
                 # at any time): the daemon's mapping now has pages that SIGBUS. Publish one
@@ -416,9 +419,51 @@ def ring_session(rng: random.Random, socket_path: Path, kit: FdKit, stats: Stats
             if rng.random() < 0.3:
                 stats.messages += 1
                 conn.get_vring_base(0)
-        return f"ring:size={size},rounds={rounds}"
+        return f"ring:size={size},rounds={rounds},mid-flight={'+'.join(disrupted) or 'none'}"
     finally:
         memory.close()
+
+
+def _disrupt(rng: random.Random, conn: VhostUserFrontend, memory: GuestMemory, ring: SplitRing,
+             kit: FdKit, stats: Stats) -> str:
+    """A set-up message while the queue runs (requests may be in flight): a new memory
+    table, ring addresses, size, base, kick or call fd, disable/enable, reset, features."""
+    what = rng.choice(("mem-table", "vring-addr", "vring-num", "vring-base", "kick-fd", "call-nofd",
+                       "call-fd", "disable", "enable", "get-base", "reset-owner", "features"))
+    stats.messages += 1
+    addr = {"index": 0, "flags": 0, "desc_user_addr": memory.uaddr(ring.desc_addr),
+            "used_user_addr": memory.uaddr(ring.used_addr), "avail_user_addr": memory.uaddr(ring.avail_addr),
+            "log_guest_addr": 0}
+    if what == "mem-table":
+        # The same memory again (remapped under a running worker), or somewhere else.
+        region = memory.region()
+        if rng.random() < 0.5:
+            region = dataclasses.replace(region, guest_phys_addr=rng.choice((0, memory.end, 1 << 40)))
+        conn.set_mem_table([region])
+    elif what == "vring-addr":
+        field = rng.choice(("desc_user_addr", "used_user_addr", "avail_user_addr"))
+        addr[field] = rng.choice(INTERESTING_U64)
+        conn.send(Request.SET_VRING_ADDR, bytes(VringAddress.build(addr)))
+    elif what == "vring-num":
+        conn.send(Request.SET_VRING_NUM, _state(0, rng.choice((0, 1, ring.size, 3, 32768, 65535))))
+    elif what == "vring-base":
+        conn.send(Request.SET_VRING_BASE, _state(0, rng.getrandbits(16)))
+    elif what == "kick-fd":
+        conn.send(Request.SET_VRING_KICK, _u64(0), [rng.choice((kit.eventfd(), kit.any(rng)))])
+    elif what == "call-nofd":
+        conn.send(Request.SET_VRING_CALL, _u64(0 | (1 << 8)))
+    elif what == "call-fd":
+        conn.send(Request.SET_VRING_CALL, _u64(0), [kit.any(rng)])
+    elif what in ("disable", "enable"):
+        conn.send(Request.SET_VRING_ENABLE, _state(0, int(what == "enable")))
+    elif what == "get-base":
+        conn.send(Request.GET_VRING_BASE, _state(0, 0))
+    elif what == "reset-owner":
+        conn.send(Request.RESET_OWNER)
+    else:
+        conn.send(Request.SET_FEATURES, _u64(rng.getrandbits(64)))
+    _drain(conn, 0.005)
+    return what
 
 
 def _ring_round(rng: random.Random, conn: VhostUserFrontend, memory: GuestMemory, ring: SplitRing,
