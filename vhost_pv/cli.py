@@ -224,6 +224,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.engine and not args.engine.startswith("unix://"):
         _error(f"--engine {args.engine}: expected unix:///path/to/engine.sock")
         return EXIT_USAGE
+    # Refuse here what would otherwise fail half-way through the start (a log line, then an
+    # error without the path) or be silently ignored.
+    for option, path in (("--control", config.control_path), ("--meta-socket", config.meta_socket)):
+        if path is not None and not path.parent.is_dir():
+            _error(f"{option} {path}: directory {path.parent} does not exist")
+            return EXIT_FAILED
+    if config.meta_policy is not None:
+        from vhost_pv.meta.policy import Policy
+
+        if config.meta_socket is None:
+            _error("--meta-policy applies to the metadata file system: give --meta-socket too")
+            return EXIT_USAGE
+        try:
+            Policy.load(config.meta_policy)
+        except OSError as exc:
+            _error(_os_error(exc, config.meta_policy))
+            return EXIT_FAILED
+        except ValueError as exc:  # PolicyError, and a file that is not UTF-8
+            _error(str(exc))
+            return EXIT_FAILED
     for path in config.volumes:
         try:
             read_header(path)
@@ -253,7 +273,7 @@ def _control_problem(path: Path, exc: OSError | client.ControlError) -> str:
     if isinstance(exc, PermissionError):
         return f"{path}: permission denied (the control socket is for root and the daemon's uid)"
     if isinstance(exc, TimeoutError):
-        return f"{path}: the daemon did not answer in time"
+        return f"{path}: no answer in time (is it the right socket?)"
     if isinstance(exc, ConnectionRefusedError):
         try:
             is_socket = stat.S_ISSOCK(path.stat().st_mode)
