@@ -134,14 +134,14 @@ def _ids(text: str) -> tuple[int, ...]:
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    """An argparse type: HOST:PORT with a port in 1..65535."""
+    """An argparse type: HOST:PORT with a port in 0..65535 (0: any free port, for serving)."""
     host, _, port = text.rpartition(":")
     try:
         number = int(port)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text}: expected HOST:PORT, e.g. 127.0.0.1:8169") from None
-    if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{text}: port must be 1..65535")
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{text}: port must be 0..65535")
     return host.strip("[]") or "127.0.0.1", number
 
 
