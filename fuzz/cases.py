@@ -305,11 +305,15 @@ def _buffer(rng: random.Random, memory: GuestMemory, ring: SplitRing, capacity: 
 def _chain(rng: random.Random, memory: GuestMemory, ring: SplitRing, capacity: int,
            stats: Stats) -> list[tuple[int, int, int]]:
     """A virtio-blk request as (addr, len, flags) descriptors: header, data, status, each
-    of them possibly wrong."""
+    of them possibly wrong (half the chains are well-formed, so requests reach the I/O)."""
+    if rng.random() < 0.5:
+        return _sane_chain(rng, memory, capacity, stats)
     sectors = capacity // SECTOR
     req_type = rng.choice(BLK_TYPES) if rng.random() < 0.85 else rng.getrandbits(32)
-    sector = rng.choice((0, 1, sectors - 1, sectors, sectors + 1, (1 << 63) // SECTOR, rng.getrandbits(64),
-                         rng.randrange(max(1, sectors))))
+    sector = rng.randrange(max(1, sectors))
+    if rng.random() < 0.4:  # the edges of the disk, and far beyond
+        sector = rng.choice((0, 1, sectors - 1, sectors, sectors + 1, (1 << 63) // SECTOR,
+                             rng.getrandbits(64)))
     header = blk_header(req_type, sector)
     if req_type in (11, 13) and rng.random() < 0.7:  # discard / write zeroes: one segment
         header += struct.pack("<QII", rng.choice((0, sectors - 8, sectors, rng.getrandbits(64))),
@@ -328,6 +332,27 @@ def _chain(rng: random.Random, memory: GuestMemory, ring: SplitRing, capacity: i
     status = memory.alloc(1, 1)
     memory.write(status, b"\xff")
     descs.append((status, rng.choice((1, 1, 1, 0, 2)), VRING_DESC_F_WRITE if rng.random() < 0.9 else 0))
+    stats.descriptors += len(descs)
+    return descs
+
+
+def _sane_chain(rng: random.Random, memory: GuestMemory, capacity: int,
+                stats: Stats) -> list[tuple[int, int, int]]:
+    """A well-formed read, write, flush or get-id inside the disk, its data in 1-3 pieces."""
+    req_type = rng.choice((0, 0, 1, 1, 4, 8))
+    length = SECTOR * rng.randint(1, 16) if req_type in (0, 1) else (20 if req_type == 8 else 0)
+    sector = rng.randrange(capacity // SECTOR - length // SECTOR)
+    header = memory.alloc(BLK_HEADER_SIZE)
+    memory.write(header, blk_header(req_type, sector))
+    descs = [(header, BLK_HEADER_SIZE, 0)]
+    if length:
+        data = memory.alloc(length, SECTOR)
+        flags = VRING_DESC_F_WRITE if req_type != 1 else 0
+        cuts = sorted(rng.sample(range(1, length), min(rng.randint(0, 2), length - 1)))
+        for start, end in zip([0, *cuts], [*cuts, length], strict=True):
+            descs.append((data + start, end - start, flags))
+    status = memory.alloc(1, 1)
+    descs.append((status, 1, VRING_DESC_F_WRITE))
     stats.descriptors += len(descs)
     return descs
 

@@ -37,6 +37,8 @@ READ_TIMEOUT_S = 2.0
 DETACH_TIMEOUT_S = 5.0
 """A closed connection must be cleaned up (the volume free for the next frontend) this fast."""
 PATTERN = bytes(range(256)) * 16
+TOTALS_REPORTED = frozenset({"requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
+                             "unsupported", "io_errors", "bad_requests", "kicks"})
 
 
 class Unhealthy(Exception):
@@ -138,6 +140,8 @@ class Report:
     fds_after: int = 0
     rss_before_kib: int = 0
     rss_after_kib: int = 0
+    target_totals: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The scratch volume's request counters at the end: proof the rings reached the workers."""
     log_tracebacks: int = 0
     log_errors: int = 0
     failure: dict[str, Any] | None = None
@@ -281,6 +285,9 @@ class Fuzzer:
                                 f"{exc}") from None
             # The scratch volume must be free again for the next frontend.
             scratch = [v for v in status["volumes"] if v["name"] == "target"]
+            if scratch:
+                self.report.target_totals = {key: value for key, value in scratch[0]["totals"].items()
+                                             if key in TOTALS_REPORTED}
             if not scratch or scratch[0]["connection"] is None:
                 break
             if time.monotonic() > deadline:

@@ -35,6 +35,9 @@ def test_fuzz_round(tmp_path: Path) -> None:
     assert report["handshakes"] > 0 and report["ring_sessions"] > 0
     assert report["messages"] > report["connections"] and report["descriptors"] > 0 and report["kicks"] > 0
     assert report["connection_errors"] > 0  # the daemon did refuse some of what it was sent
+    # The rings reached the data path: requests served, and malformed ones counted as such.
+    totals = report["target_totals"]
+    assert totals["requests"] > 0 and totals["bad_requests"] > 0, totals
     # What it measured, and the bounds it held the daemon to.
     assert report["daemon_pid"] > 0
     # The daemon ran the C data path this test run meant: the sanitized one under make asan.
