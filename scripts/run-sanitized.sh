@@ -38,4 +38,4 @@ if [ "$status" -ne 0 ]; then
     echo "run-sanitized: the command failed (exit $status) under the sanitizers" >&2
     exit "$status"
 fi
-echo "run-sanitized: no sanitizer reports"
+echo "run-sanitized: no sanitizer reports" >&2

@@ -37,6 +37,7 @@ class Workspace:
         self.trunc = root / "trunc.img"
         self.junk = root / "junk.img"
         self.stale = root / "stale.sock"
+        self.fifo = root / "fifo"
         self.server: ServerProcess | None = None
 
     @property
@@ -48,7 +49,7 @@ class Workspace:
         if isinstance(arg, bytes):
             return arg
         return arg.format(
-            root=self.root, vol=self.vol, trunc=self.trunc, junk=self.junk, stale=self.stale,
+            root=self.root, vol=self.vol, trunc=self.trunc, junk=self.junk, stale=self.stale, fifo=self.fifo,
             missing=self.root / "missing" / "x", control=self.control,
         )
 
@@ -81,6 +82,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     with open(ws.vol, "rb") as f:
         ws.trunc.write_bytes(f.read(1 << 20))  # a valid header, but the data region is cut off
     ws.junk.write_bytes(os.urandom(8192))
+    os.mkfifo(ws.fifo)  # opening it for reading would wait for a writer forever
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
         stale.bind(str(ws.stale))  # a socket file nobody listens on: a daemon that died
     ws.server = ServerProcess([ws.vol, ws.bystander], ws.root / "daemon").start()
@@ -116,6 +118,9 @@ CASES: list[tuple[str, list[str | bytes], int]] = [
     ("inspect-junk", ["inspect", "{junk}"], FAILED),
     ("inspect-truncated", ["inspect", "{trunc}"], FAILED),
     ("inspect-missing", ["inspect", "{missing}"], FAILED),
+    ("inspect-fifo", ["inspect", "{fifo}"], FAILED),
+    ("ring-fifo", ["ring", "{fifo}"], FAILED),
+    ("serve-fifo", ["serve", "--socket-dir", "{root}/s", "--control", "{root}/c.sock", "{fifo}"], FAILED),
     ("ring-directory", ["ring", "{root}"], FAILED),
     ("ring-dev-null", ["ring", "/dev/null"], FAILED),
     ("ring-junk", ["ring", "{junk}"], FAILED),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import struct
 import time
 import uuid
@@ -122,16 +123,31 @@ def destroy_volume(path: Path, fd: int, size: int) -> None:
 
 def read_header(path: Path) -> VolumeHeader:
     """The current header of a volume file (HeaderError if it has none that is valid)."""
-    with open(path, "rb") as f:
-        slots = [_read_at(f.fileno(), offset) for offset in SLOT_OFFSETS]
+    # O_NONBLOCK: opening a FIFO given by mistake must not wait for a writer forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise HeaderError(f"not a volume file: a {_file_kind(info.st_mode)}, not a regular file")
+        slots = [_read_at(fd, offset) for offset in SLOT_OFFSETS]
+    finally:
+        os.close(fd)
     header = choose_slot(slots)[1]
-    size = path.stat().st_size
+    size = info.st_size
     if size < header.ring_offset + header.ring_size:
         raise HeaderError(
             f"file is {size} bytes but the header describes "
             f"{header.ring_offset + header.ring_size}: truncated volume"
         )
     return header
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _read_at(fd: int, offset: int) -> bytes:
