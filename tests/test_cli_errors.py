@@ -300,3 +300,33 @@ def test_permission_denied_is_one_line(
     err = capsys.readouterr().err
     assert err.splitlines() == [f"vhost-pv: {ws.control}: permission denied "
                                 "(the control socket is for root and the daemon's uid)"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argv", [
+    ["status", "--control", "{sock}"],
+    ["ioctl", "--control", "{sock}", "Persistent_Disk_Dangling", "vol"],
+    ["alerts", "--follow", "--control", "{sock}"],
+], ids=lambda argv: argv[0])
+def test_ctrl_c_while_waiting_for_the_daemon(tmp_path: Path, argv: list[str]) -> None:
+    """A daemon that takes the request and never answers; Ctrl-C: exit 130, one line."""
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.settimeout(20)
+        command = subprocess.Popen([*VHOST_PV, *(a.format(sock=path) for a in argv)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            conn, _ = listener.accept()  # it is connected: now it waits for the reply
+            with conn:
+                conn.settimeout(20)
+                assert conn.recv(4096)  # ...after sending its request
+                command.send_signal(signal.SIGINT)
+                _, stderr = command.communicate(timeout=20)
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.wait()
+    assert command.returncode == 130, stderr
+    assert stderr.decode().splitlines() == ["vhost-pv: interrupted"]
