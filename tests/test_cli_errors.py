@@ -192,6 +192,9 @@ CASES: list[tuple[str, list[str | bytes], int]] = [
                            "--meta-socket", "{root}/m.sock", "--meta-policy", "{junk}", "{vol}"], FAILED),
     ("serve-policy-alone", ["serve", "--socket-dir", "{root}/s", "--control", "{root}/c.sock",
                             "--meta-policy", "{junk}", "{vol}"], USAGE),
+    ("serve-webhook-not-a-url", ["serve", "--socket-dir", "{root}/s", "--control", "{root}/c.sock",
+                                 "--alert-webhook", "alertmanager:9093", "{vol}"], USAGE),
+    ("demo-size-zero", ["demo", "--workdir", "{missing}", "--size", "0"], USAGE),
     ("serve-engine-scheme", ["serve", "--socket-dir", "{root}/s", "--control", "{root}/c.sock",
                              "--engine", "http://x", "{vol}"], USAGE),
 ]

@@ -133,6 +133,17 @@ def _ids(text: str) -> tuple[int, ...]:
     return ids
 
 
+def _http_url(text: str) -> str:
+    """An argparse type: an http:// or https:// URL (valid UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("the URL is not valid UTF-8") from None
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected an http:// or https:// URL")
+    return text
+
+
 def _host_port(text: str) -> tuple[str, int]:
     """An argparse type: HOST:PORT with a port in 0..65535 (0: any free port, for serving)."""
     host, _, port = text.rpartition(":")
@@ -463,6 +474,9 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vhost_pv.demo import run_demo
 
+    if args.size <= 0 or args.size % 512:
+        _error(f"--size {args.size}: the demo volume needs a positive multiple of 512 bytes")
+        return EXIT_USAGE
     return run_demo(Path(args.workdir) if args.workdir else None, size=args.size)
 
 
@@ -505,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(O_DIRECT, requests in flight together on an io_uring per queue)")
     p.add_argument("--control-uids", type=_ids, help="more uids allowed on the control socket")
     p.add_argument("--control-gids", type=_ids, help="gids allowed on the control socket")
-    p.add_argument("--alert-webhook", help="POST alerts here in Alertmanager's format "
+    p.add_argument("--alert-webhook", type=_http_url, help="POST alerts here in Alertmanager's format "
                    "(e.g. http://alertmanager:9093/api/v2/alerts)")
     p.add_argument("--engine", metavar="URL", help="follow this Docker Engine API socket's container "
                    "events (Docker or `podman system service`), e.g. unix:///run/podman/podman.sock")
