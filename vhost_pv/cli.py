@@ -72,7 +72,7 @@ def _size(text: str) -> int:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if size > MAX_SIZE:
-        raise argparse.ArgumentTypeError(f"{text}: larger than the 1E maximum")
+        raise argparse.ArgumentTypeError(f"{text}: larger than the 1 EiB maximum")
     return size
 
 
@@ -81,7 +81,7 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
     def parse(text: str) -> int:
         try:
-            value = int(text, 0)
+            value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if not low <= value <= high:
@@ -276,11 +276,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _control_problem(path: Path, exc: OSError | client.ControlError) -> str:
-    """Why talking to the daemon failed, in words an admin can act on."""
+    """Why talking to the daemon (control socket, or loadgen's vhost-user socket) failed, in
+    words an admin can act on."""
     if isinstance(exc, client.ControlError):
         return str(exc)
     if isinstance(exc, FileNotFoundError):
-        return f"{path}: no control socket there (is the daemon running?)"
+        return f"{path}: no socket there (is the daemon running?)"
     if isinstance(exc, PermissionError):
         return f"{path}: permission denied (the control socket is for root and the daemon's uid)"
     if isinstance(exc, TimeoutError):
@@ -291,7 +292,7 @@ def _control_problem(path: Path, exc: OSError | client.ControlError) -> str:
         except OSError:
             is_socket = True
         if not is_socket:
-            return f"{path}: not a socket (is --control the daemon's control socket?)"
+            return f"{path}: not a socket"
         return f"{path}: nothing is listening (the daemon is not running)"
     if isinstance(exc, ConnectionError):
         return f"{path}: the daemon closed the connection ({exc.strerror or exc})"
