@@ -410,6 +410,7 @@ def ring_session(rng: random.Random, socket_path: Path, kit: FdKit, stats: Stats
         if rng.random() < 0.05:
             size = rng.choice((0, 3, 1000, 32768))  # not a power of two, or too large
         ring = SplitRing(memory, max(1, min(size, 256)))
+        ring.index = rng.choice((0, 1))  # the daemon offers two queues (fuzz/runner.py)
         with VhostUserFrontend(socket_path, timeout=2.0) as conn:
             offered = conn.get_features()
             drop = 0
@@ -423,7 +424,7 @@ def ring_session(rng: random.Random, socket_path: Path, kit: FdKit, stats: Stats
             if rng.random() < 0.05:
                 addrs[rng.randrange(3)] = rng.choice(INTERESTING_U64)
             stats.messages += 12
-            conn.setup_vring(0, size, *addrs)
+            conn.setup_vring(ring.index, size, *addrs)
             rounds = rng.randint(1, 6)
             disrupted = []
             for _ in range(rounds):
@@ -437,13 +438,13 @@ def ring_session(rng: random.Random, socket_path: Path, kit: FdKit, stats: Stats
                 head, _ = _place(rng, memory, ring, _chain(rng, memory, ring, capacity, stats), 0)
                 ring.publish(head)
                 os.ftruncate(memory.fd, rng.choice((0, 4096, MEMORY_SIZE // 2)))
-                conn.kick(0)
+                conn.kick(ring.index)
                 stats.kicks += 1
                 time.sleep(0.02)
                 return f"ring:size={size},rounds={rounds},truncated"
             if rng.random() < 0.3:
                 stats.messages += 1
-                conn.get_vring_base(0)
+                conn.get_vring_base(ring.index)
         return f"ring:size={size},rounds={rounds},mid-flight={'+'.join(disrupted) or 'none'}"
     finally:
         memory.close()
@@ -456,7 +457,7 @@ def _disrupt(rng: random.Random, conn: VhostUserFrontend, memory: GuestMemory, r
     what = rng.choice(("mem-table", "vring-addr", "vring-num", "vring-base", "kick-fd", "call-nofd",
                        "call-fd", "disable", "enable", "get-base", "reset-owner", "features"))
     stats.messages += 1
-    addr = {"index": 0, "flags": 0, "desc_user_addr": memory.uaddr(ring.desc_addr),
+    addr = {"index": ring.index, "flags": 0, "desc_user_addr": memory.uaddr(ring.desc_addr),
             "used_user_addr": memory.uaddr(ring.used_addr), "avail_user_addr": memory.uaddr(ring.avail_addr),
             "log_guest_addr": 0}
     if what == "mem-table":
@@ -470,19 +471,19 @@ def _disrupt(rng: random.Random, conn: VhostUserFrontend, memory: GuestMemory, r
         addr[field] = rng.choice(INTERESTING_U64)
         conn.send(Request.SET_VRING_ADDR, bytes(VringAddress.build(addr)))
     elif what == "vring-num":
-        conn.send(Request.SET_VRING_NUM, _state(0, rng.choice((0, 1, ring.size, 3, 32768, 65535))))
+        conn.send(Request.SET_VRING_NUM, _state(ring.index, rng.choice((0, 1, ring.size, 3, 32768, 65535))))
     elif what == "vring-base":
-        conn.send(Request.SET_VRING_BASE, _state(0, rng.getrandbits(16)))
+        conn.send(Request.SET_VRING_BASE, _state(ring.index, rng.getrandbits(16)))
     elif what == "kick-fd":
-        conn.send(Request.SET_VRING_KICK, _u64(0), [rng.choice((kit.eventfd(), kit.any(rng)))])
+        conn.send(Request.SET_VRING_KICK, _u64(ring.index), [rng.choice((kit.eventfd(), kit.any(rng)))])
     elif what == "call-nofd":
-        conn.send(Request.SET_VRING_CALL, _u64(0 | (1 << 8)))
+        conn.send(Request.SET_VRING_CALL, _u64(ring.index | (1 << 8)))
     elif what == "call-fd":
-        conn.send(Request.SET_VRING_CALL, _u64(0), [kit.any(rng)])
+        conn.send(Request.SET_VRING_CALL, _u64(ring.index), [kit.any(rng)])
     elif what in ("disable", "enable"):
-        conn.send(Request.SET_VRING_ENABLE, _state(0, int(what == "enable")))
+        conn.send(Request.SET_VRING_ENABLE, _state(ring.index, int(what == "enable")))
     elif what == "get-base":
-        conn.send(Request.GET_VRING_BASE, _state(0, 0))
+        conn.send(Request.GET_VRING_BASE, _state(ring.index, 0))
     elif what == "reset-owner":
         conn.send(Request.RESET_OWNER)
     else:
@@ -510,7 +511,7 @@ def _ring_round(rng: random.Random, conn: VhostUserFrontend, memory: GuestMemory
         ring.set_avail_idx(ring.avail_idx + rng.choice((ring.size + 1, 0x8000, rng.getrandbits(16))))
     before = ring.used_idx()
     for _ in range(rng.randint(1, 3)):
-        conn.kick(0)
+        conn.kick(ring.index)
         stats.kicks += 1
     if rng.random() < 0.1:  # change the descriptors under the worker's feet
         for index in range(ring.size):

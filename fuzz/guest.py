@@ -89,6 +89,8 @@ class SplitRing:
     def __init__(self, memory: GuestMemory, size: int) -> None:
         self.memory = memory
         self.size = size
+        self.index = 0
+        """Which virtqueue of the device this ring is."""
         self.desc_addr = memory.alloc(DESC_SIZE * size, 4096)
         self.avail_addr = memory.alloc(6 + 2 * size, 4096)
         self.used_addr = memory.alloc(6 + 8 * size, 4096)

@@ -177,7 +177,7 @@ class Fuzzer:
             path.unlink(missing_ok=True)
             create_volume(path, CreateOptions(size=VOLUME_SIZE, ring_size=1 << 20,
                                               allowed_uids=(os.getuid(),)))
-        server = ServerProcess([target, bystander], self.workdir / "daemon").start()
+        server = ServerProcess([target, bystander], self.workdir / "daemon", queues=2).start()
         report = self.report
         report.daemon_pid = server.pid
         started = time.monotonic()
