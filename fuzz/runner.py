@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import select
 import time
 from pathlib import Path
@@ -39,6 +40,10 @@ DETACH_TIMEOUT_S = 5.0
 PATTERN = bytes(range(256)) * 16
 TOTALS_REPORTED = frozenset({"requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
                              "unsupported", "io_errors", "bad_requests", "kicks"})
+
+
+_LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+"""The start of every record the daemon logs (vhost_pv.cli's logging format)."""
 
 
 class Unhealthy(Exception):
@@ -144,6 +149,9 @@ class Report:
     """The scratch volume's request counters at the end: proof the rings reached the workers."""
     log_tracebacks: int = 0
     log_errors: int = 0
+    log_stray_lines: int = 0
+    """Log lines that are not a record of their own (a message with a newline in it): reported,
+    not a failure, as the first one found is in code this harness does not own."""
     failure: dict[str, Any] | None = None
     ok: bool = False
 
@@ -197,6 +205,8 @@ class Fuzzer:
                 server.kill()
             log = server.log()
             report.log_tracebacks = log.count("Traceback")
+            report.log_stray_lines = sum(1 for line in log.splitlines()
+                                         if line and not _LOG_RECORD.match(line))
             report.log_errors = sum(1 for line in log.splitlines()
                                     if " ERROR " in line or " CRITICAL " in line)
             if report.failure is None and report.log_tracebacks:
