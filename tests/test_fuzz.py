@@ -20,7 +20,7 @@ RSS_BOUND_MIB = 512 if os.environ.get("VHOST_PV_NATIVE") else 64
 @pytest.mark.timeout(180)
 def test_fuzz_round(tmp_path: Path) -> None:
     # --skip truncate: guest memory shrunk under the daemon SIGBUSes it until the SIGBUS
-    # guard is in (python -m fuzz --seed 3 --connections 10 reproduces it); then drop this.
+    # guard is in (python -m fuzz --seed 3 --connections 5 reproduces it); then drop this.
     result = subprocess.run(
         [sys.executable, "-m", "fuzz", "--seed", str(SEED), "--duration", "20", "--skip", "truncate",
          "--max-rss-growth", str(RSS_BOUND_MIB), "--workdir", str(tmp_path)],
