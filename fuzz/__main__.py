@@ -34,9 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--skip: unknown attack classes {', '.join(sorted(skip - ATTACKS))}")
 
     def run(workdir: Path) -> int:
-        report = Fuzzer(workdir, args.seed, args.duration, max_connections=args.connections,
+        fuzzer = Fuzzer(workdir, args.seed, args.duration, max_connections=args.connections,
                         max_fd_growth=args.max_fd_growth, max_rss_growth_kib=args.max_rss_growth << 10,
-                        skip=skip).run()
+                        skip=skip)
+        try:
+            report = fuzzer.run()
+        except KeyboardInterrupt:
+            # run() has stopped the daemon on its way out: show how far it got.
+            print(fuzzer.report.to_json(), flush=True)
+            print(f"fuzz: seed {args.seed}: interrupted", file=sys.stderr)
+            return 130
         print(report.to_json(), flush=True)
         if not report.ok:
             print(f"fuzz: seed {args.seed}: {report.failure and report.failure['problem']}", file=sys.stderr)
