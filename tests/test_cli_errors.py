@@ -120,6 +120,8 @@ CASES: list[tuple[str, list[str | bytes], int]] = [
     ("inspect-missing", ["inspect", "{missing}"], FAILED),
     ("inspect-fifo", ["inspect", "{fifo}"], FAILED),
     ("ring-fifo", ["ring", "{fifo}"], FAILED),
+    ("serve-truncated", ["serve", "--socket-dir", "{root}/s", "--control", "{root}/c.sock", "{trunc}"],
+     FAILED),
     ("serve-fifo", ["serve", "--socket-dir", "{root}/s", "--control", "{root}/c.sock", "{fifo}"], FAILED),
     ("ring-directory", ["ring", "{root}"], FAILED),
     ("ring-dev-null", ["ring", "/dev/null"], FAILED),
