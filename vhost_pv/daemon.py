@@ -91,6 +91,8 @@ ALERT_KEEPALIVE_S = 15.0
 # A frontend attaching to a dangling volume is alerted at most this often per volume: QEMU
 # with reconnect=1 may come back every second (a crashed daemon, a restarted VM).
 DANGLING_ATTACH_ALERT_S = 60.0
+HEADER_REASON_LEN = 64
+"""Bytes of UTF-8 the volume header keeps of a dangling reason (char reason[64])."""
 SOURCE_HISTORY = 1024
 
 
@@ -530,6 +532,11 @@ class Daemon:
     async def _cmd_dangling(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
         request = DanglingRequest.parse(payload)
         dangling = not request.flags & DANGLING_CLEAR
+        # The wire carries 128 bytes of reason, the header keeps 64: refuse what would not
+        # fit rather than fail the flip half way or cut a UTF-8 character in two.
+        if len(request.reason.encode()) > HEADER_REASON_LEN:
+            raise CommandError(errno.EINVAL, f"reason is {len(request.reason.encode())} bytes of UTF-8; "
+                               f"the volume header keeps at most {HEADER_REASON_LEN}")
         log.info("control: Persistent_Disk_Dangling %s %s by pid=%d uid=%d (reason: %s)",
                  request.volume, "set" if dangling else "clear", peer.pid, peer.uid, request.reason)
         result = await self.set_dangling(request.volume, dangling, request.reason, source="ioctl")
@@ -547,7 +554,7 @@ class Daemon:
             if dangling:
                 changes: dict[str, Any] = {
                     "state": VolumeState.DANGLING, "dangling_since_ns": time.time_ns(),
-                    "reason": reason[:64], "dangling_source": source,
+                    "reason": _utf8_prefix(reason, HEADER_REASON_LEN), "dangling_source": source,
                 }
             else:
                 changes = {"state": VolumeState.ATTACHED, "dangling_since_ns": 0, "reason": "",
@@ -793,6 +800,10 @@ class Daemon:
                     await send(b"")  # keepalive: finds subscribers that went away
                     continue
                 await send((json.dumps(alert.to_dict()) + "\n").encode())
+        except ConnectionError:
+            # The normal end of a follow: the client was interrupted or killed.
+            log.info("control: alert subscriber pid=%d left", peer.pid)
+            return None
         finally:
             self.alerts.unsubscribe(queue)
 
@@ -961,6 +972,11 @@ class Daemon:
                 "proc_events": self.process_watcher.describe() if self.process_watcher else None,
             },
         }
+
+
+def _utf8_prefix(text: str, limit: int) -> str:
+    """The longest prefix of text that is at most limit bytes of UTF-8, never half a character."""
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 def _log_task_end(task: asyncio.Task[None]) -> None:

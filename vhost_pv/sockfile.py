@@ -21,6 +21,7 @@ import logging
 import os
 import resource
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -50,8 +51,12 @@ def _holder_pid(path: Path) -> int | None:
 
 def lock_volume(path: Path) -> int:
     """An fd holding an exclusive flock on the volume file; AlreadyServed if taken."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    # O_NONBLOCK: a FIFO named by mistake must not hold the start waiting for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise OSError(errno.EINVAL, "not a volume: neither a regular file nor a block device", str(path))
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)

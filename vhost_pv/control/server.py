@@ -256,5 +256,13 @@ class ControlServer:
         header = ControlHeader.build(
             {"version": CONTROL_VERSION, "flags": FLAG_REPLY, "cmd": cmd, "seq": seq, "length": len(payload)}
         )
-        writer.write(header + payload)
+        # A client that went away (alerts --follow ended with Ctrl-C, a killed CLI) closes
+        # the transport under us; uvloop then refuses the write with RuntimeError. Both are
+        # the peer leaving, which the callers handle as ConnectionError, not a daemon fault.
+        if writer.is_closing():
+            raise ConnectionResetError(errno.ECONNRESET, "control client went away")
+        try:
+            writer.write(header + payload)
+        except RuntimeError as exc:
+            raise ConnectionResetError(errno.ECONNRESET, "control client went away") from exc
         await writer.drain()

@@ -341,7 +341,9 @@ class VhostUserSession:
         try:
             reply = handler(message)
         except (ConstructError, ValueError) as exc:
-            raise ProtocolError(f"{name}: malformed payload: {exc}") from None
+            # construct's messages span lines; a log record must stay one line.
+            detail = " ".join(str(exc).split())
+            raise ProtocolError(f"{name}: malformed payload: {detail}") from None
         if isinstance(reply, tuple):
             payload, fd = reply
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import struct
 import time
 import uuid
@@ -130,17 +131,32 @@ def read_header(path: Path) -> VolumeHeader:
 
 def inspect_header(path: Path) -> SlotResolution:
     """Both header copies of a volume file and how they were resolved (read only)."""
-    with open(path, "rb") as f:
-        slots = [_read_at(f.fileno(), offset) for offset in SLOT_OFFSETS]
+    # O_NONBLOCK: opening a FIFO given by mistake must not wait for a writer forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise HeaderError(f"not a volume file: a {_file_kind(info.st_mode)}, not a regular file")
+        slots = [_read_at(fd, offset) for offset in SLOT_OFFSETS]
+    finally:
+        os.close(fd)
     resolution = resolve_slots(slots)
     header = resolution.header
-    size = path.stat().st_size
+    size = info.st_size
     if size < header.ring_offset + header.ring_size:
         raise HeaderError(
             f"file is {size} bytes but the header describes "
             f"{header.ring_offset + header.ring_size}: truncated volume"
         )
     return resolution
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _read_at(fd: int, offset: int) -> bytes:
