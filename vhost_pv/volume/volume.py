@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import struct
@@ -28,6 +29,8 @@ from vhost_pv.volume.header import (
     resolve_slots,
 )
 from vhost_pv.volume.ring import RingError, format_ring
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RING_SIZE = 16 << 20
 MIN_RING_SIZE = 1 << 20
@@ -187,8 +190,14 @@ class Volume:
                     raise RingError(f"{path}: the quarantine ring superblock is missing or damaged")
                 raise OSError(-err[0], f"{path}: cannot open the data path: {os.strerror(-err[0])}")
             self.native = handle
-            if not self.resolution.consistent:
+            if self.resolution.needs_repair:
                 self._repair()
+                if self.resolution.history:
+                    # Not damage: a build that wrote one copy per update left the older copy
+                    # behind (header.py). The daemon alarms only on a disagreement.
+                    log.info("%s: header copies from an older build (%s): copy %d served, "
+                             "both rewritten in the two-copy format", path,
+                             self.resolution.history, self.resolution.slot)
             # The live word is rewritten from the durable header: a stale value is never used.
             lib.vpv_volume_set_state(self.native, int(self.header.state))
         except BaseException:
