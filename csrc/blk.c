@@ -526,6 +526,22 @@ static uint8_t quarantine(struct vpv_queue *q, const struct blk_req_header *hdr,
     return VIRTIO_BLK_S_IOERR;
 }
 
+/* fdatasync reports a writeback error to an open file once: the pages whose writeback
+ * failed are then clean (or gone) in the page cache, and the next fdatasync answers 0
+ * although their data never reached the disk. So the first failure is remembered for the
+ * volume and every later FLUSH, on any connection, fails too (as QEMU does after a failed
+ * flush) until the volume is opened again: a guest never hears OK for writes it lost. */
+static uint8_t flush_file(struct vpv_blk *blk)
+{
+    int *failed = &blk->vol->writeback_failed;
+    if (__atomic_load_n(failed, __ATOMIC_ACQUIRE))
+        return VIRTIO_BLK_S_IOERR;
+    if (fdatasync(blk->fd) == 0)
+        return VIRTIO_BLK_S_OK;
+    __atomic_store_n(failed, 1, __ATOMIC_RELEASE);
+    return VIRTIO_BLK_S_IOERR;
+}
+
 /* A request on a dangling volume: nothing touches the data region. Writes of any kind
  * become ring records; reads follow the volume's read policy; all are reported. */
 static uint8_t execute_dangling(struct vpv_queue *q, const struct blk_req_header *hdr,
@@ -587,7 +603,7 @@ static uint8_t execute_dangling(struct vpv_queue *q, const struct blk_req_header
         STAT_ADD(q, flushes, 1);
         if (vpv_volume_ring_sync(blk->vol) != 0)
             return VIRTIO_BLK_S_IOERR;
-        return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+        return flush_file(blk);
     case VIRTIO_BLK_T_GET_ID: {
         STAT_ADD(q, get_ids, 1);
         size_t len = wr_len < VPV_SERIAL_BYTES ? wr_len : VPV_SERIAL_BYTES;
@@ -703,7 +719,7 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
     case VIRTIO_BLK_T_FLUSH:
         STAT_ADD(q, flushes, 1);
         async_drain(q);   /* let it cover every write this queue has in flight too */
-        return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+        return flush_file(blk);
     case VIRTIO_BLK_T_GET_ID: {
         STAT_ADD(q, get_ids, 1);
         size_t len = wr_len < VPV_SERIAL_BYTES ? wr_len : VPV_SERIAL_BYTES;
