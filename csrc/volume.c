@@ -166,6 +166,11 @@ void vpv_volume_close(struct vpv_volume *vol)
     if (!vol)
         return;
     vpv_volume_ring_sync(vol);
+    /* A worker stuck on this volume's file (blk.c, STOP_GIVE_UP_MS) may still finish its
+     * round under the flip lock and touch the ring: leak the volume rather than free it
+     * under the worker (the daemon is shutting down or dropping the volume). */
+    if (__atomic_load_n(&vol->abandoned_workers, __ATOMIC_ACQUIRE) != 0)
+        return;
     pthread_rwlock_destroy(&vol->flip_lock);
     pthread_mutex_destroy(&vol->ring_lock);
     pthread_mutex_destroy(&vol->event_lock);

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +26,13 @@ from frontend import (
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_FLUSH,
     BlkRequest,
+    FrontendError,
     read_request,
     write_request,
 )
 
 from vhost_pv.control import client
+from vhost_pv.control.wire import Command
 from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
 
@@ -219,3 +222,94 @@ def test_failed_writeback_fails_every_later_flush(tmp_path: Path) -> None:
             _bystander_serves(server, bystander, 5)
             assert server.process is not None and server.process.poll() is None
     assert stored and status in (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR)
+
+
+@contextlib.contextmanager
+def _stallable_fs(where: Path) -> Iterator[tuple[Path, int]]:
+    """A FUSE file system whose server this test controls (fuse-overlayfs in the
+    foreground): SIGSTOP to its pid makes every request on it wait in the kernel, where no
+    signal but a fatal one interrupts the waiting thread. Yields (mount point, server pid)."""
+    for name in ("lower", "upper", "work", "mnt"):
+        (where / name).mkdir()
+    mount = where / "mnt"
+    server = subprocess.Popen(
+        ["fuse-overlayfs", "-f", "-o",
+         f"lowerdir={where / 'lower'},upperdir={where / 'upper'},workdir={where / 'work'}", str(mount)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: os.path.ismount(mount), 10.0, "the FUSE mount")
+        yield mount, server.pid
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        subprocess.run(["fusermount", "-u", "-z", str(mount)], check=False, timeout=30)
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _waiting_on_fuse(pid: int) -> bool:
+    """Whether a thread of pid waits for a FUSE reply (its kernel stack shows it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            if "fuse" in Path(f"/proc/{pid}/task/{tid}/stack").read_text():
+                return True
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_stalled_disk_does_not_freeze_the_daemon(tmp_path: Path) -> None:
+    """A worker stuck in the kernel on a stalled disk: the frontend goes away, the stop
+    gives up waiting for the worker after a few seconds instead of holding the event loop
+    (and with it every other volume) until the disk answers. When it does, the worker
+    finishes into guest memory that was kept mapped, and the daemon is none the worse."""
+    bystander = tmp_path / "other.img"
+    create_volume(bystander, CreateOptions(size=4 * MiB, ring_size=MiB))
+    (tmp_path / "fuse").mkdir()
+    with _stallable_fs(tmp_path / "fuse") as (mount, fuse_pid):
+        stalled = mount / "full.img"
+        create_volume(stalled, CreateOptions(size=4 * MiB, ring_size=MiB))
+        with ServerProcess([stalled, bystander], tmp_path / "run") as server:
+            assert server.process is not None
+            guest = _Guest(server.socket_for(stalled))
+            try:
+                assert guest.write_status(0, pattern(4096, 1)) == VIRTIO_BLK_S_OK
+                os.kill(fuse_pid, signal.SIGSTOP)
+                guest._fresh()
+                write_request(guest.memory, 8, pattern(CHUNK, 2)).submit(guest.ring)
+                guest.frontend.kick(0)
+                wait_until(lambda: _waiting_on_fuse(server.pid), 10.0,
+                           "the worker waiting on the stopped FUSE server", server.log)
+            finally:
+                guest.close()   # the daemon stops the queue: its worker cannot leave
+            # The event loop is free again within the stop's give-up time: status answers
+            # and the bystander is served, while the disk is still stalled.
+            took = wait_until(lambda: _serves(server, bystander), 20.0, "the bystander served", server.log)
+            assert took < 15.0
+            assert _waiting_on_fuse(server.pid)
+            os.kill(fuse_pid, signal.SIGCONT)
+            wait_until(lambda: not _waiting_on_fuse(server.pid), 10.0,
+                       "the worker released", server.log)
+            # The worker completed into guest memory that was still mapped, then cleaned up.
+            _bystander_serves(server, bystander, 6)
+            guest = _Guest(server.socket_for(stalled))
+            try:
+                status, data = guest.read(0, 4096)
+                assert status == VIRTIO_BLK_S_OK and data == pattern(4096, 1)
+            finally:
+                guest.close()
+            assert server.process.poll() is None
+            log = server.log()
+            assert "its worker is stuck on" in log and "left to finish on its own" in log
+            assert "Traceback" not in log, log
+
+
+def _serves(server: ServerProcess, bystander: Path) -> bool:
+    try:
+        client.call(server.control, Command.STATUS, timeout=1.0)
+        guest = Guest(server.socket_for(bystander), timeout=1.0)
+    except (OSError, TimeoutError, FrontendError):
+        return False
+    try:
+        guest.round_trip(0, pattern(4096, 7))
+    finally:
+        guest.close()
+    return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -213,6 +214,18 @@ class BlkDevice:
     def stop_queue(self, index: int) -> int:
         rc = lib.vpv_blk_queue_stop(self._handle, index)
         self._started.discard(index)
+        if rc == -errno.ETIMEDOUT:
+            # The worker is stuck in the kernel on the volume's file (a stalled disk): the C
+            # side gave up waiting rather than hold the event loop; the worker finishes on its
+            # own, guest memory mapped until then. This frontend is done with.
+            reason = (f"queue {index}: its worker is stuck on {self.volume.path} (a stalled "
+                      "disk?) and was left to finish on its own")
+            self._failed = True
+            if self._on_failure is None:
+                log.error("%s: %s", self.volume.name, reason)
+            else:
+                self._on_failure(reason)
+            return int(self.stats().queues[index]["last_avail_idx"])
         if rc < 0:
             raise ProtocolError(f"queue {index} cannot stop: {strerror(rc)}")
         return int(rc)
