@@ -246,6 +246,16 @@ def _stallable_fs(where: Path) -> Iterator[tuple[Path, int]]:
         server.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def _resumed(fuse_pid: int) -> Iterator[None]:
+    """SIGCONT to the FUSE server however the block ends, before the daemon is stopped or
+    killed: a process cannot even exit while a close on a stopped FUSE file system waits."""
+    try:
+        yield
+    finally:
+        os.kill(fuse_pid, signal.SIGCONT)
+
+
 def _waiting_on_fuse(pid: int) -> bool:
     """Whether a thread of pid waits for a FUSE reply (its kernel stack shows it)."""
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -256,18 +266,20 @@ def _waiting_on_fuse(pid: int) -> bool:
 
 
 @pytest.mark.timeout(60)
-def test_stalled_disk_does_not_freeze_the_daemon(tmp_path: Path) -> None:
-    """A worker stuck in the kernel on a stalled disk: the frontend goes away, the stop
-    gives up waiting for the worker after a few seconds instead of holding the event loop
-    (and with it every other volume) until the disk answers. When it does, the worker
-    finishes into guest memory that was kept mapped, and the daemon is none the worse."""
+@pytest.mark.parametrize("how", ["disconnect", "get-vring-base"])
+def test_stalled_disk_does_not_freeze_the_daemon(tmp_path: Path, how: str) -> None:
+    """A worker stuck in the kernel on a stalled disk: the frontend goes away (or asks for
+    the queue's base, which stops it), the stop gives up waiting for the worker after a few
+    seconds instead of holding the event loop (and with it every other volume) until the
+    disk answers, and the connection is ended. When the disk answers, the worker finishes
+    into guest memory that was kept mapped, and the daemon is none the worse."""
     bystander = tmp_path / "other.img"
     create_volume(bystander, CreateOptions(size=4 * MiB, ring_size=MiB))
     (tmp_path / "fuse").mkdir()
     with _stallable_fs(tmp_path / "fuse") as (mount, fuse_pid):
         stalled = mount / "full.img"
         create_volume(stalled, CreateOptions(size=4 * MiB, ring_size=MiB))
-        with ServerProcess([stalled, bystander], tmp_path / "run") as server:
+        with ServerProcess([stalled, bystander], tmp_path / "run") as server, _resumed(fuse_pid):
             assert server.process is not None
             guest = _Guest(server.socket_for(stalled))
             try:
@@ -278,6 +290,12 @@ def test_stalled_disk_does_not_freeze_the_daemon(tmp_path: Path) -> None:
                 guest.frontend.kick(0)
                 wait_until(lambda: _waiting_on_fuse(server.pid), 10.0,
                            "the worker waiting on the stopped FUSE server", server.log)
+                if how == "get-vring-base":
+                    # The stop gives up, the daemon ends the connection (the reply may or may
+                    # not make it out before the close).
+                    with contextlib.suppress(FrontendError):
+                        guest.frontend.get_vring_base(0)
+                    assert guest.frontend.wait_closed(10.0)
             finally:
                 guest.close()   # the daemon stops the queue: its worker cannot leave
             # The event loop is free again within the stop's give-up time: status answers
