@@ -135,13 +135,15 @@ def _bystander_serves(server: ServerProcess, bystander: Path, seed: int) -> None
 
 
 @pytest.mark.timeout(60)
-def test_full_file_system_fails_writes_not_the_daemon(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["buffered", "direct"])
+def test_full_file_system_fails_writes_not_the_daemon(tmp_path: Path, mode: str) -> None:
     bystander = tmp_path / "other.img"
     create_volume(bystander, CreateOptions(size=4 * MiB, ring_size=MiB))
     with _tmpfs(tmp_path / "small", 3 * MiB) as small:
         full = small / "full.img"
         create_volume(full, CreateOptions(size=16 * MiB, ring_size=MiB))
-        with ServerProcess([full, bystander], tmp_path / "run") as server:
+        extra = ["--direct"] if mode == "direct" else []
+        with ServerProcess([full, bystander], tmp_path / "run", extra_args=extra) as server:
             guest = _Guest(server.socket_for(full))
             try:
                 stored, status = _fill(guest, 16 * MiB)
