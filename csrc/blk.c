@@ -105,6 +105,8 @@ struct vpv_queue {
     uint16_t notify_checked_used; /* used->idx when notify() last looked */
     int in_round;             /* holds the volume's flip lock (read side): a fault releases it */
     int stopping;             /* vpv_blk_queue_stop is waiting: leave the passes, whatever is posted */
+    int abandoned;            /* 1: the stop gave up waiting, the worker cleans up after itself;
+                               * 2: the worker has left (set by the worker, under exchange) */
     int quarantined;          /* execute(): the request became a ring record (deferred push) */
     uint32_t ndeferred;
     struct deferred_push {    /* quarantined requests of the round, acknowledged at its end */
@@ -128,6 +130,7 @@ struct vpv_blk {
     uint8_t serial[VPV_SERIAL_BYTES];
     struct vpv_memory mem;
     int broken_fd;             /* eventfd: a queue broke, the control plane ends the connection */
+    int refs;                  /* 1 (the control plane) + workers a stop gave up on */
     struct vpv_queue queues[VPV_MAX_QUEUES];
 };
 
@@ -163,8 +166,14 @@ static int signal_call(struct vpv_queue *q, int fd)
  * socket here asks for out-of-band data notifications). */
 #define UNSTICK_SIGNAL SIGURG
 #define UNSTICK_AFTER_MS 20
+/* A worker that neither leaves nor is interrupted for this long is stuck in the kernel on
+ * the volume's file (a stalled disk, a stopped FUSE server: uninterruptible waits). The stop
+ * runs on the event loop, which serves every volume: it gives up on such a worker instead
+ * of freezing them all (vpv_blk_queue_stop). */
+#define STOP_GIVE_UP_MS 3000
 
 static pthread_once_t unstick_once = PTHREAD_ONCE_INIT;
+static uint64_t stuck_workers;   /* workers a stop gave up on, ever (for a debugger / core) */
 
 static void unstick_handler(int sig)
 {
@@ -194,10 +203,11 @@ static int read_kick(int fd)
     return r == sizeof(count);
 }
 
-/* Join a worker that was told to stop; interrupt it while it does not leave. */
-static void join_worker(struct vpv_queue *q)
+/* Join a worker that was told to stop; interrupt it while it does not leave. 0 once it
+ * left, -ETIMEDOUT when it is still there after STOP_GIVE_UP_MS. */
+static int join_worker(struct vpv_queue *q)
 {
-    for (;;) {
+    for (int waited = 0; waited < STOP_GIVE_UP_MS; waited += UNSTICK_AFTER_MS) {
         struct timespec deadline;
         clock_gettime(CLOCK_REALTIME, &deadline);
         deadline.tv_nsec += UNSTICK_AFTER_MS * 1000000L;
@@ -207,13 +217,29 @@ static void join_worker(struct vpv_queue *q)
         }
         int rc = pthread_timedjoin_np(q->thread, NULL, &deadline);
         if (rc == 0)
-            return;
+            return 0;
         if (rc != ETIMEDOUT) {
             pthread_join(q->thread, NULL);
-            return;
+            return 0;
         }
         pthread_kill(q->thread, UNSTICK_SIGNAL);
     }
+    return -ETIMEDOUT;
+}
+
+/* The last reference (vpv_blk_free, or the last worker a stop gave up on) frees the device:
+ * guest memory stays mapped while any worker may still complete a request into it. */
+static void blk_unref(struct vpv_blk *blk)
+{
+    if (__atomic_sub_fetch(&blk->refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    for (uint32_t i = 0; i < VPV_MAX_QUEUES; i++) {
+        async_teardown(&blk->queues[i]);   /* a queue whose start failed after async_setup */
+        free(blk->queues[i].bounce);
+    }
+    vpv_memory_unmap(&blk->mem);
+    close(blk->broken_fd);
+    free(blk);
 }
 
 /* The frontend's kick and call eventfds are read and written by the worker, which must
@@ -272,6 +298,7 @@ struct vpv_blk *vpv_blk_new(struct vpv_volume *vol, uint32_t flags, const uint8_
         return NULL;
     }
     blk->vol = vol;
+    blk->refs = 1;
     blk->fd = vol->fd;
     blk->direct_fd = direct_fd;
     blk->async_fd = direct_fd >= 0 ? direct_fd : vol->fd;
@@ -296,14 +323,9 @@ void vpv_blk_free(struct vpv_blk *blk)
 {
     if (!blk)
         return;
-    for (uint32_t i = 0; i < VPV_MAX_QUEUES; i++) {
+    for (uint32_t i = 0; i < VPV_MAX_QUEUES; i++)
         vpv_blk_queue_stop(blk, i);
-        async_teardown(&blk->queues[i]);   /* a queue whose start failed after async_setup */
-        free(blk->queues[i].bounce);
-    }
-    vpv_memory_unmap(&blk->mem);
-    close(blk->broken_fd);
-    free(blk);
+    blk_unref(blk);
 }
 
 int vpv_blk_set_memory(struct vpv_blk *blk, const struct vpv_mem_region_desc *regions,
@@ -526,6 +548,22 @@ static uint8_t quarantine(struct vpv_queue *q, const struct blk_req_header *hdr,
     return VIRTIO_BLK_S_IOERR;
 }
 
+/* fdatasync reports a writeback error to an open file once: the pages whose writeback
+ * failed are then clean (or gone) in the page cache, and the next fdatasync answers 0
+ * although their data never reached the disk. So the first failure is remembered for the
+ * volume and every later FLUSH, on any connection, fails too (as QEMU does after a failed
+ * flush) until the volume is opened again: a guest never hears OK for writes it lost. */
+static uint8_t flush_file(struct vpv_blk *blk)
+{
+    int *failed = &blk->vol->writeback_failed;
+    if (__atomic_load_n(failed, __ATOMIC_ACQUIRE))
+        return VIRTIO_BLK_S_IOERR;
+    if (fdatasync(blk->fd) == 0)
+        return VIRTIO_BLK_S_OK;
+    __atomic_store_n(failed, 1, __ATOMIC_RELEASE);
+    return VIRTIO_BLK_S_IOERR;
+}
+
 /* A request on a dangling volume: nothing touches the data region. Writes of any kind
  * become ring records; reads follow the volume's read policy; all are reported. */
 static uint8_t execute_dangling(struct vpv_queue *q, const struct blk_req_header *hdr,
@@ -587,7 +625,7 @@ static uint8_t execute_dangling(struct vpv_queue *q, const struct blk_req_header
         STAT_ADD(q, flushes, 1);
         if (vpv_volume_ring_sync(blk->vol) != 0)
             return VIRTIO_BLK_S_IOERR;
-        return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+        return flush_file(blk);
     case VIRTIO_BLK_T_GET_ID: {
         STAT_ADD(q, get_ids, 1);
         size_t len = wr_len < VPV_SERIAL_BYTES ? wr_len : VPV_SERIAL_BYTES;
@@ -703,7 +741,7 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
     case VIRTIO_BLK_T_FLUSH:
         STAT_ADD(q, flushes, 1);
         async_drain(q);   /* let it cover every write this queue has in flight too */
-        return fdatasync(blk->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+        return flush_file(blk);
     case VIRTIO_BLK_T_GET_ID: {
         STAT_ADD(q, get_ids, 1);
         size_t len = wr_len < VPV_SERIAL_BYTES ? wr_len : VPV_SERIAL_BYTES;
@@ -732,6 +770,9 @@ static void complete(struct vpv_queue *q, uint16_t head, uint8_t *status_ptr, ui
         written = 0;
     if (status == VIRTIO_BLK_S_IOERR)
         STAT_ADD(q, io_errors, 1);
+    /* A stop that gave up on this worker ended the connection: its ring is no one's now. */
+    if (__atomic_load_n(&q->abandoned, __ATOMIC_ACQUIRE) == 1)
+        return;
     *status_ptr = status;
     vpv_vring_push(&q->vr, head, written + 1);
 }
@@ -1202,6 +1243,15 @@ static void *queue_worker(void *arg)
     vpv_guard_arm(&env);
     worker_loop(q);
     vpv_guard_restore(NULL);
+    if (__atomic_exchange_n(&q->abandoned, 2, __ATOMIC_ACQ_REL) == 1) {
+        /* The stop gave up on us (detached): what it would have done after the join. */
+        struct vpv_blk *blk = q->blk;
+        async_teardown(q);
+        close(q->stop_fd);
+        q->stop_fd = -1;
+        __atomic_sub_fetch(&blk->vol->abandoned_workers, 1, __ATOMIC_RELEASE);
+        blk_unref(blk);
+    }
     return NULL;
 }
 
@@ -1247,8 +1297,10 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     if (index >= VPV_MAX_QUEUES)
         return -EINVAL;
     struct vpv_queue *q = &blk->queues[index];
-    if (q->started)
+    /* A worker the stop gave up on still owns the ring and io_uring of this queue. */
+    if (q->started || __atomic_load_n(&q->abandoned, __ATOMIC_ACQUIRE) == 1)
         return -EBUSY;
+    q->abandoned = 0;
     int err = vpv_vring_init(&q->vr, &blk->mem, cfg);
     if (err)
         return err;
@@ -1304,7 +1356,31 @@ int vpv_blk_queue_stop(struct vpv_blk *blk, uint32_t index)
         uint64_t one = 1;
         while (write(q->stop_fd, &one, sizeof(one)) < 0 && errno == EINTR)
             ;
-        join_worker(q);
+        if (join_worker(q) != 0) {
+            /* Stuck in the kernel on the volume's file: leave it to finish on its own rather
+             * than freeze the event loop. It keeps the device (guest memory mapped), its
+             * io_uring and stop fd until it leaves; it no longer signals the frontend's fds,
+             * which the control plane closes now; the queue cannot start again. */
+            __atomic_store_n(&q->call_fd, -1, __ATOMIC_RELEASE);
+            __atomic_store_n(&q->kick_fd, -1, __ATOMIC_RELEASE);
+            /* References first, then the hand-over: a worker that leaves at this very moment
+             * either finds abandoned == 1 and drops them, or has set 2 and is joined. */
+            __atomic_add_fetch(&blk->refs, 1, __ATOMIC_ACQ_REL);
+            __atomic_add_fetch(&blk->vol->abandoned_workers, 1, __ATOMIC_ACQ_REL);
+            int running = 0;
+            if (__atomic_compare_exchange_n(&q->abandoned, &running, 1, 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_ACQUIRE)) {
+                __atomic_add_fetch(&stuck_workers, 1, __ATOMIC_RELAXED);
+                pthread_detach(q->thread);
+                q->has_thread = 0;
+                q->started = 0;
+                q->stats.running = 0;
+                return -ETIMEDOUT;
+            }
+            __atomic_sub_fetch(&blk->vol->abandoned_workers, 1, __ATOMIC_RELEASE);
+            __atomic_sub_fetch(&blk->refs, 1, __ATOMIC_RELEASE);
+            pthread_join(q->thread, NULL);
+        }
         close(q->stop_fd);
         q->stop_fd = -1;
         q->has_thread = 0;

@@ -166,6 +166,11 @@ void vpv_volume_close(struct vpv_volume *vol)
     if (!vol)
         return;
     vpv_volume_ring_sync(vol);
+    /* A worker stuck on this volume's file (blk.c, STOP_GIVE_UP_MS) may still finish its
+     * round under the flip lock and touch the ring: leak the volume rather than free it
+     * under the worker (the daemon is shutting down or dropping the volume). */
+    if (__atomic_load_n(&vol->abandoned_workers, __ATOMIC_ACQUIRE) != 0)
+        return;
     pthread_rwlock_destroy(&vol->flip_lock);
     pthread_mutex_destroy(&vol->ring_lock);
     pthread_mutex_destroy(&vol->event_lock);
@@ -294,6 +299,14 @@ static int drop_oldest(struct vpv_volume *vol)
     return 0;
 }
 
+/* -ENOSPC from ring_append means the ring is full (its reject policy); the file system
+ * being out of space (or quota) under the ring is an I/O error of the ring instead, so the
+ * caller reports a ring error, not a full ring that a bigger ring would cure. */
+static int file_error(int err)
+{
+    return err == -ENOSPC || err == -EDQUOT ? -EIO : err;
+}
+
 int vpv_volume_ring_append(struct vpv_volume *vol, uint16_t type, uint16_t queue, uint32_t source,
                            uint64_t sector, uint32_t length, const struct iovec *iov, uint32_t n,
                            size_t payload_len, uint64_t *seq_out)
@@ -343,7 +356,8 @@ int vpv_volume_ring_append(struct vpv_volume *vol, uint16_t type, uint16_t queue
                 struct vpv_ring_record filler = {.magic = VPV_RECORD_MAGIC,
                                                  .type = VPV_RECORD_PAD,
                                                  .total_len = (uint32_t)pad};
-                err = pwrite_full(vol->fd, &filler, sizeof(filler), area_phys(vol, sb->tail));
+                err = file_error(pwrite_full(vol->fd, &filler, sizeof(filler),
+                                             area_phys(vol, sb->tail)));
                 if (err)
                     goto out;
                 sb->tail += pad;
@@ -382,7 +396,7 @@ int vpv_volume_ring_append(struct vpv_volume *vol, uint16_t type, uint16_t queue
     vpv_sha256_final(&h, rec->record_hash);
 
     /* Record first, superblock after: a crash in between leaves the old ring intact. */
-    err = pwrite_full(vol->fd, vol->bounce, need, area_phys(vol, sb->tail));
+    err = file_error(pwrite_full(vol->fd, vol->bounce, need, area_phys(vol, sb->tail)));
     if (err)
         goto out;
     memcpy(sb->last_hash, rec->record_hash, 32);

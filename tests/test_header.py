@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import struct
 import zlib
@@ -13,8 +14,10 @@ import pytest
 from vhost_pv.volume.header import (
     DAMAGED_REASON,
     DATA_OFFSET,
+    FLAG_BOTH_COPIES,
     SLOT_OFFSETS,
     SLOT_SIZE,
+    STATE_FIELD_OFFSET,
     STATE_WORD_OFFSET,
     HeaderBodyV1,
     HeaderError,
@@ -386,17 +389,30 @@ def _flip_every_bit(slot: bytes) -> list[bytes]:
             for i in range(record * 8)]
 
 
+def old_build_slot(header: VolumeHeader) -> bytes:
+    """A slot as a build that wrote one copy per update wrote it: no FLAG_BOTH_COPIES."""
+    raw = bytearray(encode_slot(header))
+    flags = struct.unpack_from("<I", raw, 12)[0] & ~FLAG_BOTH_COPIES
+    struct.pack_into("<I", raw, 12, flags)
+    body = HeaderSlot.sizeof() - 4
+    struct.pack_into("<I", raw, body, zlib.crc32(bytes(raw[:body])))
+    return bytes(raw)
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("layout", ["both-copies", "one-copy"])
+@pytest.mark.parametrize("layout", ["both-copies", "one-copy", "old-build"])
 def test_no_single_bit_flip_in_one_copy_reads_attached_after_a_flip(tmp_path: Path, layout: str) -> None:
     """After a flip to dangling, a bit flipped anywhere in either copy's record still reads
-    dangling: with both copies written (this build), and with the older copy still
-    attached (as a build that wrote one copy per update left it, or a crash between the
-    two writes)."""
+    dangling: with both copies written (this build), with the older copy still attached (a
+    crash between the two writes), and as a build that wrote one copy per update left it
+    (older copy attached, neither with FLAG_BOTH_COPIES)."""
     _, header = _create(tmp_path)
     dangling = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING,
                                    dangling_since_ns=123, reason="container-deleted")
-    slots = [encode_slot(dangling), encode_slot(dangling if layout == "both-copies" else header)]
+    if layout == "old-build":
+        slots = [old_build_slot(dangling), old_build_slot(header)]
+    else:
+        slots = [encode_slot(dangling), encode_slot(dangling if layout == "both-copies" else header)]
     for target in (0, 1):
         for damaged in _flip_every_bit(slots[target]):
             copies = list(slots)
@@ -421,6 +437,96 @@ def test_interrupted_clear_reads_dangling(tmp_path: Path) -> None:
     # The newer copy dangling and the older attached is an ordinary (interrupted) flip.
     plain = resolve_slots([encode_slot(header), encode_slot(dangling)])
     assert not plain.forced and plain.header == dangling and plain.disagreement
+
+
+def _old_build_history(header: VolumeHeader) -> tuple[VolumeHeader, VolumeHeader, list[bytes]]:
+    """The copies a build that wrote one copy per update left after create (both slots,
+    generation 1), a flip (the older slot: 1) and a clear (the older slot: 0)."""
+    dangling = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING,
+                                   dangling_since_ns=5, reason="container-deleted")
+    cleared = dataclasses.replace(dangling, generation=3, state=VolumeState.ATTACHED,
+                                  dangling_since_ns=0, reason="")
+    return dangling, cleared, [old_build_slot(cleared), old_build_slot(dangling)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("newer", [0, 1])
+def test_old_build_history_after_a_clear_is_served_attached(
+    tmp_path: Path, newer: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upgrade: the older copy of an old-format volume says dangling because the last update
+    was a clear. It is history, not an interrupted clear: served attached, no alarm, both
+    copies rewritten with the flag (so later differences are read conservatively)."""
+    path, header = _create(tmp_path)
+    _, cleared, slots = _old_build_history(header)
+    if newer == 1:
+        slots.reverse()
+    for offset, raw in zip(SLOT_OFFSETS, slots, strict=True):
+        _pwrite(path, raw, offset)
+    resolution = resolve_slots(slots)
+    assert not resolution.forced and resolution.consistent and resolution.header == cleared
+    assert resolution.history == (f"copy {newer} (generation 3) says attached, copy {1 - newer} "
+                                  f"(generation 2) says dangling; copy {1 - newer} predates the "
+                                  "two-copy header format")
+    assert read_header(path) == cleared
+    with caplog.at_level(logging.INFO, logger="vhost_pv.volume.volume"), Volume(path) as volume:
+        assert volume.header == cleared and not volume.header.dangling
+        assert _state_word(path) == VolumeState.ATTACHED
+    (record,) = [r for r in caplog.records if "older build" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    after = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
+    assert after[0] == after[1] == encode_slot(cleared)
+    # From now on the copies carry the flag: an interrupted clear is conservative again.
+    dangling = dataclasses.replace(cleared, generation=4, state=VolumeState.DANGLING, reason="x")
+    again = dataclasses.replace(dangling, generation=5, state=VolumeState.ATTACHED, reason="")
+    assert resolve_slots([encode_slot(again), encode_slot(dangling)]).forced
+
+
+@pytest.mark.timeout(60)
+def test_one_copy_without_the_flag_is_history(tmp_path: Path) -> None:
+    """Either copy without the flag: the pair was not written by the two-copy writer alone
+    (the first update after an upgrade cut between its writes; a downgrade's single-copy
+    update): the newer copy is served as it is."""
+    _, header = _create(tmp_path)
+    dangling, cleared, _ = _old_build_history(header)
+    for slots in ([encode_slot(cleared), old_build_slot(dangling)],
+                  [old_build_slot(cleared), encode_slot(dangling)]):
+        resolution = resolve_slots(slots)
+        assert resolution.header == cleared and not resolution.forced and resolution.history
+    # A damaged copy's flag is not trusted: one damaged old-format copy reading dangling
+    # is still served dangling.
+    damaged = bytearray(old_build_slot(dangling))
+    damaged[200] ^= 1
+    resolution = resolve_slots([old_build_slot(cleared), bytes(damaged)])
+    assert resolution.forced and resolution.header.dangling
+
+
+@pytest.mark.timeout(60)
+def test_upgrade_repair_torn_at_every_byte(tmp_path: Path) -> None:
+    """The first open of an old-format volume rewrites both copies (older slot first). A
+    crash at any byte of either write reads the served record, or (a tear that leaves the
+    older copy's dangling state field in place) conservatively dangling; never an error."""
+    path, header = _create(tmp_path)
+    _, cleared, before = _old_build_history(header)
+    for offset, raw in zip(SLOT_OFFSETS, before, strict=True):
+        _pwrite(path, raw, offset)
+    with Volume(path):
+        pass
+    after = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
+    outcomes = {"served": 0, "dangling": 0}
+    first = 1  # the older slot: copy 0 holds the newer record
+    for phase, target in ((1, first), (2, 1 - first)):
+        slots = list(before if phase == 1 else after)
+        for k in range(SLOT_SIZE + 1):
+            slots[target] = after[target][:k] + before[target][k:]
+            got = resolve_slots(slots).header
+            if got == cleared:
+                outcomes["served"] += 1
+                continue
+            assert phase == 1 and k <= STATE_FIELD_OFFSET + 3, (phase, k)
+            assert got.dangling and got.reason == DAMAGED_REASON
+            outcomes["dangling"] += 1
+    assert outcomes["dangling"] <= STATE_FIELD_OFFSET + 4
 
 
 @pytest.mark.timeout(60)

@@ -4,8 +4,11 @@ between runs)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -17,12 +20,18 @@ from vhost_pv.control import client
 from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import (
     DAMAGED_REASON,
+    FLAG_BOTH_COPIES,
+    FLAGS_OFFSET,
     SLOT_OFFSETS,
     SLOT_SIZE,
     STATE_FIELD_OFFSET,
     HeaderError,
+    HeaderSlot,
+    VolumeHeader,
+    VolumeState,
     choose_slot,
     decode_slot,
+    encode_slot,
 )
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
 
@@ -182,3 +191,40 @@ def test_one_damaged_volume_does_not_stop_the_others(tmp_path: Path, kind: str) 
         finally:
             guest.close()
         assert not server.socket_for(bad).exists()
+
+
+def _old_build_slot(header: VolumeHeader) -> bytes:
+    """A slot as a build that wrote one copy per update wrote it: no FLAG_BOTH_COPIES."""
+    raw = bytearray(encode_slot(header))
+    flags = struct.unpack_from("<I", raw, FLAGS_OFFSET)[0] & ~FLAG_BOTH_COPIES
+    struct.pack_into("<I", raw, FLAGS_OFFSET, flags)
+    body = HeaderSlot.sizeof() - 4
+    struct.pack_into("<I", raw, body, zlib.crc32(bytes(raw[:body])))
+    return bytes(raw)
+
+
+@pytest.mark.timeout(60)
+def test_old_build_history_is_served_attached_without_alarm(tmp_path: Path) -> None:
+    """Upgrade: copies as a build that wrote one copy per update left them after a flip and
+    a clear (newer attached, older dangling, neither flagged) are served attached: the VM
+    keeps its data, no header alert, both copies rewritten with FLAG_BOTH_COPIES."""
+    path = tmp_path / "vol.img"
+    header = create_volume(path, CreateOptions(size=4 * MiB, ring_size=MiB, owner="c1"))
+    dangling = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING,
+                                   dangling_since_ns=5, reason="container-deleted")
+    cleared = dataclasses.replace(dangling, generation=3, state=VolumeState.ATTACHED,
+                                  dangling_since_ns=0, reason="")
+    _pwrite(path, _old_build_slot(cleared), SLOT_OFFSETS[0])
+    _pwrite(path, _old_build_slot(dangling), SLOT_OFFSETS[1])
+    with ServerProcess([path], tmp_path / "run") as server:
+        assert volume_entry(server.control, "vol")["header"]["state"] == "attached"
+        assert alert_kinds(server.control, "vol") == []
+        guest = Guest(server.socket_for(path), timeout=5.0)
+        try:
+            guest.round_trip(0, pattern(4096, 9))
+        finally:
+            guest.close()
+        assert "older build" in server.log()
+    slots = _slots(path)
+    assert slots[0] == slots[1] == encode_slot(cleared)
+    assert _data(path)[:4096] == pattern(4096, 9)

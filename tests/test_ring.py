@@ -301,7 +301,10 @@ def test_discard_punches_a_hole(disk: Disk) -> None:
     disk.run(discard)
     assert discard.status == VIRTIO_BLK_S_OK
     blocks_after = os.stat(disk.volume.path).st_blocks
-    assert blocks_after <= blocks_before - (768 << 10) // 512
+    # Punching into an extent that also holds the (allocated) header area splits it: the file
+    # system may spend one block on the extent tree.
+    slack = os.statvfs(disk.volume.path).f_bsize // 512
+    assert blocks_after <= blocks_before - (768 << 10) // 512 + slack
     assert os.lseek(disk.volume.fd, start, os.SEEK_HOLE) == start
     assert os.lseek(disk.volume.fd, start, os.SEEK_DATA) >= start + (768 << 10)
     assert disk.file_read(0, 768 << 10) == bytes(768 << 10)

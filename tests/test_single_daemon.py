@@ -52,6 +52,7 @@ def test_second_daemon_on_the_same_volume_is_refused(tmp_path: Path) -> None:
     volume = _volume(tmp_path / "vol.img")
     with ServerProcess([volume], tmp_path / "one") as server:
         other = tmp_path / "two"
+        other.mkdir()  # serve refuses a control socket in a directory that does not exist
         result = run_cli(*_serve(other / "s", other / "c.sock", volume))
         assert result.returncode != 0
         _refused(result.stderr, server.pid)

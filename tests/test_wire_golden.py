@@ -39,6 +39,8 @@ from vhost_pv.protocol.messages import (
     VringState,
 )
 from vhost_pv.volume.header import (
+    FLAG_BOTH_COPIES,
+    FLAG_READ_ONLY,
     FORMAT_VERSION,
     MAGIC,
     SLOT_SIZE,
@@ -367,7 +369,7 @@ FIXED_BODY_V1 = (
     bytes.fromhex(
         "56484f5354505601"  # 0   magic "VHOSTPV\x01"
         "0200" "0000"  # 8   version 2, pad
-        "01000000"  # 12  flags: read-only
+        "03000000"  # 12  flags: read-only | both-copies (every record this build writes)
         "0300000000000000"  # 16  generation
         "00112233445566778899aabbccddeeff"  # 24  uuid
         "8877665544332211"  # 40  created_ns
@@ -429,6 +431,17 @@ def test_decode_version_1_slot() -> None:
     damaged[200] ^= 0x10
     with pytest.raises(HeaderError, match="checksum"):
         decode_slot(bytes(damaged))
+
+
+@pytest.mark.timeout(60)
+def test_decode_slot_without_both_copies_flag() -> None:
+    # A record from a build that wrote one copy per update (flags: read-only only) holds the
+    # same header: the flag says how the copies were written, not what the volume is.
+    body = bytearray(FIXED_BODY)
+    body[12:16] = struct.pack("<I", FLAG_READ_ONLY)
+    raw = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+    assert decode_slot(raw.ljust(SLOT_SIZE, b"\0")) == FIXED_HEADER
+    assert (FLAG_READ_ONLY, FLAG_BOTH_COPIES) == (1, 2)
 
 
 @pytest.mark.timeout(60)

@@ -218,15 +218,29 @@ class BlkDevice:
     def stop_queue(self, index: int) -> int:
         rc = lib.vpv_blk_queue_stop(self._handle, index)
         self._started.discard(index)
+        if rc == -errno.ETIMEDOUT:
+            # The worker is stuck in the kernel on the volume's file (a stalled disk): the C
+            # side gave up waiting rather than hold the event loop; the worker finishes on its
+            # own, guest memory mapped until then. This frontend is done with.
+            reason = (f"queue {index}: its worker is stuck on {self.volume.path} (a stalled "
+                      "disk?) and was left to finish on its own")
+            self._failed = True
+            if self._on_failure is None:
+                log.error("%s: %s", self.volume.name, reason)
+            else:
+                self._on_failure(reason)
+            return int(self.stats().queues[index]["last_avail_idx"])
         if rc < 0:
             raise ProtocolError(f"queue {index} cannot stop: {strerror(rc)}")
         # The worker drains its io_uring before it exits: after a clean stop nothing may be
         # left marked in flight, or a later restart would do it again.
         left = int(lib.vpv_blk_queue_inflight(self._handle, index))
         if left > 0:
-            log.error(
-                "%s: queue %d stopped with %d requests still marked in flight", self.volume.name, index, left
-            )
+            # Legitimate when the queue is stopped before it got through what an earlier
+            # backend left in flight (QEMU replaces the call fd right after the start): they
+            # stay marked and are resubmitted when the queue starts again.
+            log.info("%s: queue %d stopped with %d requests still marked in flight (resubmitted at "
+                     "its next start)", self.volume.name, index, left)
         return int(rc)
 
     def process_queue(self, index: int) -> int:

@@ -19,6 +19,28 @@ mix (resolve_slots reads them):
 None of these updates had returned, so no acknowledged state is lost, and the conservative
 choice only ever errs towards dangling (writes go to the quarantine ring, never lost).
 
+The rule for two valid copies that differ holds only for copies this writer wrote: every
+record it writes carries FLAG_BOTH_COPIES. A build that wrote one copy per update left the
+older copy behind on purpose, without the flag: after a flip and a clear its copies are
+"newer attached, older dangling" with nothing interrupted. Such a pair (either copy without
+the flag) is an ordinary old-format history: the newer copy is served, both copies are
+rewritten with the flag at open (logged at INFO, no alert). The upgrade's own crash cases,
+the first open of such a volume rewriting both copies (the older slot first):
+
+- during the first write: the newer old-format copy is intact and served; the torn one is
+  damaged, so the damaged-copy rule applies: if its state field still reads the older
+  copy's dangling (a tear in its first 84 bytes) the volume is served dangling. A damaged
+  copy's flag cannot be trusted, so this errs towards dangling like any damaged copy.
+- between the writes: the copies hold the same record, one with the flag and one without:
+  they agree, the record is served (the next update rewrites both with the flag).
+- during the second write: the first copy holds the record with the flag; the torn one
+  differs from it only in the flag and the CRC, so its state field agrees: served as is.
+
+The first update after the upgrade of a volume that was not reopened in between (both old
+copies alike, e.g. never updated) can be cut between its writes too: the newer copy has the
+flag, the older not, so the newer is served even if it is an interrupted clear. It is a
+complete record of an update under way, the outcome any crash may give.
+
 The header area also holds the *live state word* that the C hot path reads on every
 request (see csrc/vhost_pv.h, VPV_STATE_*). It mirrors the durable state while a daemon
 serves the volume and is rewritten from the slots each time the volume is opened, so a
@@ -100,6 +122,11 @@ class TtlAction(enum.IntEnum):
 
 
 FLAG_READ_ONLY = 1 << 0
+# Set in every record this build writes (create and the two-phase update write both copies).
+# Two valid copies that differ are a crash or damage only when both carry it; without it
+# the older copy is the history of a build that wrote one copy per update (module docstring).
+FLAG_BOTH_COPIES = 1 << 1
+FLAGS_OFFSET = 12
 
 HeaderBodyV1 = Struct(
     "magic" / Const(MAGIC),
@@ -256,7 +283,7 @@ def encode_slot(header: VolumeHeader) -> bytes:
             raise HeaderError(f"{field} is longer than {limit} bytes")
     body = {
         "version": FORMAT_VERSION,
-        "flags": FLAG_READ_ONLY if header.read_only else 0,
+        "flags": FLAG_BOTH_COPIES | (FLAG_READ_ONLY if header.read_only else 0),
         "generation": header.generation,
         "uuid": header.uuid.bytes,
         "created_ns": header.created_ns,
@@ -394,10 +421,18 @@ class SlotResolution:
     problems: tuple[str, ...]
     disagreement: str
     forced: bool
+    history: str = ""
+    """One line when the copies differ as a build that wrote one copy per update left them
+    (no alarm: the newer copy is served, both are rewritten at open), else ""."""
 
     @property
     def consistent(self) -> bool:
         return not self.disagreement
+
+    @property
+    def needs_repair(self) -> bool:
+        """Whether open is to rewrite both copies (a disagreement or an old-format history)."""
+        return bool(self.disagreement or self.history)
 
 
 def _raw_state(raw: bytes) -> int | None:
@@ -407,6 +442,11 @@ def _raw_state(raw: bytes) -> int | None:
     return int.from_bytes(raw[STATE_FIELD_OFFSET:STATE_FIELD_OFFSET + 4], "little")
 
 
+def _both_copies_flag(raw: bytes) -> bool:
+    """Whether a valid (CRC-checked) slot was written by the two-copy writer."""
+    return bool(int.from_bytes(raw[FLAGS_OFFSET:FLAGS_OFFSET + 4], "little") & FLAG_BOTH_COPIES)
+
+
 def resolve_slots(slots: list[bytes]) -> SlotResolution:
     """The conservative reading of the two copies. After a completed update both copies
     hold the same record (Volume.update writes both), so any difference means a crash in
@@ -414,9 +454,12 @@ def resolve_slots(slots: list[bytes]) -> SlotResolution:
 
     - one copy damaged, the valid one attached, and the damaged one's state field reads
       dangling or an invalid value: served dangling (the damaged copy may have been the
-      newer, dangling one);
-    - both valid, the newer attached and the older dangling (a clear or reclaim interrupted
-      between its two writes): served dangling.
+      newer, dangling one; its flags are as untrustworthy as the rest of it);
+    - both valid and both with FLAG_BOTH_COPIES, the newer attached and the older dangling
+      (a clear or reclaim interrupted between its two writes): served dangling.
+
+    Two valid copies of which either lacks FLAG_BOTH_COPIES are an old-format history
+    (`history`, module docstring): the newer is served as it is.
 
     Raises HeaderError when neither copy is valid."""
     index, chosen = choose_slot(slots)
@@ -444,9 +487,15 @@ def resolve_slots(slots: list[bytes]) -> SlotResolution:
         older = copies[other]
         assert older is not None
         if older != chosen:
-            disagreement = (f"copy {index} (generation {chosen.generation}) says "
-                            f"{chosen.state.name.lower()}, copy {other} (generation {older.generation}) "
-                            f"says {older.state.name.lower()}")
+            differ = (f"copy {index} (generation {chosen.generation}) says "
+                      f"{chosen.state.name.lower()}, copy {other} (generation {older.generation}) "
+                      f"says {older.state.name.lower()}")
+            if not (_both_copies_flag(slots[index]) and _both_copies_flag(slots[other])):
+                old = other if not _both_copies_flag(slots[other]) else index
+                history = f"{differ}; copy {old} predates the two-copy header format"
+                return SlotResolution(index, chosen, tuple(copies), tuple(problems), "", False,
+                                      history)
+            disagreement = differ
             if not chosen.dangling and older.dangling:
                 forced_from = older
     if forced_from is None:

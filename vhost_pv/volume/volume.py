@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import stat
@@ -29,6 +30,8 @@ from vhost_pv.volume.header import (
     resolve_slots,
 )
 from vhost_pv.volume.ring import RingError, format_ring
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RING_SIZE = 16 << 20
 MIN_RING_SIZE = 1 << 20
@@ -85,6 +88,9 @@ def create_volume(path: Path, options: CreateOptions) -> VolumeHeader:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, header.ring_offset + header.ring_size)
+        # The header area (both copies, the live state word, the seal) is given its blocks
+        # now: a flip on a file system that has filled up since must still write them.
+        os.posix_fallocate(fd, 0, header.data_offset)
         # Both copies start identical, so either one alone is a valid header.
         for offset in SLOT_OFFSETS:
             os.pwrite(fd, slot, offset)
@@ -159,6 +165,17 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
+def _allocate_header_area(fd: int, header: VolumeHeader, path: Path) -> None:
+    """Give the header area its blocks if it lacks them (a volume created sparse by an
+    earlier build): the flip and its seal must not need free space later. Without room now
+    the volume is served anyway, and a flip on a full file system may fail to seal."""
+    try:
+        os.posix_fallocate(fd, 0, header.data_offset)
+    except OSError as exc:
+        log.warning("%s: cannot allocate the header area (%s): a flip while the file system "
+                    "is full may fail to write the seal", path, exc.strerror or exc)
+
+
 def _read_at(fd: int, offset: int) -> bytes:
     return os.pread(fd, SLOT_SIZE, offset)
 
@@ -203,8 +220,15 @@ class Volume:
                     raise RingError(f"{path}: the quarantine ring superblock is missing or damaged")
                 raise OSError(-err[0], f"{path}: cannot open the data path: {os.strerror(-err[0])}")
             self.native = handle
-            if not self.resolution.consistent:
+            _allocate_header_area(self.fd, self.header, path)
+            if self.resolution.needs_repair:
                 self._repair()
+                if self.resolution.history:
+                    # Not damage: a build that wrote one copy per update left the older copy
+                    # behind (header.py). The daemon alarms only on a disagreement.
+                    log.info("%s: header copies from an older build (%s): copy %d served, "
+                             "both rewritten in the two-copy format", path,
+                             self.resolution.history, self.resolution.slot)
             # The live word is rewritten from the durable header: a stale value is never used.
             lib.vpv_volume_set_state(self.native, int(self.header.state))
         except BaseException:
