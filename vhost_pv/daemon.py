@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -80,6 +81,9 @@ _SUMMED = frozenset({
 })
 ALERT_KEEPALIVE_S = 15.0
 SOURCE_HISTORY = 1024
+# How long a new frontend waits for the session of one that has hung up to end by itself
+# (it only has to read what is left in its socket) before that session is cancelled.
+GONE_SESSION_GRACE_S = 1.0
 
 
 @dataclasses.dataclass
@@ -345,6 +349,19 @@ class Daemon:
                 )
                 sock.close()
                 continue
+            if served.connection is not None and _peer_gone(served.connection.session.channel.sock):
+                # A reconnect (QEMU after a restart, a live migration's switch-over) can come
+                # before this loop has seen the old connection's hang-up: finish that
+                # session first instead of refusing the new one.
+                log.info("%s: frontend pid=%d hung up; ending its session before admitting pid=%d",
+                         name, served.connection.peer.pid, peer.pid)
+                await _finish_session(served.connection.task)
+                if served.volume.header.dangling:  # flipped while the old session ended
+                    served.refused_total += 1
+                    log.warning("%s: refused frontend pid=%d uid=%d: the volume is dangling (%s); "
+                                "reclaim it first", name, peer.pid, peer.uid, served.volume.header.reason)
+                    sock.close()
+                    continue
             if served.connection is not None:
                 served.refused_total += 1
                 log.warning(
@@ -808,6 +825,28 @@ def _log_task_end(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s ended: %r; what it served is gone until the daemon restarts",
                   task.get_name(), task.exception())
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Has the frontend at the other end of a session's socket hung up (closed, or shut its
+    side down), whether or not the session has read that yet?"""
+    fd = sock.fileno()
+    if fd < 0:
+        return True  # the session closed it: it is ending
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+               for _, events in poller.poll(0))
+
+
+async def _finish_session(task: asyncio.Task[None]) -> None:
+    """Let a session whose peer is gone end (it reads the rest of its socket, then the hang-up
+    ends it); cancel it if it has not within GONE_SESSION_GRACE_S. Its task's cleanup
+    (_run_session) releases the volume's connection slot."""
+    done, _ = await asyncio.wait([task], timeout=GONE_SESSION_GRACE_S)
+    if not done:
+        task.cancel()
+        await asyncio.wait([task])
 
 
 def _add_counters(into: dict[str, int], queues: list[dict[str, int]]) -> None:

@@ -28,6 +28,11 @@ log = logging.getLogger("vhost_pv.fs")
 Handler = Callable[[bytes, int], bytes | None]
 """One FUSE request's bytes and the reply's room -> the reply, or None (no reply)."""
 
+SERVE_BATCH = 32
+"""Requests answered per queue per turn of the event loop. The queues are served on the
+daemon's event loop: a frontend that refills its ring as fast as we empty it must not keep
+the loop (control socket, other volumes, the HTTP metadata server) from running."""
+
 
 class FsDevice:
     """One frontend connection's virtio-fs device; implements protocol.DeviceBackend."""
@@ -42,6 +47,8 @@ class FsDevice:
         self._head = ffi.new("uint32_t *")
         self._writable = ffi.new("uint32_t *")
         self._kick_fds: dict[int, int] = {}
+        # Queues whose ring still held requests after a batch: served again on the next turn.
+        self._resume: dict[int, asyncio.Handle] = {}
         self.requests = 0
         self.bad_requests = 0
         self.broken: set[int] = set()
@@ -97,6 +104,9 @@ class FsDevice:
         kick_fd = self._kick_fds.pop(index, None)
         if kick_fd is not None:
             asyncio.get_running_loop().remove_reader(kick_fd)
+        resume = self._resume.pop(index, None)
+        if resume is not None:
+            resume.cancel()
         rc = lib.vpv_fs_queue_stop(self._handle, index)
         if rc < 0:
             raise ProtocolError(f"queue {index} cannot stop: {strerror(rc)}")
@@ -109,6 +119,9 @@ class FsDevice:
         for kick_fd in self._kick_fds.values():
             loop.remove_reader(kick_fd)
         self._kick_fds.clear()
+        for resume in self._resume.values():
+            resume.cancel()
+        self._resume.clear()
         lib.vpv_fs_free(self._handle)
         self._handle = None
 
@@ -120,13 +133,16 @@ class FsDevice:
     def _kicked(self, index: int) -> None:
         with contextlib.suppress(BlockingIOError, KeyError):
             _consume_kick(self._kick_fds[index])
-        self._serve(index)
+        if index not in self._resume:  # else the next batch is scheduled already
+            self._serve(index)
 
     def _serve(self, index: int) -> None:
-        """Answer every request on the queue."""
-        if index in self.broken or self._handle is None:
+        """Answer the requests on the queue, at most SERVE_BATCH of them in this turn of
+        the event loop; the rest in the next turns."""
+        self._resume.pop(index, None)
+        if index in self.broken or self._handle is None or index not in self._kick_fds:
             return
-        while True:
+        for _ in range(SERVE_BATCH):
             n = lib.vpv_fs_pop(self._handle, index, self._buffer, lib.VPV_FS_MAX_REQUEST, self._head,
                                self._writable)
             if n == -errno.EAGAIN:  # empty, kicks re-enabled
@@ -154,6 +170,9 @@ class FsDevice:
             if rc < 0:
                 self._fail(index, rc)
                 return
+        # The ring may hold more, and its kicks are off while we drain it (pop turned them
+        # off): come back after whatever else is ready on the loop.
+        self._resume[index] = asyncio.get_running_loop().call_soon(self._serve, index)
 
 
 def _consume_kick(fd: int) -> None:
