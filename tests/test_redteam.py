@@ -1,0 +1,244 @@
+"""More hostile frontends, beyond test_hostile_frontend.py: whatever one connection does, the
+control socket and every other volume keep answering within a second, and the daemon keeps
+neither the connection's fds nor its memory once it is gone.
+
+The daemon runs as a subprocess serving two volumes (a victim and a bystander) and, where a
+test needs it, the metadata file system (virtio-fs) socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from frontend import (
+    VIRTIO_BLK_S_OK,
+    FrontendError,
+    GuestMemory,
+    SplitRing,
+    VhostUserFrontend,
+    read_request,
+    write_request,
+)
+
+from vhost_pv.control import client
+from vhost_pv.control.wire import Command
+from vhost_pv.meta.fuse import IN_HEADER_SIZE, InHeader
+from vhost_pv.serverproc import ServerProcess
+from vhost_pv.volume.volume import CreateOptions, create_volume
+
+DISK_SIZE = 16 << 20
+MEMORY_SIZE = 4 << 20
+VICTIM, BYSTANDER = 0, 1
+FUSE_STATFS = 17
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+
+
+class Daemon:
+    def __init__(self, server: ServerProcess, volumes: list[Path], meta_socket: Path) -> None:
+        self.server = server
+        self.volumes = volumes
+        self.meta_socket = meta_socket
+
+    def socket(self, index: int) -> Path:
+        return self.server.socket_for(self.volumes[index])
+
+    def status(self) -> dict[str, Any]:
+        """STATUS, which must answer within a second whatever a frontend does."""
+        started = time.monotonic()
+        result: dict[str, Any] = json.loads(client.call(self.server.control, Command.STATUS, timeout=1.0))
+        assert time.monotonic() - started < 1.0
+        return result
+
+    def entry(self, index: int) -> dict[str, Any]:
+        name = self.volumes[index].stem
+        (entry,) = [v for v in self.status()["volumes"] if v["name"] == name]
+        return dict(entry)
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.server.pid}/fd"))
+
+    def assert_alive(self) -> None:
+        assert self.server.process is not None and self.server.process.poll() is None, self.server.log()
+        self.status()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    volumes = [tmp_path / "victim.img", tmp_path / "bystander.img"]
+    for path in volumes:
+        create_volume(path, CreateOptions(size=DISK_SIZE, ring_size=1 << 20))
+    meta_socket = tmp_path / "meta.sock"
+    server = ServerProcess(volumes, tmp_path / "run", extra_args=["--meta-socket", str(meta_socket)])
+    with server:
+        yield Daemon(server, volumes, meta_socket)
+        assert server.process is not None and server.process.poll() is None, server.log()
+        assert "Traceback" not in server.log()
+
+
+class Guest:
+    """A negotiated block frontend with guest memory and queue 0 running."""
+
+    def __init__(self, socket_path: Path, *, timeout: float = 3.0) -> None:
+        self.frontend = VhostUserFrontend(socket_path, timeout=timeout)
+        self.memory = GuestMemory(MEMORY_SIZE)
+        try:
+            self.frontend.negotiate()
+            self.frontend.set_mem_table(self.memory)
+            self.ring = SplitRing(self.memory, 64)
+            self.frontend.setup_queue(0, self.ring)
+        except BaseException:
+            self.close()
+            raise
+
+    def round_trip(self, sector: int, data: bytes) -> None:
+        write = self.frontend.submit(0, self.ring, write_request(self.memory, sector, data))
+        assert write.status == VIRTIO_BLK_S_OK
+        read = self.frontend.submit(0, self.ring, read_request(self.memory, sector, len(data)))
+        assert read.status == VIRTIO_BLK_S_OK and read.data() == data
+
+    def close(self) -> None:
+        self.frontend.close()
+        self.memory.close()
+
+
+def pattern(length: int, seed: int) -> bytes:
+    return bytes((i * 31 + seed) & 0xFF for i in range(length))
+
+
+# -- the metadata file system's queue, kept full --------------------------------------------------
+
+
+class FuseFlood:
+    """A virtio-fs frontend that keeps its request ring full: every slot holds the same
+    FUSE request, and whenever the device has answered some, they are made available again
+    and kicked, so the ring never runs dry."""
+
+    RING = 1024
+
+    def __init__(self, meta_socket: Path) -> None:
+        self.frontend = VhostUserFrontend(meta_socket, timeout=3.0)
+        self.memory = GuestMemory(MEMORY_SIZE)
+        self.frontend.negotiate()
+        self.frontend.set_mem_table(self.memory)
+        self.ring = SplitRing(self.memory, self.RING)
+        header = InHeader.build({"len": IN_HEADER_SIZE, "opcode": FUSE_STATFS, "unique": 1, "nodeid": 1,
+                                 "uid": 0, "gid": 0, "pid": 1, "total_extlen": 0})
+        request = self.memory.put(header)
+        reply = self.memory.alloc(4096)
+        self.ring.set_desc(0, request, IN_HEADER_SIZE, VRING_DESC_F_NEXT, 1)
+        self.ring.set_desc(1, reply, 4096, VRING_DESC_F_WRITE)
+        self.ring.avail[2 : 2 + self.RING] = 0  # every slot: the chain at descriptor 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.frontend.setup_queue(1, self.ring)  # the request queue
+
+    def _run(self) -> None:
+        ring = self.ring
+        while not self._stop.is_set():
+            wanted = (ring.used_idx + self.RING) & 0xFFFF
+            if 0 < (wanted - ring.avail_idx) & 0xFFFF < 0x8000:
+                ring.set_avail_idx(wanted)
+                self.frontend.kick(1)
+
+    def __enter__(self) -> FuseFlood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.frontend.close()
+        self.memory.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_full_metadata_queue_does_not_starve_the_event_loop(daemon: Daemon) -> None:
+    """The virtio-fs queues are served on the event loop: a frontend that refills its ring
+    as fast as it is emptied must leave the loop free for everything else."""
+    with FuseFlood(daemon.meta_socket) as flood:
+        deadline = time.monotonic() + 10
+        while flood.ring.used_idx < 2 * FuseFlood.RING:  # the flood is being served
+            assert time.monotonic() < deadline, "the metadata queue is not served"
+            time.sleep(0.01)
+        for _ in range(5):
+            daemon.status()  # within 1 s
+        started = time.monotonic()
+        guest = Guest(daemon.socket(BYSTANDER), timeout=1.0)
+        try:
+            guest.round_trip(8, pattern(4096, 1))
+        finally:
+            guest.close()
+        assert time.monotonic() - started < 2.0
+        served = flood.ring.used_idx
+    assert served > 0
+    daemon.assert_alive()
+
+
+# -- reconnects ------------------------------------------------------------------------------------
+
+
+def test_a_reconnect_queued_behind_the_hang_up_is_admitted(daemon: Daemon) -> None:
+    """A new frontend whose connection the daemon sees before the old one's hang-up (here:
+    the daemon is stopped while the old frontend closes and the new one connects, so both
+    wait for it together) is admitted, not refused as a second frontend."""
+    old = Guest(daemon.socket(VICTIM))
+    os.kill(daemon.server.pid, signal.SIGSTOP)
+    try:
+        new = VhostUserFrontend(daemon.socket(VICTIM), timeout=3.0)  # queued in the backlog
+        old.close()
+    finally:
+        os.kill(daemon.server.pid, signal.SIGCONT)
+    try:
+        assert new.get_features()  # refused: "the backend closed the connection"
+    finally:
+        new.close()
+    assert daemon.entry(VICTIM)["refused_total"] == 0
+
+
+def test_a_second_frontend_of_a_live_one_is_still_refused(daemon: Daemon) -> None:
+    guest = Guest(daemon.socket(VICTIM))
+    try:
+        second = VhostUserFrontend(daemon.socket(VICTIM), timeout=3.0)
+        with pytest.raises((FrontendError, ConnectionResetError)):
+            second.get_features()
+        second.close()
+        guest.round_trip(0, pattern(512, 2))  # the first one is untouched
+    finally:
+        guest.close()
+    assert daemon.entry(VICTIM)["refused_total"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_close_then_connect_in_a_tight_loop_is_never_refused(daemon: Daemon) -> None:
+    """What QEMU does on a reconnect, 150 times: close a connection whose queue runs, connect
+    at once. Every new frontend is admitted; the daemon keeps no fd of the old ones."""
+    Guest(daemon.socket(VICTIM)).close()
+    time.sleep(0.2)  # the first session's end, so the fd count below is its steady state
+    fds_before = daemon.fds()
+    memory = GuestMemory(1 << 20)
+    try:
+        for _ in range(150):
+            frontend = VhostUserFrontend(daemon.socket(VICTIM), timeout=3.0)
+            try:
+                frontend.negotiate()
+                frontend.set_mem_table(memory)
+                memory._next = 0  # the same ring every time
+                frontend.setup_queue(0, SplitRing(memory, 64))
+            finally:
+                frontend.close()
+    finally:
+        memory.close()
+    assert daemon.entry(VICTIM)["refused_total"] == 0
+    deadline = time.monotonic() + 5
+    while daemon.entry(VICTIM)["connection"] is not None or daemon.fds() > fds_before:
+        assert time.monotonic() < deadline, (daemon.fds(), fds_before)
+        time.sleep(0.05)
