@@ -30,7 +30,18 @@ from frontend import (
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command
-from vhost_pv.meta.fuse import IN_HEADER_SIZE, InHeader
+from vhost_pv.meta.fuse import (
+    IN_HEADER_SIZE,
+    MAX_HANDLES,
+    FuseFileSystem,
+    InHeader,
+    InitInCompat,
+    Opcode,
+    OpenIn,
+    OutHeader,
+)
+from vhost_pv.meta.policy import Policy
+from vhost_pv.meta.store import MetadataStore
 from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
 
@@ -242,3 +253,31 @@ def test_close_then_connect_in_a_tight_loop_is_never_refused(daemon: Daemon) -> 
     while daemon.entry(VICTIM)["connection"] is not None or daemon.fds() > fds_before:
         assert time.monotonic() < deadline, (daemon.fds(), fds_before)
         time.sleep(0.05)
+
+
+# -- the metadata file system's state across frontends ---------------------------------------------
+
+
+def _fuse_call(fs: FuseFileSystem, opcode: int, body: bytes, unique: int) -> int:
+    """One request to the FUSE layer; returns the reply's error field."""
+    header = InHeader.build({"len": IN_HEADER_SIZE + len(body), "opcode": opcode, "unique": unique,
+                             "nodeid": 1, "uid": 0, "gid": 0, "pid": 1, "total_extlen": 0})
+    reply = fs.handle(header + body, 4096)
+    assert reply is not None
+    return int(OutHeader.parse(reply).error)
+
+
+def test_handles_left_open_by_a_gone_frontend_do_not_outlive_its_session() -> None:
+    """The FUSE layer outlives the vhost-user connections (one per daemon): a frontend that
+    fills the handle table and goes away without DESTROY must not leave the next one (a new
+    INIT) with ENFILE on every open."""
+    fs = FuseFileSystem(MetadataStore("vm0", dict), Policy.default())
+    init = InitInCompat.build({"major": 7, "minor": 31, "max_readahead": 65536, "flags": 0})
+    opendir = OpenIn.build({"flags": 0, "open_flags": 0})
+    assert _fuse_call(fs, Opcode.INIT, init, 1) == 0
+    for unique in range(MAX_HANDLES):
+        assert _fuse_call(fs, Opcode.OPENDIR, opendir, 2 + unique) == 0
+    assert _fuse_call(fs, Opcode.OPENDIR, opendir, 1 << 20) < 0  # the table is full
+    # The next frontend's guest mounts: a new FUSE session.
+    assert _fuse_call(fs, Opcode.INIT, init, 1) == 0
+    assert _fuse_call(fs, Opcode.OPENDIR, opendir, 2) == 0

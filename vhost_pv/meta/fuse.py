@@ -635,6 +635,16 @@ class FuseFileSystem:
             raise FuseError(errno.EPROTO)
         self._minor = min(init.minor, KERNEL_MINOR_VERSION)
         self._initialized = True
+        # INIT starts a new FUSE session (a new mount, a new guest, a new frontend): the
+        # handles and lookups of the previous one are void. A frontend that went away without
+        # DESTROY (killed, or hostile after filling the handle table) must not leave its
+        # successor with ENFILE on every open.
+        if self._files or self._dirs:
+            log.info("metadata fs: INIT drops %d handles of the previous session",
+                     len(self._files) + len(self._dirs))
+        self._files.clear()
+        self._dirs.clear()
+        self._nlookup.clear()
         reply.update(
             minor=self._minor,
             max_readahead=min(init.max_readahead, MAX_IO),
