@@ -42,6 +42,7 @@ from vhost_pv.meta.fuse import (
 )
 from vhost_pv.meta.policy import Policy
 from vhost_pv.meta.store import MetadataStore
+from vhost_pv.protocol.messages import Request
 from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
 
@@ -159,6 +160,9 @@ class FuseFlood:
             if 0 < (wanted - ring.avail_idx) & 0xFFFF < 0x8000:
                 ring.set_avail_idx(wanted)
                 self.frontend.kick(1)
+            # The device needs far longer than this for a ring of requests: the ring never
+            # runs dry, and the test leaves the machine's other core alone.
+            self._stop.wait(0.001)
 
     def __enter__(self) -> FuseFlood:
         self._thread.start()
@@ -219,7 +223,7 @@ def test_a_second_frontend_of_a_live_one_is_still_refused(daemon: Daemon) -> Non
     guest = Guest(daemon.socket(VICTIM))
     try:
         second = VhostUserFrontend(daemon.socket(VICTIM), timeout=3.0)
-        with pytest.raises((FrontendError, ConnectionResetError)):
+        with pytest.raises((FrontendError, OSError)):  # closed before or after the request
             second.get_features()
         second.close()
         guest.round_trip(0, pattern(512, 2))  # the first one is untouched
@@ -253,6 +257,51 @@ def test_close_then_connect_in_a_tight_loop_is_never_refused(daemon: Daemon) -> 
     while daemon.entry(VICTIM)["connection"] is not None or daemon.fds() > fds_before:
         assert time.monotonic() < deadline, (daemon.fds(), fds_before)
         time.sleep(0.05)
+
+
+# -- messages in an unusual order, fds where none belong ------------------------------------------
+
+
+def test_rings_set_up_before_the_memory_table_start_with_it(daemon: Daemon) -> None:
+    """Nothing in the spec orders SET_VRING_* before SET_MEM_TABLE: a queue that had all but
+    its memory starts once the memory comes (it used to wait forever for a kick it ignored)."""
+    frontend = VhostUserFrontend(daemon.socket(VICTIM), timeout=3.0)
+    memory = GuestMemory(MEMORY_SIZE)
+    try:
+        frontend.negotiate()
+        ring = SplitRing(memory, 64)
+        frontend.setup_queue(0, ring)
+        frontend.set_mem_table(memory)
+        request = frontend.submit(0, ring, write_request(memory, 0, pattern(4096, 3)))
+        assert request.status == VIRTIO_BLK_S_OK
+    finally:
+        frontend.close()
+        memory.close()
+
+
+def test_fds_on_messages_that_take_none_are_closed(daemon: Daemon) -> None:
+    """300 connections each sending a request that takes no fd with 8 eventfds attached: every
+    one is closed with its connection, the daemon's fd count comes back where it was."""
+    Guest(daemon.socket(VICTIM)).close()
+    time.sleep(0.2)  # the first session's end, so the fd count below is its steady state
+    fds_before = daemon.fds()
+    eventfds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(8)]
+    try:
+        for request in (Request.GET_FEATURES, Request.SET_OWNER, Request.GET_QUEUE_NUM) * 100:
+            frontend = VhostUserFrontend(daemon.socket(VICTIM), timeout=3.0)
+            try:
+                frontend.send(request, b"", eventfds)
+                assert frontend.wait_closed()
+            finally:
+                frontend.close()
+    finally:
+        for fd in eventfds:
+            os.close(fd)
+    deadline = time.monotonic() + 5
+    while daemon.entry(VICTIM)["connection"] is not None or daemon.fds() > fds_before:
+        assert time.monotonic() < deadline, (daemon.fds(), fds_before)
+        time.sleep(0.05)
+    daemon.assert_alive()
 
 
 # -- the metadata file system's state across frontends ---------------------------------------------

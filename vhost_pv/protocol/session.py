@@ -427,7 +427,9 @@ class VhostUserSession:
             self.name,
             ", ".join(f"{r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in regions),
         )
-        for index in running:
+        # Every queue that was only waiting for memory starts too: a frontend may set its
+        # rings up before the memory table (the spec does not order them).
+        for index in range(len(self.queues)):
             self._maybe_start(index)
 
     def _set_vring_num(self, message: Message) -> None:
