@@ -350,12 +350,16 @@ class Daemon:
                 sock.close()
                 continue
             if served.connection is not None and _peer_gone(served.connection.session.channel.sock):
-                # A reconnect (QEMU after a restart, a live migration's switch-over) can come
+                # A reconnect (QEMU restarted, or reconnecting its chardev) can come
                 # before this loop has seen the old connection's hang-up: finish that
                 # session first instead of refusing the new one.
                 log.info("%s: frontend pid=%d hung up; ending its session before admitting pid=%d",
                          name, served.connection.peer.pid, peer.pid)
-                await _finish_session(served.connection.task)
+                try:
+                    await _finish_session(served.connection.task)
+                except BaseException:  # the volume is retired meanwhile
+                    sock.close()
+                    raise
                 if served.volume.header.dangling:  # flipped while the old session ended
                     served.refused_total += 1
                     log.warning("%s: refused frontend pid=%d uid=%d: the volume is dangling (%s); "
