@@ -136,7 +136,8 @@ class FuseFlood:
 
     RING = 1024
 
-    def __init__(self, meta_socket: Path) -> None:
+    def __init__(self, meta_socket: Path, *, malformed: bool = False) -> None:
+        """malformed: the request's buffer lies outside guest memory."""
         self.frontend = VhostUserFrontend(meta_socket, timeout=3.0)
         self.memory = GuestMemory(MEMORY_SIZE)
         self.frontend.negotiate()
@@ -146,6 +147,8 @@ class FuseFlood:
                                  "uid": 0, "gid": 0, "pid": 1, "total_extlen": 0})
         request = self.memory.put(header)
         reply = self.memory.alloc(4096)
+        if malformed:
+            request = self.memory.end + (1 << 20)
         self.ring.set_desc(0, request, IN_HEADER_SIZE, VRING_DESC_F_NEXT, 1)
         self.ring.set_desc(1, reply, 4096, VRING_DESC_F_WRITE)
         self.ring.avail[2 : 2 + self.RING] = 0  # every slot: the chain at descriptor 0
@@ -196,6 +199,19 @@ def test_a_full_metadata_queue_does_not_starve_the_event_loop(daemon: Daemon) ->
         served = flood.ring.used_idx
     assert served > 0
     daemon.assert_alive()
+
+
+def test_malformed_chains_posted_without_end_do_not_flood_the_log(daemon: Daemon) -> None:
+    """Each malformed chain is given back empty and counted; the log gets a line for the 1st,
+    2nd, 4th, ... of them, not one per chain a frontend can post by the thousand."""
+    with FuseFlood(daemon.meta_socket, malformed=True) as flood:
+        deadline = time.monotonic() + 20
+        while flood.ring.used_idx < 8 * FuseFlood.RING:
+            assert time.monotonic() < deadline, "the metadata queue is not served"
+            time.sleep(0.01)
+        daemon.status()
+    lines = [line for line in daemon.server.log().splitlines() if "malformed descriptor chain" in line]
+    assert 1 <= len(lines) <= 20, len(lines)
 
 
 # -- reconnects ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +30,12 @@ Handler = Callable[[bytes, int], bytes | None]
 """One FUSE request's bytes and the reply's room -> the reply, or None (no reply)."""
 
 SERVE_BATCH = 32
-"""Requests answered per queue per turn of the event loop. The queues are served on the
-daemon's event loop: a frontend that refills its ring as fast as we empty it must not keep
-the loop (control socket, other volumes, the HTTP metadata server) from running."""
+SERVE_BUDGET_S = 0.005
+"""Requests answered per queue per turn of the event loop: at most SERVE_BATCH, and none
+started after SERVE_BUDGET_S (a READDIRPLUS of a big directory costs far more than a
+GETATTR). The queues are served on the daemon's event loop: a frontend that refills its ring
+as fast as we empty it must not keep the loop (control socket, other volumes, the HTTP
+metadata server) from running."""
 
 
 class FsDevice:
@@ -137,19 +141,26 @@ class FsDevice:
             self._serve(index)
 
     def _serve(self, index: int) -> None:
-        """Answer the requests on the queue, at most SERVE_BATCH of them in this turn of
-        the event loop; the rest in the next turns."""
+        """Answer the requests on the queue, as many as SERVE_BATCH and SERVE_BUDGET_S allow
+        in this turn of the event loop; the rest in the next turns."""
         self._resume.pop(index, None)
         if index in self.broken or self._handle is None or index not in self._kick_fds:
             return
+        budget_end = time.monotonic() + SERVE_BUDGET_S
         for _ in range(SERVE_BATCH):
+            if time.monotonic() > budget_end:
+                break
             n = lib.vpv_fs_pop(self._handle, index, self._buffer, lib.VPV_FS_MAX_REQUEST, self._head,
                                self._writable)
             if n == -errno.EAGAIN:  # empty, kicks re-enabled
                 return
             if n == -errno.EBADMSG:  # a chain nobody can answer, given back empty
                 self.bad_requests += 1
-                log.warning("%s: queue %d: malformed descriptor chain given back empty", self.name, index)
+                # A frontend can post these as fast as we give them back: log the 1st, 2nd,
+                # 4th, ... so that it cannot fill the disk with our log.
+                if self.bad_requests & (self.bad_requests - 1) == 0:
+                    log.warning("%s: queue %d: malformed descriptor chain given back empty (%d so far)",
+                                self.name, index, self.bad_requests)
                 continue
             if n < 0:
                 self._fail(index, n)
