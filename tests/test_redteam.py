@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from frontend import (
     write_request,
 )
 
+from vhost_pv._native import lib
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command
 from vhost_pv.meta.fuse import (
@@ -50,6 +52,7 @@ DISK_SIZE = 16 << 20
 MEMORY_SIZE = 4 << 20
 VICTIM, BYSTANDER = 0, 1
 FUSE_STATFS = 17
+FUSE_BATCH_FORGET = 42
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 
@@ -136,20 +139,22 @@ class FuseFlood:
 
     RING = 1024
 
-    def __init__(self, meta_socket: Path, *, malformed: bool = False) -> None:
+    def __init__(self, meta_socket: Path, *, malformed: bool = False, opcode: int = FUSE_STATFS,
+                 body: bytes = b"") -> None:
         """malformed: the request's buffer lies outside guest memory."""
         self.frontend = VhostUserFrontend(meta_socket, timeout=3.0)
         self.memory = GuestMemory(MEMORY_SIZE)
         self.frontend.negotiate()
         self.frontend.set_mem_table(self.memory)
         self.ring = SplitRing(self.memory, self.RING)
-        header = InHeader.build({"len": IN_HEADER_SIZE, "opcode": FUSE_STATFS, "unique": 1, "nodeid": 1,
+        length = IN_HEADER_SIZE + len(body)
+        header = InHeader.build({"len": length, "opcode": opcode, "unique": 1, "nodeid": 1,
                                  "uid": 0, "gid": 0, "pid": 1, "total_extlen": 0})
-        request = self.memory.put(header)
+        request = self.memory.put(header + body)
         reply = self.memory.alloc(4096)
         if malformed:
             request = self.memory.end + (1 << 20)
-        self.ring.set_desc(0, request, IN_HEADER_SIZE, VRING_DESC_F_NEXT, 1)
+        self.ring.set_desc(0, request, length, VRING_DESC_F_NEXT, 1)
         self.ring.set_desc(1, reply, 4096, VRING_DESC_F_WRITE)
         self.ring.avail[2 : 2 + self.RING] = 0  # every slot: the chain at descriptor 0
         self._stop = threading.Event()
@@ -199,6 +204,20 @@ def test_a_full_metadata_queue_does_not_starve_the_event_loop(daemon: Daemon) ->
         served = flood.ring.used_idx
     assert served > 0
     daemon.assert_alive()
+
+
+def test_largest_batch_forgets_in_a_full_queue_leave_the_loop_free(daemon: Daemon) -> None:
+    """A FUSE request is answered on the event loop in one go: the costliest one a frontend
+    can post (a 1 MiB BATCH_FORGET of 65533 entries) must still take a small slice of it."""
+    count = (lib.VPV_FS_MAX_REQUEST - IN_HEADER_SIZE - 8) // 16
+    body = struct.pack("<II", count, 0) + struct.pack("<QQ", 2, 1) * count
+    with FuseFlood(daemon.meta_socket, opcode=FUSE_BATCH_FORGET, body=body) as flood:
+        deadline = time.monotonic() + 20
+        while flood.ring.used_idx < 4:  # the flood is being served
+            assert time.monotonic() < deadline, "the metadata queue is not served"
+            time.sleep(0.01)
+        for _ in range(3):
+            daemon.status()  # within 1 s
 
 
 def test_malformed_chains_posted_without_end_do_not_flood_the_log(daemon: Daemon) -> None:

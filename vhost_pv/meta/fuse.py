@@ -29,6 +29,7 @@ import enum
 import errno
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -226,6 +227,7 @@ struct fuse_forget_one."""
 
 ForgetOne = Struct("nodeid" / Int64ul, "nlookup" / Int64ul)
 """C: struct fuse_forget_one { u64 nodeid; u64 nlookup; } (16 bytes)."""
+_FORGET_ONE = "<QQ"  # ForgetOne for struct.iter_unpack (the fast path of BATCH_FORGET)
 
 GetattrIn = Struct("getattr_flags" / Int32ul, Padding(4), "fh" / Int64ul)
 """C: struct fuse_getattr_in { u32 getattr_flags; u32 dummy; u64 fh; } (16 bytes)."""
@@ -486,9 +488,10 @@ class FuseFileSystem:
                 start = BatchForgetIn.sizeof()
                 if count * size > len(body) - start:
                     raise FuseError(errno.EINVAL)
-                for i in range(count):
-                    one = ForgetOne.parse(body[start + i * size : start + (i + 1) * size])
-                    self._forget(one.nodeid, one.nlookup)
+                # struct, not construct: a 1 MiB request holds 65533 of them, and parsing
+                # each with construct held the event loop for half a second.
+                for nodeid, nlookup in struct.iter_unpack(_FORGET_ONE, body[start : start + count * size]):
+                    self._forget(nodeid, nlookup)
             # INTERRUPT: every request is answered synchronously; nothing to interrupt.
         except Exception as exc:
             log.warning("metadata fs: bad opcode %d request ignored: %s", header.opcode, exc)
