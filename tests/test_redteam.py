@@ -9,6 +9,7 @@ test needs it, the metadata file system (virtio-fs) socket.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import struct
@@ -337,6 +338,32 @@ def test_fds_on_messages_that_take_none_are_closed(daemon: Daemon) -> None:
         assert time.monotonic() < deadline, (daemon.fds(), fds_before)
         time.sleep(0.05)
     daemon.assert_alive()
+
+
+def test_messages_repeated_without_end_do_not_flood_the_log(daemon: Daemon) -> None:
+    """Requests a frontend may repeat at will on a live connection (memory tables, config
+    writes) are logged 1st, 2nd, 4th, ... time, not once each: the log cannot fill the disk."""
+    guest = Guest(daemon.socket(VICTIM))
+    try:
+        config_write = struct.pack("<III", 0, 8, 0) + bytes(8)
+        for _ in range(1000):
+            guest.frontend.set_mem_table(guest.memory)
+            guest.frontend.command(Request.SET_CONFIG, config_write)
+        guest.round_trip(0, pattern(4096, 4))  # the queue was paused and resumed each time
+    finally:
+        guest.close()
+    log = daemon.server.log()
+    assert 1 <= log.count(": memory table") <= 12, log.count(": memory table")
+    assert 1 <= log.count("ignoring SET_CONFIG") <= 12, log.count("ignoring SET_CONFIG")
+
+
+def test_unreadable_fuse_requests_are_counted_and_logged_rarely(caplog: pytest.LogCaptureFixture) -> None:
+    fs = FuseFileSystem(MetadataStore("vm0", dict), Policy.default())
+    with caplog.at_level(logging.WARNING, logger="vhost_pv.meta.fuse"):
+        for _ in range(1000):
+            assert fs.handle(b"short", 4096) is None
+    assert 1 <= len(caplog.records) <= 11
+    assert fs.malformed == 1000
 
 
 # -- the metadata file system's state across frontends ---------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 from vhost_pv._native import ffi, lib
 from vhost_pv.devices.native_ring import memory_table, strerror, vring_config
 from vhost_pv.protocol.channel import ProtocolError
-from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup
+from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup, is_power_of_two
 
 log = logging.getLogger("vhost_pv.fs")
 
@@ -55,6 +55,8 @@ class FsDevice:
         self._resume: dict[int, asyncio.Handle] = {}
         self.requests = 0
         self.bad_requests = 0
+        self.oversized_replies = 0
+        self._config_writes = 0
         self.broken: set[int] = set()
         self._on_failure: Callable[[str], None] | None = None
 
@@ -89,7 +91,10 @@ class FsDevice:
         return bytes(size)  # QEMU answers the guest's config reads (tag) itself
 
     def set_config(self, offset: int, data: bytes) -> None:
-        log.info("%s: ignoring SET_CONFIG at offset %d (%d bytes)", self.name, offset, len(data))
+        self._config_writes += 1
+        if is_power_of_two(self._config_writes):
+            log.info("%s: ignoring SET_CONFIG at offset %d (%d bytes; %d so far)", self.name, offset,
+                     len(data), self._config_writes)
 
     def set_memory(self, regions: list[MemoryRegionSpec]) -> None:
         rc = lib.vpv_fs_set_memory(self._handle, memory_table(regions), len(regions))
@@ -158,7 +163,7 @@ class FsDevice:
                 self.bad_requests += 1
                 # A frontend can post these as fast as we give them back: log the 1st, 2nd,
                 # 4th, ... so that it cannot fill the disk with our log.
-                if self.bad_requests & (self.bad_requests - 1) == 0:
+                if is_power_of_two(self.bad_requests):
                     log.warning("%s: queue %d: malformed descriptor chain given back empty (%d so far)",
                                 self.name, index, self.bad_requests)
                 continue
@@ -174,7 +179,10 @@ class FsDevice:
                 log.exception("%s: FUSE handler failed", self.name)
                 reply = None
             if reply is not None and len(reply) > room:
-                log.warning("%s: a %d-byte reply does not fit in %d bytes", self.name, len(reply), room)
+                self.oversized_replies += 1
+                if is_power_of_two(self.oversized_replies):
+                    log.warning("%s: a %d-byte reply does not fit in %d bytes (%d so far)", self.name,
+                                len(reply), room, self.oversized_replies)
                 reply = None
             data = reply or b""
             rc = lib.vpv_fs_push(self._handle, index, self._head[0], data, len(data))

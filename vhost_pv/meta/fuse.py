@@ -400,6 +400,7 @@ class FuseFileSystem:
         self._store = store
         self._policy = policy
         self.denials = 0
+        self.malformed = 0  # requests dropped or ignored as unreadable
         self._initialized = False
         self._minor = 0
         self._start = int(time.time())
@@ -439,7 +440,7 @@ class FuseFileSystem:
         for requests that get no reply (FORGET, BATCH_FORGET, INTERRUPT) or whose unique id
         cannot be read. Never raises."""
         if len(request) < IN_HEADER_SIZE:
-            log.warning("metadata fs: dropped a %d-byte request (shorter than a header)", len(request))
+            self._malformed("dropped a %d-byte request (shorter than a header)", len(request))
             return None
         try:
             header = InHeader.parse(request)
@@ -472,7 +473,7 @@ class FuseFileSystem:
         if OUT_HEADER_SIZE + len(payload) > reply_capacity:
             payload, error = b"", -errno.ERANGE
             if reply_capacity < OUT_HEADER_SIZE:
-                log.warning("metadata fs: no room for a reply to request %d", header.unique)
+                self._malformed("no room for a reply to request %d", header.unique)
                 return None
         length = OUT_HEADER_SIZE + len(payload)
         out: bytes = OutHeader.build({"len": length, "error": error, "unique": header.unique})
@@ -494,7 +495,14 @@ class FuseFileSystem:
                     self._forget(nodeid, nlookup)
             # INTERRUPT: every request is answered synchronously; nothing to interrupt.
         except Exception as exc:
-            log.warning("metadata fs: bad opcode %d request ignored: %s", header.opcode, exc)
+            self._malformed("bad opcode %d request ignored: %s", header.opcode, exc)
+
+    def _malformed(self, message: str, *args: object) -> None:
+        """Count a request we could not read; log the 1st, 2nd, 4th, ... of them (a frontend
+        can post them without end, and must not fill the disk with our log)."""
+        self.malformed += 1
+        if self.malformed & (self.malformed - 1) == 0:
+            log.warning("metadata fs: " + message + " (%d unreadable requests so far)", *args, self.malformed)
 
     # -- inodes -----------------------------------------------------------------------------
 

@@ -131,6 +131,12 @@ def check_frontend_fd(fd: int, kind: FdKind, request: str) -> None:
                             "which its server can stall")
 
 
+def is_power_of_two(count: int) -> bool:
+    """Log the 1st, 2nd, 4th, 8th, ... of something a peer can repeat at will: enough to see
+    it and how often, never enough to fill the disk."""
+    return count > 0 and count & (count - 1) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryRegionSpec:
     guest_phys_addr: int
@@ -218,6 +224,7 @@ class VhostUserSession:
         self.memory_mapped = False
         self.queues = [QueueState() for _ in range(backend.max_queues())]
         self.messages = 0
+        self.memory_tables = 0
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -422,9 +429,13 @@ class VhostUserSession:
         self.memory_mapped = False
         self.backend.set_memory(regions)
         self.memory_mapped = True
-        log.info(
-            "%s: memory table: %s",
+        self.memory_tables += 1
+        # The 1st, 2nd, 4th, ... at INFO: a frontend may send tables without end.
+        log.log(
+            logging.INFO if is_power_of_two(self.memory_tables) else logging.DEBUG,
+            "%s: memory table #%d: %s",
             self.name,
+            self.memory_tables,
             ", ".join(f"{r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in regions),
         )
         # Every queue that was only waiting for memory starts too: a frontend may set its
