@@ -255,6 +255,30 @@ def test_a_reconnect_queued_behind_the_hang_up_is_admitted(daemon: Daemon) -> No
     assert daemon.entry(VICTIM)["refused_total"] == 0
 
 
+def test_a_metadata_reconnect_queued_behind_the_hang_up_is_admitted(daemon: Daemon) -> None:
+    """The same for the metadata file system's socket (one frontend at a time too)."""
+    old = VhostUserFrontend(daemon.meta_socket, timeout=3.0)
+    memory = GuestMemory(1 << 20)
+    try:
+        old.negotiate()
+        old.set_mem_table(memory)
+        old.setup_queue(1, SplitRing(memory, 64))
+        os.kill(daemon.server.pid, signal.SIGSTOP)
+        try:
+            new = VhostUserFrontend(daemon.meta_socket, timeout=3.0)
+            old.close()
+        finally:
+            os.kill(daemon.server.pid, signal.SIGCONT)
+        try:
+            assert new.get_features()
+        finally:
+            new.close()
+    finally:
+        old.close()
+        memory.close()
+    assert "one is attached already" not in daemon.server.log()
+
+
 def test_a_second_frontend_of_a_live_one_is_still_refused(daemon: Daemon) -> None:
     guest = Guest(daemon.socket(VICTIM))
     try:

@@ -177,6 +177,7 @@ class Daemon:
         self._meta_listener: socket.socket | None = None
         self._meta_accept: asyncio.Task[None] | None = None
         self._meta_session: asyncio.Task[None] | None = None
+        self._meta_sock: socket.socket | None = None  # the attached metadata frontend's
         self.engine: EngineClient | None = None
         if config.engine_url:
             from vhost_pv.guard.engine_api import EngineClient  # aiohttp: only when used
@@ -674,6 +675,17 @@ class Daemon:
                             peer.pid, peer.uid, peer.gid)
                 sock.close()
                 continue
+            attached = self._meta_session
+            if attached is not None and not attached.done() and self._meta_sock is not None \
+                    and _peer_gone(self._meta_sock):
+                # As for a volume (_accept_loop): a reconnect queued behind the hang-up.
+                log.info("metadata fs: frontend hung up; ending its session before admitting pid=%d",
+                         peer.pid)
+                try:
+                    await _finish_session(attached)
+                except BaseException:  # the daemon stops meanwhile
+                    sock.close()
+                    raise
             if self._meta_session is not None and not self._meta_session.done():
                 log.warning("metadata fs: refused frontend pid=%d: one is attached already", peer.pid)
                 sock.close()
@@ -681,6 +693,7 @@ class Daemon:
             device = FsDevice(f"metadata-{self.config.vm}", self.meta_fs.handle)
             session = VhostUserSession(MessageChannel(sock), device, f"metadata-{self.config.vm}")
             self._meta_session = asyncio.create_task(session.run())
+            self._meta_sock = sock
             log.info("metadata fs: frontend attached (pid=%d uid=%d)", peer.pid, peer.uid)
 
     def _volume_metadata(self) -> dict[str, dict[str, str]]:
