@@ -238,6 +238,7 @@ class BlkDevice:
             self._final_stats = self.stats()
             lib.vpv_blk_free(self._handle)
             self._handle = None
+        self._on_failure = None  # the session refers to us too: break the cycle
 
     # -- introspection ----------------------------------------------------------------------
 

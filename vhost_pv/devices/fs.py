@@ -133,6 +133,11 @@ class FsDevice:
         self._resume.clear()
         lib.vpv_fs_free(self._handle)
         self._handle = None
+        # The session and this device refer to each other (the failure handler): only the
+        # cyclic garbage collector frees them, and it runs rarely in a daemon with many
+        # long-lived objects. Release the request buffer (1 MiB) now, and the cycle with it.
+        self._buffer = ffi.NULL
+        self._on_failure = None
 
     def describe(self) -> dict[str, int]:
         return {"requests": self.requests, "bad_requests": self.bad_requests, "broken": len(self.broken)}
