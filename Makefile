@@ -4,8 +4,13 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 NATIVE := vhost_pv/_vhost_pv_native.cpython-311-x86_64-linux-gnu.so
 CACHE ?= $(or $(VHOST_PV_CACHE),$(HOME)/.cache/vhost-pv)
+FUZZ_SEED ?= 1
+FUZZ_DURATION ?= 60
+FUZZ_SKIP ?=
+# The C tests and the fuzz round, again against the ASan + UBSan build (build/asan/).
+SANITIZED_TESTS := tests/test_ring.py tests/test_protocol.py tests/test_fuzz.py
 
-.PHONY: install deps venv native guest demo test lint unit bench clean
+.PHONY: install deps venv native guest demo test lint unit bench fuzz asan clean
 
 install: deps venv native
 
@@ -30,11 +35,21 @@ demo: guest
 	VHOST_PV_CACHE=$(CACHE) $(VENV)/bin/vhost-pv demo
 
 lint: install
-	$(VENV)/bin/ruff check vhost_pv tests bench build.py
+	$(VENV)/bin/ruff check vhost_pv tests bench fuzz build.py
 	$(VENV)/bin/mypy
 
 test: guest lint
 	VHOST_PV_CACHE=$(CACHE) $(VPY) -m pytest -q tests
+	$(MAKE) asan
+
+# A seeded, time-bounded fuzz of the vhost-user socket and the rings (python -m fuzz --help).
+fuzz: install
+	$(VPY) -m fuzz --seed $(FUZZ_SEED) --duration $(FUZZ_DURATION) $(if $(FUZZ_SKIP),--skip $(FUZZ_SKIP))
+
+# The C data path built with -fsanitize=address,undefined; any sanitizer report fails the run.
+asan: install
+	$(VPY) build.py --sanitize
+	./scripts/run-sanitized.sh $(VPY) -m pytest -q -p no:cacheprovider $(SANITIZED_TESTS)
 
 bench: guest
 	VHOST_PV_CACHE=$(CACHE) $(VPY) -m bench

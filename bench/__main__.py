@@ -33,7 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import dangling, loadgen_table, metadata_fs
+from bench import dangling, loadgen_table, metadata_fs, recovery
 from bench.qsd import QsdProcess
 from vhost_pv.guest import VhostUserBlkDisk, ensure_guest_image, run_guest
 from vhost_pv.serverproc import ServerProcess
@@ -101,7 +101,8 @@ def run_round(
     return rows
 
 
-PARTS = ("loadgen-direct", "loadgen-buffered", "loadgen-dangling", "rss", "guest", "dangling", "metadata")
+PARTS = ("loadgen-direct", "loadgen-buffered", "loadgen-dangling", "rss", "guest", "dangling", "metadata",
+         "recovery")
 ALIASES = {"loadgen": ("loadgen-direct", "loadgen-buffered", "loadgen-dangling"), "all": PARTS}
 
 
@@ -134,6 +135,8 @@ def mode_line(parts: set[str]) -> str:
         lines.append("  guest dangling rows and flip latency: vhost-pv serve, host page cache")
     if "metadata" in parts:
         lines.append("  metadata fs: reads in a TCG guest, vhost-pv virtio-fs vs virtiofsd cache=none")
+    if "recovery" in parts:
+        lines.append("  recovery: vhost-pv serve (host page cache), QEMU reconnect=1, kill -9 + restart")
     return "\n".join(lines)
 
 
@@ -269,6 +272,23 @@ def dangling_part(args: argparse.Namespace, console: Console, summary: dict[str,
     summary["dangling"] = dangling.as_json(quarantine, flip)
 
 
+def recovery_part(args: argparse.Namespace, console: Console, summary: dict[str, Any],
+                  problems: list[str]) -> None:
+    console.print(f"crash recovery: {args.kills} x kill -9 under fio --verify in a guest ...")
+    with tempfile.TemporaryDirectory(prefix="vhost-pv-bench-") as tmp:
+        rows = recovery.recovery_rows(Path(tmp), kills=args.kills)
+    table = Table(title="crash recovery: daemon kill -9 and immediate restart under fio --verify in a "
+                        "TCG guest (QEMU reconnect=1, inflight area handed back)")
+    for column in ("row", "value", "goal"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    for row in recovery.table_rows(rows):
+        table.add_row(*row)
+    console.print(table)
+    summary["recovery"] = rows
+    if rows["fio_errors"]:
+        problems.append(f"crash recovery: {rows['fio_errors']} fio verify errors")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,6 +317,8 @@ def main() -> int:
     parser.add_argument("--only", type=parse_parts, default=set(PARTS),
                         help=f"comma-separated parts: {', '.join(ALIASES)}, {', '.join(PARTS)} "
                         "(default: all)")
+    parser.add_argument("--kills", type=int, default=5,
+                        help="crash recovery: daemon kills under the guest (default 5)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.loadgen_runtime = args.loadgen_runtime or args.runtime or 5
@@ -320,7 +342,7 @@ def main() -> int:
 
     if parts & {"loadgen-direct", "loadgen-buffered", "loadgen-dangling", "rss"}:
         attempt("loadgen", lambda: loadgen_parts(args, parts, console, summary, problems))
-    guest_parts = parts & {"guest", "dangling"}
+    guest_parts = parts & {"guest", "dangling", "recovery"}
     if guest_parts:
         before = len(problems)
         attempt("guest image", ensure_guest_image)
@@ -332,6 +354,8 @@ def main() -> int:
         attempt("guest dangling", lambda: dangling_part(args, console, summary))
     if "metadata" in parts:
         attempt("metadata fs", lambda: metadata_part(console, summary))
+    if "recovery" in guest_parts:
+        attempt("crash recovery", lambda: recovery_part(args, console, summary, problems))
 
     elapsed = time.monotonic() - started
     console.print(f"bench took {elapsed / 60:.1f} min; "

@@ -1351,3 +1351,10 @@ int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_st
     out->calls_saturated = __atomic_load_n(&s->calls_saturated, __ATOMIC_RELAXED);
     return 0;
 }
+
+int vpv_blk_queue_inflight(struct vpv_blk *blk, uint32_t index)
+{
+    if (index >= VPV_MAX_QUEUES)
+        return -EINVAL;
+    return (int)vpv_vring_inflight_count(&blk->queues[index].vr);
+}

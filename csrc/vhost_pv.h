@@ -69,6 +69,11 @@ struct vpv_vring_config {
     uint64_t used_user_addr;
     int kick_fd;            /* -1: no kick fd, the queue is processed on vpv_blk_queue_process */
     int call_fd;            /* -1: no interrupts */
+    /* This queue's region of the inflight area (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, split
+     * layout of the vhost-user spec), mapped by the control plane for as long as the queue
+     * runs; NULL: requests are not tracked. Frontend memory: validated at queue start. */
+    uint8_t *inflight;
+    uint64_t inflight_size;
 };
 
 /* Counters of one virtqueue, read by `vhost-pv status`. */
@@ -199,6 +204,9 @@ int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_st
 /* An eventfd (non-blocking, owned by the device) that becomes readable when a queue breaks
  * (corrupt ring, guest memory gone): the control plane then ends the connection. */
 int vpv_blk_broken_fd(struct vpv_blk *blk);
+/* Requests the queue's inflight region marks in flight (0 without a region), or -errno.
+ * After a clean stop (every request drained) this must be 0. */
+int vpv_blk_queue_inflight(struct vpv_blk *blk, uint32_t index);
 
 /* -- virtio-fs queues (fs.c): the metadata file system ---------------------------------------
  * The rings are walked by the block device's code; each request is answered in Python

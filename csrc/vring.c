@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -169,6 +170,116 @@ void *vpv_uaddr_to_host(const struct vpv_memory *mem, uint64_t uaddr, uint64_t l
     return NULL;
 }
 
+/* Order of resubmission: by the counter each request got when it was taken. */
+struct inflight_entry {
+    uint64_t counter;
+    uint16_t head;
+};
+
+static int by_counter(const void *a, const void *b)
+{
+    const struct inflight_entry *x = a, *y = b;
+    return x->counter < y->counter ? -1 : x->counter > y->counter;
+}
+
+/*
+ * Take over a queue's inflight region (vhost-user spec, "Inflight I/O tracking", split
+ * layout). The region is frontend memory: every field is checked before it is believed,
+ * and nothing is written to it until the whole of it is found consistent.
+ *
+ * After a crash the frontend (QEMU) restarts the ring with last_avail_idx = used->idx (it
+ * cannot know better). Completions are out of order, so the avail entries from that index
+ * on are a mix of requests we completed and requests we never did, and some of the latter
+ * may lie before it. The region says which heads are still ours: they are taken again
+ * first, in the order they were first taken, and the avail ring resumes after them
+ * (used->idx + their count), whatever base the frontend sent. Returns 0, or -EBADMSG for a
+ * region that cannot be believed.
+ */
+static int inflight_recover(struct vpv_vring *vr, uint8_t *base, uint64_t size)
+{
+    uint32_t num = vr->num;
+    struct vpv_inflight_region *r = (struct vpv_inflight_region *)base;
+    if ((uintptr_t)base & 7 ||
+        size < sizeof(*r) + (uint64_t)num * sizeof(struct vpv_inflight_desc))
+        return -EBADMSG;
+    uint16_t version = __atomic_load_n(&r->version, __ATOMIC_ACQUIRE);
+    if (version == 0) {
+        /* Never initialised (the spec's meaning of version 0): nothing is in flight. */
+        memset(r->desc, 0, (size_t)num * sizeof(r->desc[0]));
+        r->features = 0;
+        r->desc_num = (uint16_t)num;
+        r->last_batch_head = 0;
+        r->used_idx = vr->used_idx;
+        __atomic_store_n(&r->version, VPV_INFLIGHT_VERSION, __ATOMIC_RELEASE);
+        vr->inflight = r;
+        return 0;
+    }
+    if (version != VPV_INFLIGHT_VERSION || r->desc_num != num)
+        return -EBADMSG;
+
+    /* A crash while completing a batch: used->idx was published, the flags not cleared. The
+     * batch is the list from last_batch_head, as long as the difference of the indices. */
+    uint16_t batch = (uint16_t)(vr->used_idx - r->used_idx);
+    if (batch > num)
+        return -EBADMSG;
+    uint8_t in_batch[VPV_MAX_QUEUE_SIZE];
+    memset(in_batch, 0, num);
+    uint16_t head = r->last_batch_head;
+    for (uint16_t i = 0; i < batch; i++) {
+        if (head >= num)
+            return -EBADMSG;
+        in_batch[head] = 1;
+        head = r->desc[head].next;
+    }
+
+    struct inflight_entry entries[VPV_MAX_QUEUE_SIZE];
+    uint32_t count = 0;
+    uint64_t max_counter = 0;
+    for (uint32_t i = 0; i < num; i++) {
+        uint8_t flag = r->desc[i].inflight;
+        if (flag > 1)
+            return -EBADMSG;
+        uint64_t counter = r->desc[i].counter;
+        if (counter > max_counter)
+            max_counter = counter;
+        if (flag && !in_batch[i]) {
+            entries[count].counter = counter;
+            entries[count].head = (uint16_t)i;
+            count++;
+        }
+    }
+    /* Those requests came from the avail ring after the last completed one: the driver must
+     * have made at least that many available. */
+    uint16_t avail_idx = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
+    if ((uint16_t)(avail_idx - vr->used_idx) < count)
+        return -EBADMSG;
+
+    /* Consistent: commit the interrupted batch, then resume. */
+    for (uint32_t i = 0; i < num; i++)
+        if (in_batch[i])
+            __atomic_store_n(&r->desc[i].inflight, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->used_idx, vr->used_idx, __ATOMIC_RELEASE);
+    qsort(entries, count, sizeof(entries[0]), by_counter);
+    for (uint32_t i = 0; i < count; i++)
+        vr->resubmit[i] = entries[i].head;
+    vr->resubmit_count = count;
+    vr->resubmit_pos = 0;
+    vr->inflight_counter = max_counter;
+    vr->last_avail_idx = (uint16_t)(vr->used_idx + count);
+    vr->inflight = r;
+    return 0;
+}
+
+uint32_t vpv_vring_inflight_count(const struct vpv_vring *vr)
+{
+    if (!vr->inflight)
+        return 0;
+    uint32_t count = 0;
+    for (uint32_t i = 0; i < vr->num; i++)
+        count += __atomic_load_n(&vr->inflight->desc[i].inflight, __ATOMIC_RELAXED) != 0;
+    return count;
+}
+
 int vpv_vring_init(struct vpv_vring *vr, const struct vpv_memory *mem,
                    const struct vpv_vring_config *cfg)
 {
@@ -205,9 +316,11 @@ int vpv_vring_init(struct vpv_vring *vr, const struct vpv_memory *mem,
     vr->used_idx = __atomic_load_n(&vr->used->idx, __ATOMIC_ACQUIRE);
     (void)__atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
     (void)__atomic_load_n(&vr->desc[0].flags, __ATOMIC_RELAXED);
+    /* Recovery reads the avail ring too: still under the guard. */
+    int rc = cfg->inflight ? inflight_recover(vr, cfg->inflight, cfg->inflight_size) : 0;
     vpv_guard_restore(prev);
     vr->signalled_valid = 0;
-    return 0;
+    return rc;
 }
 
 /* Append [gpa, gpa+len) as one or more iovecs (split at region borders). */
@@ -246,17 +359,30 @@ static int add_buffer(struct vpv_chain *chain, const struct vpv_memory *mem, uin
 enum vpv_pop vpv_vring_pop(struct vpv_vring *vr, const struct vpv_memory *mem,
                            struct vpv_chain *chain)
 {
-    uint16_t avail_idx = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
-    uint16_t pending = (uint16_t)(avail_idx - vr->last_avail_idx);
-    if (pending == 0)
-        return VPV_POP_EMPTY;
-    if (pending > vr->num)
-        return VPV_POP_BROKEN;   /* the driver claims more entries than the ring holds */
-    uint16_t head = __atomic_load_n(&vr->avail->ring[vr->last_avail_idx % vr->num],
-                                    __ATOMIC_RELAXED);
-    if (head >= vr->num)
-        return VPV_POP_BROKEN;   /* nothing we could ever complete */
-    vr->last_avail_idx++;
+    uint16_t head;
+    if (vr->resubmit_pos < vr->resubmit_count) {
+        /* Taken before a restart and never completed: its avail slot is already behind
+         * last_avail_idx (see inflight_recover); its chain is walked again from the table. */
+        head = vr->resubmit[vr->resubmit_pos++];
+    } else {
+        uint16_t avail_idx = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
+        uint16_t pending = (uint16_t)(avail_idx - vr->last_avail_idx);
+        if (pending == 0)
+            return VPV_POP_EMPTY;
+        if (pending > vr->num)
+            return VPV_POP_BROKEN;   /* the driver claims more entries than the ring holds */
+        head = __atomic_load_n(&vr->avail->ring[vr->last_avail_idx % vr->num], __ATOMIC_RELAXED);
+        if (head >= vr->num)
+            return VPV_POP_BROKEN;   /* nothing we could ever complete */
+        vr->last_avail_idx++;
+    }
+    if (vr->inflight) {
+        /* Recorded before any work on it: from here on a crash leaves it for resubmission,
+         * until push records its completion. */
+        struct vpv_inflight_desc *d = &vr->inflight->desc[head];
+        __atomic_store_n(&d->counter, ++vr->inflight_counter, __ATOMIC_RELAXED);
+        __atomic_store_n(&d->inflight, 1, __ATOMIC_RELEASE);
+    }
 
     chain->head = head;
     chain->n_in = chain->n_out = 0;
@@ -310,12 +436,25 @@ enum vpv_pop vpv_vring_pop(struct vpv_vring *vr, const struct vpv_memory *mem,
 
 void vpv_vring_push(struct vpv_vring *vr, uint16_t head, uint32_t written)
 {
+    /* Inflight tracking, a batch of one (spec order): last_batch_head names the head before
+     * used->idx moves, its flag is cleared after, and used_idx in the region follows last.
+     * A crash before the used->idx store leaves the request in flight (resubmitted); after
+     * it, the region's used_idx lags used->idx and recovery clears last_batch_head's flag. */
+    struct vpv_inflight_region *r = head < vr->num ? vr->inflight : NULL;
+    if (r) {
+        __atomic_store_n(&r->desc[head].next, r->last_batch_head, __ATOMIC_RELAXED);
+        __atomic_store_n(&r->last_batch_head, head, __ATOMIC_RELEASE);
+    }
     struct vring_used_elem *e = &vr->used->ring[vr->used_idx % vr->num];
     e->id = head;
     e->len = written;
     vr->used_idx++;
     /* The element must be visible before the index that publishes it. */
     __atomic_store_n(&vr->used->idx, vr->used_idx, __ATOMIC_RELEASE);
+    if (r) {
+        __atomic_store_n(&r->desc[head].inflight, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&r->used_idx, vr->used_idx, __ATOMIC_RELEASE);
+    }
 }
 
 int vpv_vring_should_notify(struct vpv_vring *vr)
@@ -349,12 +488,14 @@ int vpv_vring_enable_kicks(struct vpv_vring *vr)
     }
     /* Publish the request for kicks before re-reading avail->idx, or a kick is lost. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
+    return vr->resubmit_pos < vr->resubmit_count ||
+           __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
 }
 
 int vpv_vring_avail_pending(struct vpv_vring *vr)
 {
-    return __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
+    return vr->resubmit_pos < vr->resubmit_count ||
+           __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) != vr->last_avail_idx;
 }
 
 void vpv_vring_disable_kicks(struct vpv_vring *vr)

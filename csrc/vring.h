@@ -69,6 +69,28 @@ struct vpv_chain {
     struct iovec iov[VPV_MAX_IOV];
 };
 
+/* Inflight I/O tracking, split virtqueue layout (vhost-user spec, "Inflight I/O tracking").
+ * One region per queue, in memory shared with the frontend so that it outlives us: a
+ * backend restarted after a crash learns from it which requests it had taken and not
+ * completed, and takes them again. */
+#define VPV_INFLIGHT_VERSION 1
+
+struct vpv_inflight_desc {
+    uint8_t inflight;      /* 1 while the request headed by this descriptor is ours */
+    uint8_t padding[5];
+    uint16_t next;         /* links the last batch of used heads */
+    uint64_t counter;      /* order the requests were taken in */
+};
+
+struct vpv_inflight_region {
+    uint64_t features;
+    uint16_t version;      /* 0: never initialised */
+    uint16_t desc_num;     /* the queue size */
+    uint16_t last_batch_head;
+    uint16_t used_idx;     /* used->idx once the last batch is fully recorded */
+    struct vpv_inflight_desc desc[];
+};
+
 struct vpv_vring {
     uint32_t num;
     int event_idx;
@@ -80,6 +102,13 @@ struct vpv_vring {
     uint16_t used_idx;
     uint16_t signalled_used;     /* used_idx when we last notified (EVENT_IDX) */
     int signalled_valid;
+    struct vpv_inflight_region *inflight;  /* NULL: requests are not tracked */
+    uint64_t inflight_counter;             /* last counter given to a taken request */
+    /* Requests a previous backend took and never completed, oldest first: popped before
+     * anything new in the avail ring. */
+    uint32_t resubmit_count;
+    uint32_t resubmit_pos;
+    uint16_t resubmit[VPV_MAX_QUEUE_SIZE];
 };
 
 /* Map a region set; returns 0 or -errno. */
@@ -110,8 +139,11 @@ int vpv_vring_should_notify(struct vpv_vring *vr);
 /* Ask for kicks again (EVENT_IDX: publish avail_event); returns 1 if more work arrived. */
 int vpv_vring_enable_kicks(struct vpv_vring *vr);
 void vpv_vring_disable_kicks(struct vpv_vring *vr);
-/* Has the driver made requests available that were not popped yet? */
+/* Has the driver made requests available that were not popped yet (or are requests left
+ * to resubmit)? */
 int vpv_vring_avail_pending(struct vpv_vring *vr);
+/* Heads the inflight region marks in flight (0 without a region). */
+uint32_t vpv_vring_inflight_count(const struct vpv_vring *vr);
 
 /* -- guest memory that vanishes under us ------------------------------------------------------
  *

@@ -2,8 +2,9 @@
 # Installs the Debian packages vhost-pv needs, only those that are missing.
 set -euo pipefail
 # liburing-dev: the data path submits through io_uring.
+# libasan8 / libubsan1: `make asan` (they normally come with gcc; named so they are checked).
 packages=(qemu-system-x86 qemu-utils fio busybox-static cpio linux-image-cloud-amd64 gcc python3-venv
-          liburing-dev)
+          liburing-dev libasan8 libubsan1)
 # podman + runc: the container-watcher tests run real containers (runc: crun fails on this
 # kernel's cgroup layout). Installed with their recommended packages, as they were tested.
 with_recommends=(podman runc)

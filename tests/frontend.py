@@ -93,6 +93,13 @@ class GuestMemory:
         self._next = start + size
         return self.guest_phys_addr + start
 
+    def mark(self) -> int:
+        """Where the next allocation starts; `rewind` to it to reuse what came after."""
+        return self._next
+
+    def rewind(self, mark: int) -> None:
+        self._next = mark
+
     def _offset(self, gpa: int, length: int) -> int:
         offset = gpa - self.guest_phys_addr
         if offset < 0 or offset + length > self.size:
@@ -343,7 +350,7 @@ class VhostUserFrontend(_Frontend):
         super().set_mem_table(memory)
 
     def setup_queue(
-        self, index: int, ring: SplitRing, kick: int | None = None, call: int | None = None
+        self, index: int, ring: SplitRing, kick: int | None = None, call: int | None = None, *, base: int = 0
     ) -> QueueFds:
         """SET_VRING_NUM, ADDR, BASE, KICK, CALL, ENABLE. Creates the eventfds unless given;
         the frontend keeps (and closes) its copies."""
@@ -356,6 +363,7 @@ class VhostUserFrontend(_Frontend):
             memory.uaddr(ring.used_addr),
             kick=kick,
             call=call,
+            base=base,
         )
 
     # -- data path --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vhost_pv.volume.header import (
+    DAMAGED_REASON,
     DATA_OFFSET,
     SLOT_OFFSETS,
     SLOT_SIZE,
@@ -22,6 +23,7 @@ from vhost_pv.volume.header import (
     VolumeState,
     choose_slot,
     encode_slot,
+    resolve_slots,
 )
 from vhost_pv.volume.ring import RingError
 from vhost_pv.volume.volume import (
@@ -169,7 +171,7 @@ def test_version_1_volume_reads_and_upgrades_on_update(tmp_path: Path) -> None:
         volume.update(owner="full-id", owner_name="web", owner_pid=42, owner_pid_start=7)
     with open(path, "rb") as f:
         versions = {struct.unpack("<H", os.pread(f.fileno(), 2, o + 8))[0] for o in SLOT_OFFSETS}
-    assert versions == {1, 2}  # the older slot was rewritten, in the new format
+    assert versions == {2}  # an update rewrites both copies, in the new format
     header = read_header(path)
     assert (header.owner, header.owner_name, header.owner_pid, header.owner_pid_start) == (
         "full-id", "web", 42, 7)
@@ -225,12 +227,15 @@ def test_newer_slot_wins_and_damage_falls_back(tmp_path: Path) -> None:
         new = volume.update(owner="second")
     assert new.generation == 2
     assert read_header(path) == new
-    # Damage whichever slot holds generation 2: the reader falls back to generation 1.
+    # An update leaves both copies holding generation 2: damaging the one the reader picks
+    # falls back to the other, which holds the same state (before both copies were written,
+    # this read generation 1 back: one damaged copy undid the update).
     slots = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
+    assert slots[0] == slots[1]
     index, chosen = choose_slot(slots)
     assert chosen == new
     _pwrite(path, b"\xff" * 8, SLOT_OFFSETS[index] + 20)
-    assert read_header(path) == header
+    assert read_header(path) == new
 
 
 # -- updates and the live state word ---------------------------------------------------------
@@ -276,45 +281,66 @@ def test_damaged_ring_superblock_is_refused(tmp_path: Path) -> None:
 # -- crash safety: a torn slot write at every byte ---------------------------------------------
 
 
+def _acceptable(got: VolumeHeader, old: VolumeHeader, new: VolumeHeader) -> str:
+    """Which outcome a read after a crash gave: the old or new record, or the conservative
+    one (served dangling because the copies disagree); anything else fails the test."""
+    if got == old:
+        return "old"
+    if got == new:
+        return "new"
+    # Only when a dangling state was in play, and with the rest of a real record.
+    if got.dangling and got.reason == DAMAGED_REASON and (old.dangling or new.dangling) and any(
+        dataclasses.replace(got, state=h.state, reason=h.reason, dangling_source=h.dangling_source,
+                            dangling_since_ns=h.dangling_since_ns) == h for h in (old, new)
+    ):
+        return "dangling"
+    pytest.fail(f"a header that is neither old, new nor conservatively dangling: {got}")
+
+
 def _torn_write_check(path: Path, volume: Volume, **changes: object) -> VolumeHeader:
-    """Run volume.update(**changes), then replay it torn after k bytes for every k."""
+    """Run volume.update(**changes), then replay each of its two slot writes torn after k
+    bytes for every k (the other copy as it was at that moment)."""
     before = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
     old = read_header(path)
     new = volume.update(**changes)
     after = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
-    changed = [i for i in range(len(SLOT_OFFSETS)) if before[i] != after[i]]
-    # update writes exactly one slot: the one the reader did not choose (the older one).
-    assert len(changed) == 1
-    target = changed[0]
-    assert target == 1 - choose_slot(before)[0]
-    assert after[target] == encode_slot(new)
-    assert after[1 - target] == before[1 - target]
+    # update writes both slots, first the one the reader did not choose (the older one).
+    assert after[0] == after[1] == encode_slot(new)
+    first = 1 - choose_slot(before)[0]
 
-    outcomes = {"old": 0, "new": 0}
+    outcomes = {"old": 0, "new": 0, "dangling": 0}
     fd = os.open(path, os.O_RDWR)
     try:
-        for k in range(SLOT_SIZE + 1):
-            torn = after[target][:k] + before[target][k:]
-            os.pwrite(fd, torn, SLOT_OFFSETS[target])
-            got = read_header(path)  # must never raise
-            if got == old:
-                outcomes["old"] += 1
-            elif got == new:
-                outcomes["new"] += 1
-            else:
-                pytest.fail(f"torn at byte {k}: a header that is neither old nor new: {got}")
-            if k == 0:
-                assert got == old
-            if k == SLOT_SIZE:
-                assert got == new
+        for phase, target in ((1, first), (2, 1 - first)):
+            other = before[1 - target] if phase == 1 else after[1 - target]
+            os.pwrite(fd, other, SLOT_OFFSETS[1 - target])
+            for k in range(SLOT_SIZE + 1):
+                torn = after[target][:k] + before[target][k:]
+                os.pwrite(fd, torn, SLOT_OFFSETS[target])
+                got = read_header(path)  # must never raise
+                outcome = _acceptable(got, old, new)
+                outcomes[outcome] += 1
+                if phase == 1 and k == 0:
+                    assert got == old
+                if phase == 2 and k == SLOT_SIZE:
+                    assert got == new
+                # A dangling state on disk is never read back as attached: while the first
+                # write is incomplete the old copy is intact; from then on the new one is.
+                if old.dangling and phase == 1 and k < SLOT_SIZE:
+                    assert got.dangling, (phase, k)
+                if new.dangling and phase == 2:
+                    assert got.dangling, (phase, k)
     finally:
-        # Leave the completed write in place, as update did.
-        os.pwrite(fd, after[target], SLOT_OFFSETS[target])
+        # Leave the completed writes in place, as update did.
+        for index, offset in enumerate(SLOT_OFFSETS):
+            os.pwrite(fd, after[index], offset)
         os.close(fd)
-    # Until the whole record (body + CRC) is in place the old header is read.
+    # Once the second write has its whole record (body + CRC) in place, the new header is read.
     record = HeaderSlot.sizeof()
-    assert outcomes["old"] >= record
     assert outcomes["new"] >= SLOT_SIZE - record
+    # An interrupted clear (dangling -> attached) is read conservatively as dangling.
+    if old.dangling and not new.dangling:
+        assert outcomes["dangling"] >= SLOT_SIZE - record
     return new
 
 
@@ -349,6 +375,77 @@ def test_torn_slot_decode_via_choose_slot(tmp_path: Path) -> None:
             slots[target] = new_slot[:k] + old_slot[k:]
             _, got = choose_slot(slots)
             assert got in (header, new), k
+
+
+# -- one damaged copy never undoes a flip ----------------------------------------------------
+
+
+def _flip_every_bit(slot: bytes) -> list[bytes]:
+    record = HeaderSlot.sizeof()
+    return [slot[:i // 8] + bytes([slot[i // 8] ^ (1 << i % 8)]) + slot[i // 8 + 1:]
+            for i in range(record * 8)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("layout", ["both-copies", "one-copy"])
+def test_no_single_bit_flip_in_one_copy_reads_attached_after_a_flip(tmp_path: Path, layout: str) -> None:
+    """After a flip to dangling, a bit flipped anywhere in either copy's record still reads
+    dangling: with both copies written (this build), and with the older copy still
+    attached (as a build that wrote one copy per update left it, or a crash between the
+    two writes)."""
+    _, header = _create(tmp_path)
+    dangling = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING,
+                                   dangling_since_ns=123, reason="container-deleted")
+    slots = [encode_slot(dangling), encode_slot(dangling if layout == "both-copies" else header)]
+    for target in (0, 1):
+        for damaged in _flip_every_bit(slots[target]):
+            copies = list(slots)
+            copies[target] = damaged
+            try:
+                resolution = resolve_slots(copies)
+            except HeaderError:
+                pytest.fail("one damaged copy made the volume unreadable")
+            assert resolution.header.dangling, (target, resolution.disagreement)
+
+
+@pytest.mark.timeout(60)
+def test_interrupted_clear_reads_dangling(tmp_path: Path) -> None:
+    _, header = _create(tmp_path)
+    dangling = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING, reason="gone")
+    cleared = dataclasses.replace(dangling, generation=3, state=VolumeState.ATTACHED, reason="")
+    resolution = resolve_slots([encode_slot(cleared), encode_slot(dangling)])
+    assert resolution.forced and resolution.header.dangling
+    assert resolution.header.reason == DAMAGED_REASON
+    assert resolution.disagreement == ("copy 0 (generation 3) says attached, "
+                                       "copy 1 (generation 2) says dangling")
+    # The newer copy dangling and the older attached is an ordinary (interrupted) flip.
+    plain = resolve_slots([encode_slot(header), encode_slot(dangling)])
+    assert not plain.forced and plain.header == dangling and plain.disagreement
+
+
+@pytest.mark.timeout(60)
+def test_open_repairs_the_copies(tmp_path: Path) -> None:
+    path, header = _create(tmp_path)
+    dangling = dataclasses.replace(header, generation=2, state=VolumeState.DANGLING,
+                                   dangling_since_ns=5, reason="gone")
+    # Newest copy damaged, older attached: served dangling at a new generation, both copies.
+    _pwrite(path, encode_slot(dangling)[:100] + b"\xff" + encode_slot(dangling)[101:], SLOT_OFFSETS[0])
+    _pwrite(path, encode_slot(header), SLOT_OFFSETS[1])
+    assert read_header(path).dangling  # read only: nothing is written
+    assert _pread(path, SLOT_SIZE, SLOT_OFFSETS[1]) == encode_slot(header)
+    with Volume(path) as volume:
+        assert volume.resolution.forced
+        repaired = volume.header
+        assert repaired.dangling and repaired.reason == DAMAGED_REASON and repaired.generation == 2
+        assert repaired.dangling_since_ns > 0
+        assert _state_word(path) == VolumeState.DANGLING
+    slots = [_pread(path, SLOT_SIZE, offset) for offset in SLOT_OFFSETS]
+    assert slots[0] == slots[1] == encode_slot(repaired)
+    # One copy damaged, both said the same: the damaged one is rewritten from the other.
+    _pwrite(path, b"\xff" * 8, SLOT_OFFSETS[1] + 200)
+    with Volume(path) as volume:
+        assert not volume.resolution.forced and volume.header == repaired
+    assert _pread(path, SLOT_SIZE, SLOT_OFFSETS[1]) == encode_slot(repaired)
 
 
 # -- sizes -----------------------------------------------------------------------------------

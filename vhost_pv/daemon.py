@@ -11,6 +11,7 @@ import errno
 import itertools
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -60,8 +61,16 @@ from vhost_pv.guard.processes import pid_start_ticks
 from vhost_pv.meta.store import MetadataError, MetadataStore
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
+from vhost_pv.sockfile import (
+    Acceptor,
+    AlreadyServed,
+    SocketClaim,
+    lock_volume,
+    raise_fd_limit,
+    watch_task,
+)
 from vhost_pv.volume import ring as ring_format
-from vhost_pv.volume.header import VolumeState
+from vhost_pv.volume.header import HeaderError, VolumeState
 from vhost_pv.volume.seal import check_seal, clear_seal
 from vhost_pv.volume.volume import Volume, destroy_volume
 
@@ -77,9 +86,14 @@ _SUMMED = frozenset({
     "requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
     "unsupported", "bytes_read", "bytes_written", "io_errors", "bad_requests", "kicks",
     "notifications", "quarantined", "quarantine_refused", "dangling_denied", "watchdog_notifications",
-    "coalesced_wakes", "async_ios", "direct_fallbacks", "polled_wakes",
+    "coalesced_wakes", "async_ios", "direct_fallbacks", "polled_wakes", "guest_faults", "calls_saturated",
 })
 ALERT_KEEPALIVE_S = 15.0
+# A frontend attaching to a dangling volume is alerted at most this often per volume: QEMU
+# with reconnect=1 may come back every second (a crashed daemon, a restarted VM).
+DANGLING_ATTACH_ALERT_S = 60.0
+HEADER_REASON_LEN = 64
+"""Bytes of UTF-8 the volume header keeps of a dangling reason (char reason[64])."""
 SOURCE_HISTORY = 1024
 # How long a new frontend waits for the session of one that has hung up to end by itself
 # (it only has to read what is left in its socket) before that session is cancelled.
@@ -104,12 +118,21 @@ class ServedVolume:
     guard: VolumeGuard
     state_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     listener: socket.socket | None = None
+    claim: SocketClaim | None = None
+    lock_fd: int = -1
     accept_task: asyncio.Task[None] | None = None
     connection: Connection | None = None
     connections_total: int = 0
     refused_total: int = 0
     # Counters of connections that have ended, so totals survive a reconnect.
     finished: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Attaches to the volume while dangling: when the last alert went out, and how many
+    # attaches since went without one (see DANGLING_ATTACH_ALERT_S).
+    dangling_attach_alerted: float = -math.inf
+    dangling_attach_suppressed: int = 0
+    dangling_attaches: int = 0
+    # A reclaim is settling the volume: a frontend attaching meanwhile starts no queue.
+    reclaiming: bool = False
 
     def totals(self) -> dict[str, int]:
         totals = dict(self.finished)
@@ -143,6 +166,9 @@ class DaemonConfig:
     """vhost-user socket of the metadata file system (virtio-fs), if any."""
     meta_policy: Path | None = None
     """TOML policy: which guest uids/gids may read or write which metadata paths."""
+    peer_timeout: float = 5.0
+    """Seconds a peer may take for its first message, for each message from its first byte,
+    and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
 
 
 def owner_fields(owner: OwnerBinding) -> dict[str, Any]:
@@ -169,12 +195,16 @@ class Daemon:
                 Command.BIND: self._cmd_bind,
                 Command.META: self._cmd_meta,
             },
+            timeout=config.peer_timeout,
         )
         # The store exists from the start, whether or not anything serves it to the guest.
         self.metadata = MetadataStore(config.vm, self._volume_metadata)
         self.meta_http: MetadataHttpServer | None = None
         self.meta_fs: FuseFileSystem | None = None
         self._meta_listener: socket.socket | None = None
+        self._meta_claim: SocketClaim | None = None
+        # Volumes named on the command line that could not be served: path and why.
+        self.failed: list[dict[str, str]] = []
         self._meta_accept: asyncio.Task[None] | None = None
         self._meta_session: asyncio.Task[None] | None = None
         self._meta_sock: socket.socket | None = None  # the attached metadata frontend's
@@ -203,6 +233,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
+        # Unhandled, SIGHUP would end the daemon silently (e.g. its terminal closing).
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         try:
             await self._stopping.wait()
@@ -212,11 +244,79 @@ class Daemon:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.alerts.bind_loop(self._loop)
+        raise_fd_limit(log)
+        try:
+            await self._start()
+        except BaseException:
+            # Whatever was created so far goes: no stale sockets, locks or guard threads.
+            await self.stop()
+            raise
+
+    def reload(self) -> None:
+        """SIGHUP: reload what can be reloaded (the metadata policy file)."""
+        if self.config.meta_policy is None or self.meta_fs is None:
+            log.info("SIGHUP: nothing to reload (no --meta-policy)")
+            return
+        from vhost_pv.meta.policy import Policy
+
+        try:
+            self.meta_fs._policy = Policy.load(self.config.meta_policy)  # read per request: takes effect now
+        except Exception as exc:  # a bad edit must not take the daemon down: keep the old one
+            log.error("SIGHUP: cannot reload %s, keeping the policy in force: %s",
+                      self.config.meta_policy, exc)
+            return
+        log.info("SIGHUP: metadata policy reloaded from %s", self.config.meta_policy)
+
+    def _open_volume(self, path: Path) -> tuple[Volume, int] | None:
+        """Lock and open one volume; a volume that cannot be served is logged, alerted and
+        listed in status (None), the others are served. Another daemon serving it is fatal."""
+        lock_fd = -1
+        try:
+            lock_fd = lock_volume(path)
+            volume = Volume(path, direct=self.config.direct)
+        except AlreadyServed:
+            raise
+        except (HeaderError, ring_format.RingError, OSError, ValueError) as exc:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.failed.append({"path": str(path), "error": why})
+            log.error("%s: cannot serve this volume: %s", path, why)
+            self.alerts.raise_alert("volume-failed", path.stem, f"{path} cannot be served: {why}",
+                                    severity="critical", path=str(path), error=why)
+            return None
+        resolution = volume.resolution
+        if not resolution.consistent:
+            detail = {"copies": [p or "valid" for p in resolution.problems],
+                      "disagreement": resolution.disagreement}
+            if resolution.forced:
+                log.critical("%s: header copies disagree (%s): served DANGLING (%s); copies repaired",
+                             path, resolution.disagreement, volume.header.reason)
+                self.alerts.raise_alert(
+                    "header-damaged", volume.name,
+                    f"{volume.name}: header copies disagree, served dangling: {resolution.disagreement}",
+                    severity="critical", path=str(path), **detail)
+            else:
+                log.warning("%s: header copies disagree (%s): repaired to generation %d (%s)",
+                            path, resolution.disagreement, volume.header.generation,
+                            volume.header.state.name.lower())
+                self.alerts.raise_alert(
+                    "header-repaired", volume.name,
+                    f"{volume.name}: a header copy was repaired: {resolution.disagreement}",
+                    severity="warning", path=str(path), **detail)
+        return volume, lock_fd
+
+    async def _start(self) -> None:
+        assert self._loop is not None
         self.config.socket_dir.mkdir(parents=True, exist_ok=True)
         for path in self.config.volumes:
-            volume = Volume(path, direct=self.config.direct)
+            opened = self._open_volume(path)
+            if opened is None:
+                continue
+            volume, lock_fd = opened
             if volume.name in self.served:
                 volume.close()
+                os.close(lock_fd)
                 raise ValueError(f"two volumes share the name {volume.name!r}: socket names clash")
             guard = VolumeGuard(
                 volume, self.alerts, describe_source=self.describe_source,
@@ -227,22 +327,30 @@ class Daemon:
                 socket_path=self.config.socket_dir / f"{volume.name}.sock",
                 read_only=self.config.read_only or volume.read_only,
                 guard=guard,
+                lock_fd=lock_fd,
             )
             self.served[volume.name] = served
             guard.start()
             self._loop.add_reader(volume.event_fd, self._on_volume_events, served)
-            served.listener = _listen(served.socket_path)
-            served.accept_task = asyncio.create_task(self._accept_loop(served))
+            served.claim = SocketClaim(served.socket_path)
+            served.listener = served.claim.listen()
+            served.accept_task = watch_task(
+                asyncio.create_task(self._accept_loop(served), name=f"{volume.name}-accept"), log)
             log.info(
                 "serving %s (%d MiB%s%s) on %s",
                 path, volume.header.capacity >> 20, ", read-only" if served.read_only else "",
                 ", O_DIRECT" if self.config.direct else "", served.socket_path,
             )
+        if self.failed and not self.served:
+            # Nothing at all to serve: a daemon that only reports errors helps nobody.
+            raise ValueError("no volume can be served: " + "; ".join(
+                f"{failure['path']}: {failure['error']}" for failure in self.failed))
         if self.config.meta_http is not None:
             from vhost_pv.meta.http_server import MetadataHttpServer  # aiohttp.web: only when used
 
             host, port = self.config.meta_http
-            meta_http = MetadataHttpServer(self.metadata, self.alerts.raise_alert, host, port)
+            meta_http = MetadataHttpServer(self.metadata, self.alerts.raise_alert, host, port,
+                                           idle_timeout=self.config.peer_timeout)
             await meta_http.start()
             self.meta_http = meta_http
         if self.config.meta_socket is not None:
@@ -251,7 +359,8 @@ class Daemon:
 
             policy = Policy.load(self.config.meta_policy) if self.config.meta_policy else Policy.default()
             self.meta_fs = FuseFileSystem(self.metadata, policy)
-            self._meta_listener = _listen(self.config.meta_socket)
+            self._meta_claim = SocketClaim(self.config.meta_socket)
+            self._meta_listener = self._meta_claim.listen()
             self._meta_accept = asyncio.create_task(self._accept_metadata_fs(), name="metadata-fs-accept")
             self._meta_accept.add_done_callback(_log_task_end)
             log.info("metadata file system of VM %s on %s", self.config.vm, self.config.meta_socket)
@@ -284,8 +393,10 @@ class Daemon:
                 await self._meta_session
         if self._meta_listener is not None:
             self._meta_listener.close()
-            if self.config.meta_socket is not None:
-                self.config.meta_socket.unlink(missing_ok=True)
+            self._meta_listener = None
+        if self._meta_claim is not None:
+            self._meta_claim.release()
+            self._meta_claim = None
         await self.control.close()
         for served in list(self.served.values()):
             await self._retire(served)
@@ -300,7 +411,9 @@ class Daemon:
         if served.listener is not None:
             served.listener.close()
             served.listener = None
-            served.socket_path.unlink(missing_ok=True)
+        if served.claim is not None:
+            served.claim.release()  # unlinks the socket only if it still is the one we bound
+            served.claim = None
         if served.connection is not None:
             served.connection.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -309,6 +422,9 @@ class Daemon:
             self._loop.remove_reader(served.volume.event_fd)
         await asyncio.to_thread(served.guard.stop)
         served.volume.close()
+        if served.lock_fd >= 0:
+            os.close(served.lock_fd)
+            served.lock_fd = -1
 
     def _on_volume_events(self, served: ServedVolume) -> None:
         # Reset the eventfd here (level-triggered reader) and let the guard drain the queue.
@@ -322,10 +438,10 @@ class Daemon:
     # -- vhost-user connections -------------------------------------------------------------
 
     async def _accept_loop(self, served: ServedVolume) -> None:
-        loop = asyncio.get_running_loop()
         assert served.listener is not None
+        acceptor = Acceptor(served.listener, served.volume.name, log)
         while True:
-            sock, _ = await loop.sock_accept(served.listener)
+            sock = await acceptor.accept()
             peer = peer_credentials(sock)
             name = served.volume.name
             header = served.volume.header
@@ -335,18 +451,6 @@ class Daemon:
                 log.warning(
                     "%s: refused frontend pid=%d uid=%d gid=%d: not allowed to attach",
                     name, peer.pid, peer.uid, peer.gid,
-                )
-                sock.close()
-                continue
-            if header.dangling:
-                served.refused_total += 1
-                log.warning(
-                    "%s: refused frontend pid=%d uid=%d: the volume is dangling (%s); reclaim it first",
-                    name, peer.pid, peer.uid, header.reason,
-                )
-                self.alerts.raise_alert(
-                    "attach-refused", name, f"a frontend tried to attach to dangling volume {name}",
-                    pid=peer.pid, uid=peer.uid,
                 )
                 sock.close()
                 continue
@@ -361,12 +465,7 @@ class Daemon:
                 except BaseException:  # the volume is retired meanwhile
                     sock.close()
                     raise
-                if served.volume.header.dangling:  # flipped while the old session ended
-                    served.refused_total += 1
-                    log.warning("%s: refused frontend pid=%d uid=%d: the volume is dangling (%s); "
-                                "reclaim it first", name, peer.pid, peer.uid, served.volume.header.reason)
-                    sock.close()
-                    continue
+                header = served.volume.header  # as it is now
             if served.connection is not None:
                 served.refused_total += 1
                 log.warning(
@@ -383,7 +482,11 @@ class Daemon:
                 log.error("%s: cannot attach frontend: %s", name, exc)
                 sock.close()
                 continue
-            session = VhostUserSession(MessageChannel(sock), device, name)
+            session = VhostUserSession(MessageChannel(sock, timeout=self.config.peer_timeout), device, name)
+            if header.dangling:
+                self._dangling_attach(served, peer)
+            if served.reclaiming:
+                session.hold()   # the reclaim releases it once the volume is settled
             task = asyncio.create_task(self._run_session(served, session))
             served.connection = Connection(source, peer, time.time(), device, session, task)
             served.connections_total += 1
@@ -392,6 +495,35 @@ class Daemon:
             while len(self.sources) > SOURCE_HISTORY:
                 self.sources.popitem(last=False)
             log.info("%s: frontend attached (pid=%d uid=%d)", name, peer.pid, peer.uid)
+
+    def _dangling_attach(self, served: ServedVolume, peer: PeerCredentials) -> None:
+        """A frontend attaching to a dangling volume is served, under the dangling rules.
+
+        Refusing it would not protect anything (the C data path already sends every write of
+        a dangling volume to the quarantine ring and answers reads per the read policy, per
+        request) and wedges the VM: QEMU reconnecting after a daemon restart would be closed
+        again and again (one alert each time), its guest hung on I/O nobody serves, and still
+        hung after a reclaim. So the attach goes ahead; the admin hears of it once a minute at
+        most per volume, the next alert counting the attaches it stood for."""
+        name = served.volume.name
+        served.dangling_attaches += 1
+        log.warning(
+            "%s: frontend pid=%d uid=%d attached to a dangling volume (%s): writes go to the "
+            "quarantine ring, reads follow the read policy",
+            name, peer.pid, peer.uid, served.volume.header.reason,
+        )
+        now = time.monotonic()
+        if now - served.dangling_attach_alerted < DANGLING_ATTACH_ALERT_S:
+            served.dangling_attach_suppressed += 1
+            return
+        suppressed, served.dangling_attach_suppressed = served.dangling_attach_suppressed, 0
+        served.dangling_attach_alerted = now
+        more = f" ({suppressed} more attach(es) since the last alert)" if suppressed else ""
+        self.alerts.raise_alert(
+            "dangling-attach", name,
+            f"a frontend attached to dangling volume {name}; its I/O is quarantined{more}",
+            pid=peer.pid, uid=peer.uid, suppressed=suppressed,
+        )
 
     async def _run_session(self, served: ServedVolume, session: VhostUserSession) -> None:
         try:
@@ -417,6 +549,11 @@ class Daemon:
     async def _cmd_dangling(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
         request = DanglingRequest.parse(payload)
         dangling = not request.flags & DANGLING_CLEAR
+        # The wire carries 128 bytes of reason, the header keeps 64: refuse what would not
+        # fit rather than fail the flip half way or cut a UTF-8 character in two.
+        if len(request.reason.encode()) > HEADER_REASON_LEN:
+            raise CommandError(errno.EINVAL, f"reason is {len(request.reason.encode())} bytes of UTF-8; "
+                               f"the volume header keeps at most {HEADER_REASON_LEN}")
         log.info("control: Persistent_Disk_Dangling %s %s by pid=%d uid=%d (reason: %s)",
                  request.volume, "set" if dangling else "clear", peer.pid, peer.uid, request.reason)
         result = await self.set_dangling(request.volume, dangling, request.reason, source="ioctl")
@@ -434,7 +571,7 @@ class Daemon:
             if dangling:
                 changes: dict[str, Any] = {
                     "state": VolumeState.DANGLING, "dangling_since_ns": time.time_ns(),
-                    "reason": reason[:64], "dangling_source": source,
+                    "reason": _utf8_prefix(reason, HEADER_REASON_LEN), "dangling_source": source,
                 }
             else:
                 changes = {"state": VolumeState.ATTACHED, "dangling_since_ns": 0, "reason": "",
@@ -516,45 +653,23 @@ class Daemon:
         async with served.state_lock:
             if not volume.header.dangling:
                 raise CommandError(errno.EINVAL, f"{name} is not dangling: nothing to reclaim")
-            if served.connection is not None:
-                raise CommandError(errno.EBUSY, f"{name} still has a frontend attached "
-                                   f"(pid {served.connection.peer.pid}); detach it first")
-            seal = await asyncio.to_thread(served.guard.wait_sealed, 3600.0)
-            report: dict[str, Any] = {"volume": name, "owner": owner.container, "owner_name": owner.name,
-                                      "mode": mode.name.lower()}
-            if seal is None:
-                report["seal"] = {"checked": False}
-            else:
-                check = await asyncio.to_thread(check_seal, volume.fd, volume.header, seal)
-                report["seal"] = {"checked": True, "chunk_size": check.chunk_size,
-                                  "changed_chunks": check.changed_chunks,
-                                  "changed_ranges": check.changed_ranges()}
-                if check.changed_chunks:
-                    self.alerts.raise_alert(
-                        "tamper-detected", name,
-                        f"data of dangling volume {name} changed outside the backend: "
-                        f"{len(check.changed_chunks)} chunk(s) differ from the seal",
-                        severity="critical", changed_ranges=check.changed_ranges(),
-                    )
-            chain = await asyncio.to_thread(self._ring_verify, served)
-            report["ring"] = chain
-            if mode == ReclaimMode.REPLAY:
-                try:
-                    report["replayed"] = await asyncio.to_thread(
-                        ring_format.replay, volume.path, volume.fd, volume.header)
-                except ring_format.RingError as exc:
-                    raise CommandError(errno.EBADMSG, str(exc)) from None
-                volume.ring_reset()
-            elif mode == ReclaimMode.DISCARD:
-                report["discarded"] = volume.ring_stats()["records"]
-                volume.ring_reset()
-            await asyncio.to_thread(
-                volume.update, state=VolumeState.ATTACHED, dangling_since_ns=0, reason="",
-                dangling_source="", **owner_fields(owner),
-            )
-            await asyncio.to_thread(clear_seal, volume.fd)
-            served.guard.flipped(False)
-            self.metadata.touch()
+            # A frontend may be attached (served under the dangling rules): its queues stop
+            # for the reclaim, each worker finishing what it has in flight, so no quarantined
+            # write lands while the ring is replayed or discarded, and the first request after
+            # it goes to the data region, behind the replayed writes.
+            held = served.connection.session if served.connection is not None else None
+            served.reclaiming = True
+            if held is not None:
+                held.hold()
+            try:
+                report = await self._settle_reclaim(served, owner, mode)
+            finally:
+                served.reclaiming = False
+                # Whoever is attached now (the same frontend, or one that came meanwhile).
+                if served.connection is not None:
+                    served.connection.session.release()
+                if held is not None and (served.connection is None or served.connection.session is not held):
+                    held.release()
         self.alerts.raise_alert(
             "volume-reclaimed", name,
             f"{name} reclaimed by {owner.name or owner.container} ({mode.name.lower()})",
@@ -562,6 +677,50 @@ class Daemon:
             source=source,
             tampered=bool(report["seal"].get("changed_chunks")),
         )
+        return report
+
+    async def _settle_reclaim(
+        self, served: ServedVolume, owner: OwnerBinding, mode: ReclaimMode
+    ) -> dict[str, Any]:
+        """reclaim's work, under the state lock with no queue running."""
+        name = served.volume.name
+        volume = served.volume
+        seal = await asyncio.to_thread(served.guard.wait_sealed, 3600.0)
+        report: dict[str, Any] = {"volume": name, "owner": owner.container, "owner_name": owner.name,
+                                  "mode": mode.name.lower()}
+        if seal is None:
+            report["seal"] = {"checked": False}
+        else:
+            check = await asyncio.to_thread(check_seal, volume.fd, volume.header, seal)
+            report["seal"] = {"checked": True, "chunk_size": check.chunk_size,
+                              "changed_chunks": check.changed_chunks,
+                              "changed_ranges": check.changed_ranges()}
+            if check.changed_chunks:
+                self.alerts.raise_alert(
+                    "tamper-detected", name,
+                    f"data of dangling volume {name} changed outside the backend: "
+                    f"{len(check.changed_chunks)} chunk(s) differ from the seal",
+                    severity="critical", changed_ranges=check.changed_ranges(),
+                )
+        chain = await asyncio.to_thread(self._ring_verify, served)
+        report["ring"] = chain
+        if mode == ReclaimMode.REPLAY:
+            try:
+                report["replayed"] = await asyncio.to_thread(
+                    ring_format.replay, volume.path, volume.fd, volume.header)
+            except ring_format.RingError as exc:
+                raise CommandError(errno.EBADMSG, str(exc)) from None
+            volume.ring_reset()
+        elif mode == ReclaimMode.DISCARD:
+            report["discarded"] = volume.ring_stats()["records"]
+            volume.ring_reset()
+        await asyncio.to_thread(
+            volume.update, state=VolumeState.ATTACHED, dangling_since_ns=0, reason="",
+            dangling_source="", **owner_fields(owner),
+        )
+        await asyncio.to_thread(clear_seal, volume.fd)
+        served.guard.flipped(False)
+        self.metadata.touch()
         return report
 
     @staticmethod
@@ -658,6 +817,10 @@ class Daemon:
                     await send(b"")  # keepalive: finds subscribers that went away
                     continue
                 await send((json.dumps(alert.to_dict()) + "\n").encode())
+        except ConnectionError:
+            # The normal end of a follow: the client was interrupted or killed.
+            log.info("control: alert subscriber pid=%d left", peer.pid)
+            return None
         finally:
             self.alerts.unsubscribe(queue)
 
@@ -665,10 +828,10 @@ class Daemon:
 
     async def _accept_metadata_fs(self) -> None:
         """The virtio-fs frontend (QEMU), one at a time, from the control socket's allow-list."""
-        loop = asyncio.get_running_loop()
         assert self._meta_listener is not None and self.meta_fs is not None
+        acceptor = Acceptor(self._meta_listener, "metadata fs", log)
         while True:
-            sock, _ = await loop.sock_accept(self._meta_listener)
+            sock = await acceptor.accept()
             peer = peer_credentials(sock)
             if not self.config.control_access.allows(peer):
                 log.warning("metadata fs: refused frontend pid=%d uid=%d gid=%d: not allowed",
@@ -691,7 +854,8 @@ class Daemon:
                 sock.close()
                 continue
             device = FsDevice(f"metadata-{self.config.vm}", self.meta_fs.handle)
-            session = VhostUserSession(MessageChannel(sock), device, f"metadata-{self.config.vm}")
+            session = VhostUserSession(MessageChannel(sock, timeout=self.config.peer_timeout), device,
+                                       f"metadata-{self.config.vm}")
             self._meta_session = asyncio.create_task(session.run())
             self._meta_sock = sock
             log.info("metadata fs: frontend attached (pid=%d uid=%d)", peer.pid, peer.uid)
@@ -801,6 +965,7 @@ class Daemon:
                 "header": served.volume.header.to_dict(),
                 "connections_total": served.connections_total,
                 "refused_total": served.refused_total,
+                "dangling_attaches": served.dangling_attaches,
                 "totals": served.totals(),
                 "ring": served.volume.ring_stats(),
                 "guard": served.guard.describe(),
@@ -822,6 +987,7 @@ class Daemon:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "volumes": volumes,
+            "failed": list(self.failed),
             "alerts": {"by_kind": dict(self.alerts.counts), "subscribers": self.alerts.subscriber_count,
                        "webhook_failures": self.alerts.webhook_failures},
             "metadata": {
@@ -835,6 +1001,11 @@ class Daemon:
                 "proc_events": self.process_watcher.describe() if self.process_watcher else None,
             },
         }
+
+
+def _utf8_prefix(text: str, limit: int) -> str:
+    """The longest prefix of text that is at most limit bytes of UTF-8, never half a character."""
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 def _log_task_end(task: asyncio.Task[None]) -> None:
@@ -871,23 +1042,3 @@ def _add_counters(into: dict[str, int], queues: list[dict[str, int]]) -> None:
         for key, value in queue.items():
             if key in _SUMMED:
                 into[key] = into.get(key, 0) + value
-
-
-def _listen(path: Path) -> socket.socket:
-    """A listening unix socket with mode 0600 from birth."""
-    path.unlink(missing_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(exc.errno, f"{path} is in use by another server") from None
-        raise
-    finally:
-        os.umask(old_umask)
-    sock.listen(4)
-    sock.setblocking(False)
-    return sock
-

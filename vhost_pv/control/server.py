@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
-import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -25,8 +25,15 @@ from vhost_pv.control.wire import (
     ControlHeader,
     ReplyStatus,
 )
+from vhost_pv.sockfile import Acceptor, SocketClaim, fds_free, watch_task
 
 log = logging.getLogger("vhost_pv.control")
+
+MAX_CONNECTIONS = 64
+"""Control connections at once: more are closed at accept (each holds an fd and a task)."""
+FD_RESERVE = 16
+"""fds kept free for the vhost-user sockets: no control connection is taken below this
+(less than the metadata HTTP server keeps: an admin still gets in when HTTP is refused)."""
 
 Send = Callable[[bytes], Awaitable[None]]
 """Sends one more successful reply on the connection (streaming commands)."""
@@ -68,32 +75,89 @@ class CommandError(Exception):
 
 
 class ControlServer:
-    def __init__(self, path: Path, access: AccessList, handlers: dict[Command, Handler]) -> None:
+    def __init__(self, path: Path, access: AccessList, handlers: dict[Command, Handler], *,
+                 timeout: float = 10.0) -> None:
         self.path = path
         self.access = access
         self.handlers = handlers
-        self._server: asyncio.AbstractServer | None = None
+        self.timeout = timeout
+        """A request must be complete this long after its first byte; a connection idle for
+        this long between requests (or before its first) is closed."""
+        self._claim: SocketClaim | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self.dropped = 0
 
     async def start(self) -> None:
-        self.path.unlink(missing_ok=True)
-        # Create the socket with mode 0600 from the start: no window where others can connect.
-        old_umask = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
-        finally:
-            os.umask(old_umask)
+        # Our own accept loop rather than asyncio's server: under uvloop an accept() error
+        # (EMFILE...) on a server's listener closes that server for good; here it backs off.
+        self._claim = SocketClaim(self.path)  # raises if another daemon serves this path
+        self._listener = self._claim.listen(backlog=64)  # mode 0600 from birth
+        self._accept_task = watch_task(asyncio.create_task(self._accept_loop(), name="control-accept"), log)
         log.info("control socket at %s", self.path)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        self.path.unlink(missing_ok=True)
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+            self._accept_task = None
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+
+    async def _accept_loop(self) -> None:
+        assert self._listener is not None
+        acceptor = Acceptor(self._listener, "control socket", log)
+        while True:
+            sock = await acceptor.accept()
+            if len(self._connections) >= MAX_CONNECTIONS or not fds_free(FD_RESERVE):
+                # Closed, not left in the backlog: a flood must not keep the listener full.
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    log.warning("control: connection closed at accept: %d open, or fds short "
+                                "(%d dropped in all)", len(self._connections), self.dropped)
+                sock.close()
+                continue
+            task = asyncio.create_task(self._open(sock))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _open(self, sock: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+        except OSError as exc:
+            log.warning("control: cannot set up a connection: %s", exc)
+            sock.close()
+            return
+        await self._serve(reader, writer)
+
+    async def _read_request(self, reader: asyncio.StreamReader, peer: PeerCredentials) -> bytes:
+        """The next request header: the connection may be idle up to the timeout, then the
+        header must be complete within the timeout from its first byte."""
+        first = await asyncio.wait_for(reader.read(1), self.timeout)
+        if not first:
+            raise asyncio.IncompleteReadError(b"", ControlHeader.sizeof())
+        try:
+            rest = await asyncio.wait_for(reader.readexactly(ControlHeader.sizeof() - 1), self.timeout)
+        except asyncio.IncompleteReadError as exc:
+            raise asyncio.IncompleteReadError(first + exc.partial, ControlHeader.sizeof()) from None
+        return first + rest
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock: socket.socket = writer.get_extra_info("socket")
-        peer = peer_credentials(sock)
+        try:
+            peer = peer_credentials(sock)
+        except OSError:
+            writer.close()
+            return
         try:
             if not self.access.allows(peer):
                 log.warning(
@@ -105,7 +169,8 @@ class ControlServer:
                 # never sees why it was turned away.
                 cmd = seq = 0
                 try:
-                    raw = await asyncio.wait_for(reader.readexactly(ControlHeader.sizeof()), 2.0)
+                    raw = await asyncio.wait_for(reader.readexactly(ControlHeader.sizeof()),
+                                                 min(2.0, self.timeout))
                     request = ControlHeader.parse(raw)
                     cmd, seq = request.cmd, request.seq
                 except (TimeoutError, asyncio.IncompleteReadError, ConstructError):
@@ -114,10 +179,14 @@ class ControlServer:
                 return
             while True:
                 try:
-                    raw = await reader.readexactly(ControlHeader.sizeof())
+                    raw = await self._read_request(reader, peer)
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial:
                         log.warning("control: truncated request header from pid %d", peer.pid)
+                    return
+                except TimeoutError:
+                    log.warning("control: pid %d idle or stalled mid-request for %g s, closing",
+                                peer.pid, self.timeout)
                     return
                 try:
                     header = ControlHeader.parse(raw)
@@ -130,7 +199,12 @@ class ControlServer:
                     await self._reply(writer, header.cmd, header.seq, -errno.EPROTO,
                                       b"unsupported version or oversized payload")
                     return
-                payload = await reader.readexactly(header.length)
+                try:
+                    payload = await asyncio.wait_for(reader.readexactly(header.length), self.timeout)
+                except TimeoutError:
+                    log.warning("control: pid %d stalled mid-request (command %#x), closing",
+                                peer.pid, header.cmd)
+                    return
                 await self._dispatch(writer, header.cmd, header.seq, payload, peer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -182,5 +256,13 @@ class ControlServer:
         header = ControlHeader.build(
             {"version": CONTROL_VERSION, "flags": FLAG_REPLY, "cmd": cmd, "seq": seq, "length": len(payload)}
         )
-        writer.write(header + payload)
+        # A client that went away (alerts --follow ended with Ctrl-C, a killed CLI) closes
+        # the transport under us; uvloop then refuses the write with RuntimeError. Both are
+        # the peer leaving, which the callers handle as ConnectionError, not a daemon fault.
+        if writer.is_closing():
+            raise ConnectionResetError(errno.ECONNRESET, "control client went away")
+        try:
+            writer.write(header + payload)
+        except RuntimeError as exc:
+            raise ConnectionResetError(errno.ECONNRESET, "control client went away") from exc
         await writer.drain()

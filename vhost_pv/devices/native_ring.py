@@ -36,6 +36,8 @@ def vring_config(setup: VringSetup) -> Any:
             "used_user_addr": setup.used_user_addr,
             "kick_fd": setup.kick_fd,
             "call_fd": setup.call_fd,
+            "inflight": ffi.cast("uint8_t *", setup.inflight_addr),
+            "inflight_size": setup.inflight_size,
         },
     )
 

@@ -59,11 +59,16 @@ class VhostUserBlkDisk:
     socket: Path
     num_queues: int = 1
     serial: str | None = None
+    reconnect: int = 0
+    """Seconds between QEMU's attempts to reconnect when the backend goes away (0: never)."""
 
     def qemu_args(self, chardev_id: str) -> list[str]:
         args = qemu_fragment(
             "vhost-user-blk.args", ID=chardev_id, SOCKET=str(self.socket), QUEUES=str(self.num_queues)
         )
+        if self.reconnect:
+            where = args.index("-chardev") + 1
+            args[where] += f",reconnect={self.reconnect}"
         if self.serial is not None:
             # QEMU's vhost-user-blk has no serial property: GET_ID is answered by the backend.
             raise GuestError("vhost-user-blk disks take their serial from the backend")

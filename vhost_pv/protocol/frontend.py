@@ -24,6 +24,7 @@ from vhost_pv.protocol.messages import (
     PROTOCOL_VERSION,
     VRING_FILE_NOFD,
     ConfigSpace,
+    InflightDescription,
     MemoryTable,
     MessageHeader,
     ProtocolFeature,
@@ -261,6 +262,41 @@ class VhostUserFrontend:
         state = bytes(VringState.build({"index": index, "num": 0}))
         reply = VringState.parse(self.call(Request.GET_VRING_BASE, state))
         return int(reply.num)
+
+    # -- inflight I/O tracking (INFLIGHT_SHMFD) ---------------------------------------------
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+        """GET_INFLIGHT_FD; returns (fd, mmap_size, mmap_offset). The fd is the caller's."""
+        payload = InflightDescription.build(
+            {"mmap_size": 0, "mmap_offset": 0, "num_queues": num_queues, "queue_size": queue_size}
+        )
+        self.send(Request.GET_INFLIGHT_FD, bytes(payload))
+        # The fd rides on the reply's first bytes: read the header with recv_fds.
+        raw, fds, _, _ = socket.recv_fds(self.sock, HEADER_SIZE, 1)
+        try:
+            if len(raw) < HEADER_SIZE:
+                raw += self._recv_exact(HEADER_SIZE - len(raw))
+            header = MessageHeader.parse(raw)
+            if header.request != Request.GET_INFLIGHT_FD or not header.flags & FLAG_REPLY:
+                raise FrontendError(f"reply to request {header.request} flags {header.flags:#x}")
+            reply = InflightDescription.parse(self._recv_exact(header.size))
+            if len(fds) != 1:
+                raise FrontendError(f"GET_INFLIGHT_FD reply carries {len(fds)} fds")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds[0], int(reply.mmap_size), int(reply.mmap_offset)
+
+    def set_inflight_fd(
+        self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int
+    ) -> None:
+        """SET_INFLIGHT_FD (the fd stays the caller's)."""
+        payload = InflightDescription.build(
+            {"mmap_size": mmap_size, "mmap_offset": mmap_offset, "num_queues": num_queues,
+             "queue_size": queue_size}
+        )
+        self.command(Request.SET_INFLIGHT_FD, bytes(payload), [fd])
 
     def kick(self, index: int) -> None:
         os.eventfd_write(self.queues[index].kick, 1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from construct import Array, Bytes, Int32ul, Int64ul, Padding, Struct, this
+from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct, this
 
 # -- header -------------------------------------------------------------------------------
 
@@ -166,3 +166,49 @@ ConfigSpace = Struct(
 """C: struct VhostUserConfig { u32 offset, size, flags; u8 region[256]; } (12 + size)."""
 
 CONFIG_SPACE_HEADER_SIZE = 12
+
+InflightDescription = Struct(
+    "mmap_size" / Int64ul,
+    "mmap_offset" / Int64ul,
+    "num_queues" / Int16ul,
+    "queue_size" / Int16ul,
+    Padding(4),
+)
+"""C: struct VhostUserInflight { u64 mmap_size, mmap_offset; u16 num_queues, queue_size; }
+(24 bytes: QEMU sends sizeof() of the unpacked struct, its tail padding included)."""
+
+# -- inflight area (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, split virtqueues) -----------------
+
+InflightRegionHeader = Struct(
+    "features" / Int64ul,
+    "version" / Int16ul,
+    "desc_num" / Int16ul,
+    "last_batch_head" / Int16ul,
+    "used_idx" / Int16ul,
+)
+"""C: the head of struct QueueRegionSplit (csrc/vring.h struct vpv_inflight_region), 16 bytes;
+desc_num DescStateSplit entries follow."""
+
+InflightDescState = Struct(
+    "inflight" / Int8ul,
+    Padding(5),
+    "next" / Int16ul,
+    "counter" / Int64ul,
+)
+"""C: struct DescStateSplit (csrc/vring.h struct vpv_inflight_desc), 16 bytes."""
+
+INFLIGHT_VERSION = 1
+INFLIGHT_ALIGNMENT = 64
+
+
+def inflight_queue_region_size(queue_size: int) -> int:
+    """Bytes of one queue's region: its header and queue_size entries, rounded up to 64
+    bytes (the same size libvhost-user gives it, so an area either made stays valid)."""
+    raw = int(InflightRegionHeader.sizeof()) + int(InflightDescState.sizeof()) * queue_size
+    return (raw + INFLIGHT_ALIGNMENT - 1) // INFLIGHT_ALIGNMENT * INFLIGHT_ALIGNMENT
+
+
+def inflight_area_size(num_queues: int, queue_size: int) -> int:
+    """Bytes of the whole inflight area: one region per queue, back to back."""
+    return num_queues * inflight_queue_region_size(queue_size)
+

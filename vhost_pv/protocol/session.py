@@ -8,9 +8,11 @@ implements `DeviceBackend`; this module never imports a device.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import logging
+import mmap
 import os
 import socket
 import stat
@@ -23,6 +25,7 @@ from vhost_pv.protocol.channel import Message, MessageChannel, PeerClosed, Proto
 from vhost_pv.protocol.messages import (
     CONFIG_SPACE_HEADER_SIZE,
     CONFIG_SPACE_MAX,
+    INFLIGHT_VERSION,
     MAX_MEMORY_REGIONS,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
@@ -31,6 +34,8 @@ from vhost_pv.protocol.messages import (
     VRING_FILE_INDEX_MASK,
     VRING_FILE_NOFD,
     ConfigSpace,
+    InflightDescription,
+    InflightRegionHeader,
     MemoryRegion,
     MemoryTable,
     ProtocolFeature,
@@ -38,6 +43,8 @@ from vhost_pv.protocol.messages import (
     U64Payload,
     VringAddress,
     VringState,
+    inflight_area_size,
+    inflight_queue_region_size,
 )
 
 log = logging.getLogger("vhost_pv.protocol")
@@ -160,6 +167,52 @@ class VringSetup:
     call_fd: int
     event_idx: bool
     indirect: bool
+    # The queue's region of the inflight area (address in this process, bytes), 0: none.
+    inflight_addr: int = 0
+    inflight_size: int = 0
+
+
+class InflightArea:
+    """The frontend's inflight area (SET_INFLIGHT_FD), mapped here: one region per queue.
+
+    It lives in a memfd the frontend keeps across our restarts; the C data path records in it
+    which requests it has taken and not completed, and takes them again after a crash."""
+
+    def __init__(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int) -> None:
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.region_size = inflight_queue_region_size(queue_size)
+        self.map = mmap.mmap(
+            fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset
+        )
+        # The C side gets a plain pointer; the buffer export is dropped at once so the map
+        # can be closed later (after every queue using it has stopped).
+        anchor = ctypes.c_char.from_buffer(self.map)
+        self.address = ctypes.addressof(anchor)
+        del anchor
+
+    def region(self, index: int) -> tuple[int, int]:
+        return self.address + index * self.region_size, self.region_size
+
+    def close(self) -> None:
+        self.map.close()
+
+
+def check_inflight_fd(fd: int, needed: int) -> None:
+    """The inflight fd: a memory file (check_frontend_fd) at least `needed` bytes long and
+    sealed against shrinking. Unlike guest memory, which runs under the SIGBUS guard, the
+    area is also touched outside the workers' guarded passes, and QEMU hands back the memfd
+    we made and sealed in GET_INFLIGHT_FD, so the seal costs a well-behaved frontend nothing."""
+    check_frontend_fd(fd, "memory", "SET_INFLIGHT_FD")
+    size = os.fstat(fd).st_size
+    if size < needed:
+        raise ProtocolError(f"SET_INFLIGHT_FD: file is {size} bytes, the area needs {needed}")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise ProtocolError("SET_INFLIGHT_FD: file is not sealed against shrinking (F_SEAL_SHRINK)")
 
 
 class DeviceBackend(Protocol):
@@ -223,9 +276,13 @@ class VhostUserSession:
         self.protocol_features = 0
         self.memory_mapped = False
         self.queues = [QueueState() for _ in range(backend.max_queues())]
+        self.inflight: InflightArea | None = None
         self.messages = 0
         self.memory_tables = 0
-        self._handlers: dict[int, Callable[[Message], bytes | None]] = {
+        # While held (hold/release), no queue starts: the daemon settles the volume under us.
+        self._held = False
+        self._closed = False
+        self._handlers: dict[int, Callable[[Message], bytes | tuple[bytes, int] | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
             Request.SET_OWNER: self._no_payload,
@@ -244,6 +301,8 @@ class VhostUserSession:
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
         # Requests whose answer is a reply of their own (REPLY_ACK does not apply).
         self._replying = {
@@ -252,6 +311,7 @@ class VhostUserSession:
             Request.GET_QUEUE_NUM,
             Request.GET_VRING_BASE,
             Request.GET_CONFIG,
+            Request.GET_INFLIGHT_FD,
         }
 
     # -- main loop --------------------------------------------------------------------------
@@ -274,6 +334,10 @@ class VhostUserSession:
 
     def _dispatch(self, message: Message) -> None:
         handler = self._handlers.get(message.request)
+        if message.request in (Request.GET_INFLIGHT_FD, Request.SET_INFLIGHT_FD) and not (
+            self._offered_protocol_features() & (1 << ProtocolFeature.INFLIGHT_SHMFD)
+        ):
+            handler = None   # a device that does not track requests (virtio-fs)
         if handler is None:
             try:
                 what = Request(message.request).name
@@ -284,8 +348,16 @@ class VhostUserSession:
         try:
             reply = handler(message)
         except (ConstructError, ValueError) as exc:
-            raise ProtocolError(f"{name}: malformed payload: {exc}") from None
-        if reply is not None:
+            # construct's messages span lines; a log record must stay one line.
+            detail = " ".join(str(exc).split())
+            raise ProtocolError(f"{name}: malformed payload: {detail}") from None
+        if isinstance(reply, tuple):
+            payload, fd = reply
+            try:
+                self.channel.send(message.request, payload, fds=[fd])
+            finally:
+                os.close(fd)
+        elif reply is not None:
             self.channel.send(message.request, reply)
         elif message.need_reply and self._negotiated(ProtocolFeature.REPLY_ACK):
             self.channel.send(message.request, U64Payload.build(0))
@@ -300,12 +372,17 @@ class VhostUserSession:
 
     def shutdown(self) -> None:
         """Stop every queue and release what the frontend gave us."""
+        self._closed = True
         for index, queue in enumerate(self.queues):
             if queue.running:
                 self.backend.stop_queue(index)
                 queue.running = False
             queue.close_fds()
         self.backend.close()
+        # Only now: the queues that used the inflight area have stopped.
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         self.channel.close()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -332,10 +409,36 @@ class VhostUserSession:
     def _offered_protocol_features(self) -> int:
         return BASE_PROTOCOL_FEATURES | self.backend.device_protocol_features()
 
+    def hold(self) -> None:
+        """Stop every running queue (each worker finishes the requests it has in flight
+        first) and start none until `release`; the frontend's messages are still served.
+        What a queue was doing resumes from its last_avail_idx."""
+        self._held = True
+        for index in range(len(self.queues)):
+            self._pause(index)
+
+    def release(self) -> None:
+        """Start again every queue that may run (those stopped by `hold`, and any the
+        frontend set up meanwhile). A queue that cannot start ends the connection, as it
+        would have when the frontend started it."""
+        self._held = False
+        if self._closed:
+            return
+        try:
+            for index in range(len(self.queues)):
+                self._maybe_start(index)
+        except ProtocolError as exc:
+            log.error("%s: protocol error, closing connection: %s", self.name, exc)
+            # run() sees the end of the stream and shuts the session down as usual.
+            with contextlib.suppress(OSError):
+                self.channel.sock.shutdown(socket.SHUT_RDWR)
+
     def _maybe_start(self, index: int) -> None:
         queue = self.queues[index]
         if (
-            queue.running
+            self._held
+            or self._closed
+            or queue.running
             or not queue.enabled
             or queue.kick_fd < 0
             or queue.addr is None
@@ -344,6 +447,14 @@ class VhostUserSession:
         ):
             return
         desc, avail, used = queue.addr
+        inflight_addr = inflight_size = 0
+        if self.inflight is not None:
+            if index >= self.inflight.num_queues or queue.num != self.inflight.queue_size:
+                raise ProtocolError(
+                    f"queue {index} (size {queue.num}) has no region in the inflight area "
+                    f"({self.inflight.num_queues} queues of {self.inflight.queue_size})"
+                )
+            inflight_addr, inflight_size = self.inflight.region(index)
         self.backend.start_queue(
             VringSetup(
                 index=index,
@@ -356,6 +467,8 @@ class VhostUserSession:
                 call_fd=queue.call_fd,
                 event_idx=bool(self.features & (1 << VIRTIO_RING_F_EVENT_IDX)),
                 indirect=bool(self.features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
+                inflight_addr=inflight_addr,
+                inflight_size=inflight_size,
             )
         )
         queue.running = True
@@ -535,6 +648,63 @@ class VhostUserSession:
             self._maybe_start(state.index)
         else:
             self._pause(state.index)
+
+    def _parse_inflight(self, message: Message, request: str, fds: int) -> tuple[int, int, int, int]:
+        self._expect(message, InflightDescription.sizeof(), fds=fds)
+        desc = InflightDescription.parse(message.payload)
+        if not 1 <= desc.num_queues <= len(self.queues):
+            raise ProtocolError(f"{request}: {desc.num_queues} queues (1..{len(self.queues)} allowed)")
+        size = desc.queue_size
+        if size == 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise ProtocolError(f"{request}: queue size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
+        return desc.mmap_size, desc.mmap_offset, desc.num_queues, size
+
+    def _get_inflight_fd(self, message: Message) -> tuple[bytes, int]:
+        _, _, num_queues, queue_size = self._parse_inflight(message, "GET_INFLIGHT_FD", 0)
+        size = inflight_area_size(num_queues, queue_size)
+        fd = os.memfd_create("vhost-pv-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            # Initialised here (version, desc_num), so an area is valid from its creation on.
+            region = inflight_queue_region_size(queue_size)
+            header = InflightRegionHeader.build(
+                {"features": 0, "version": INFLIGHT_VERSION, "desc_num": queue_size,
+                 "last_batch_head": 0, "used_idx": 0}
+            )
+            for index in range(num_queues):
+                os.pwrite(fd, header, index * region)
+            # The area must keep its size for as long as anyone maps it (no SIGBUS).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        log.info("%s: inflight area: %d queues of %d (%d bytes)", self.name, num_queues, queue_size, size)
+        reply = InflightDescription.build(
+            {"mmap_size": size, "mmap_offset": 0, "num_queues": num_queues, "queue_size": queue_size}
+        )
+        return bytes(reply), fd
+
+    def _set_inflight_fd(self, message: Message) -> None:
+        mmap_size, mmap_offset, num_queues, queue_size = self._parse_inflight(message, "SET_INFLIGHT_FD", 1)
+        needed = inflight_area_size(num_queues, queue_size)
+        if mmap_size != needed:
+            raise ProtocolError(
+                f"SET_INFLIGHT_FD: mmap_size {mmap_size}, {num_queues} queues of {queue_size} need {needed}"
+            )
+        if mmap_offset % mmap.ALLOCATIONGRANULARITY or mmap_offset > 1 << 40:
+            raise ProtocolError(f"SET_INFLIGHT_FD: mmap_offset {mmap_offset:#x} is not a page-aligned offset")
+        if any(q.running for q in self.queues):
+            raise ProtocolError("SET_INFLIGHT_FD: queues are running")
+        fd = message.fds[0]
+        check_inflight_fd(fd, mmap_offset + mmap_size)
+        try:
+            area = InflightArea(fd, mmap_size, mmap_offset, num_queues, queue_size)
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"SET_INFLIGHT_FD: cannot map the area: {exc}") from None
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = area
+        log.info("%s: inflight area set: %d queues of %d", self.name, num_queues, queue_size)
 
     def _parse_config(self, message: Message, request: str) -> tuple[int, int, bytes]:
         if len(message.payload) < CONFIG_SPACE_HEADER_SIZE:

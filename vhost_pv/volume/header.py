@@ -2,9 +2,22 @@
 
 A volume file is `[header area | data region | quarantine ring]`. The header area holds two
 copies ("slots") of the header record, each with a generation number and a CRC32. An update
-writes the slot holding the older generation and syncs it, so a crash at any byte leaves
-the other slot intact: the reader takes the valid slot with the highest generation, which
-is either the old or the new state, never a mix.
+writes the slot holding the older generation and syncs it, then the other slot and syncs
+it, so that afterwards both copies hold the current state and one damaged copy cannot roll
+a flip back. A crash at any byte of either write leaves one valid copy, old or new, never a
+mix (resolve_slots reads them):
+
+- during the first write: the untouched copy holds the old state; the torn one is damaged
+  (or complete). If the torn copy's state field already reads dangling, or reads garbage,
+  while the old state was attached, the volume is served dangling: a flip may have been
+  under way.
+- between the writes: the copies are valid and differ. The newer one wins, unless it says
+  attached and the older dangling (an interrupted clear or reclaim): served dangling.
+- during the second write: the first copy holds the new state; the torn one is damaged. The
+  same rule as in the first write applies, so an interrupted clear may read dangling.
+
+None of these updates had returned, so no acknowledged state is lost, and the conservative
+choice only ever errs towards dangling (writes go to the quarantine ring, never lost).
 
 The header area also holds the *live state word* that the C hot path reads on every
 request (see csrc/vhost_pv.h, VPV_STATE_*). It mirrors the durable state while a daemon
@@ -359,3 +372,89 @@ def choose_slot(slots: list[bytes]) -> tuple[int, VolumeHeader]:
     if not valid:
         raise HeaderError("no valid header (" + "; ".join(problems) + ")")
     return max(valid, key=lambda item: item[1].generation)
+
+
+# The state field's offset in a slot (see HeaderBodyV1): read on its own from a copy whose
+# CRC fails, to learn whether the damaged copy might have held a dangling state.
+STATE_FIELD_OFFSET = 80
+DAMAGED_REASON = "header-damaged"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotResolution:
+    """What the two copies say and which state the volume is to be served in.
+
+    `header` is what to serve: the newest valid copy, unless the copies disagree in a way
+    that could hide a dangling state; then it is that copy turned dangling (`forced`).
+    `disagreement` says in one line how the copies differ ("" when they agree)."""
+
+    slot: int
+    header: VolumeHeader
+    copies: tuple[VolumeHeader | None, ...]
+    problems: tuple[str, ...]
+    disagreement: str
+    forced: bool
+
+    @property
+    def consistent(self) -> bool:
+        return not self.disagreement
+
+
+def _raw_state(raw: bytes) -> int | None:
+    """The state field of a (possibly damaged) slot, or None if the copy is too short."""
+    if len(raw) < STATE_FIELD_OFFSET + 4:
+        return None
+    return int.from_bytes(raw[STATE_FIELD_OFFSET:STATE_FIELD_OFFSET + 4], "little")
+
+
+def resolve_slots(slots: list[bytes]) -> SlotResolution:
+    """The conservative reading of the two copies. After a completed update both copies
+    hold the same record (Volume.update writes both), so any difference means a crash in
+    the middle of an update or damage. A dangling state is never dropped because of it:
+
+    - one copy damaged, the valid one attached, and the damaged one's state field reads
+      dangling or an invalid value: served dangling (the damaged copy may have been the
+      newer, dangling one);
+    - both valid, the newer attached and the older dangling (a clear or reclaim interrupted
+      between its two writes): served dangling.
+
+    Raises HeaderError when neither copy is valid."""
+    index, chosen = choose_slot(slots)
+    copies: list[VolumeHeader | None] = []
+    problems: list[str] = []
+    for raw in slots:
+        try:
+            copies.append(decode_slot(raw))
+            problems.append("")
+        except HeaderError as exc:
+            copies.append(None)
+            problems.append(str(exc))
+    other = 1 - index
+    disagreement = ""
+    forced_from: VolumeHeader | None = None
+    if copies[other] is None:
+        state = _raw_state(slots[other])
+        readable = state in (VolumeState.ATTACHED, VolumeState.DANGLING)
+        what = VolumeState(state).name.lower() if readable and state is not None else f"unreadable ({state})"
+        disagreement = (f"copy {other} is damaged ({problems[other]}); its state field reads {what}, "
+                        f"copy {index} (generation {chosen.generation}) says {chosen.state.name.lower()}")
+        if not chosen.dangling and state != VolumeState.ATTACHED:
+            forced_from = chosen
+    else:
+        older = copies[other]
+        assert older is not None
+        if older != chosen:
+            disagreement = (f"copy {index} (generation {chosen.generation}) says "
+                            f"{chosen.state.name.lower()}, copy {other} (generation {older.generation}) "
+                            f"says {older.state.name.lower()}")
+            if not chosen.dangling and older.dangling:
+                forced_from = older
+    if forced_from is None:
+        return SlotResolution(index, chosen, tuple(copies), tuple(problems), disagreement, False)
+    served = dataclasses.replace(
+        chosen, state=VolumeState.DANGLING, reason=DAMAGED_REASON, dangling_source="header",
+        # The dangling copy's time when it is readable; else the record's own (0 = unknown:
+        # the daemon stamps the time it found the damage).
+        dangling_since_ns=forced_from.dangling_since_ns if forced_from.dangling else 0,
+    )
+    return SlotResolution(index, served, tuple(copies), tuple(problems), disagreement, True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import struct
 import time
 import uuid
@@ -21,10 +22,11 @@ from vhost_pv.volume.header import (
     HeaderError,
     ReadPolicy,
     RingFullPolicy,
+    SlotResolution,
     TtlAction,
     VolumeHeader,
-    choose_slot,
     encode_slot,
+    resolve_slots,
 )
 from vhost_pv.volume.ring import RingError, format_ring
 
@@ -121,17 +123,40 @@ def destroy_volume(path: Path, fd: int, size: int) -> None:
 
 
 def read_header(path: Path) -> VolumeHeader:
-    """The current header of a volume file (HeaderError if it has none that is valid)."""
-    with open(path, "rb") as f:
-        slots = [_read_at(f.fileno(), offset) for offset in SLOT_OFFSETS]
-    header = choose_slot(slots)[1]
-    size = path.stat().st_size
+    """The current header of a volume file (HeaderError if it has none that is valid): the
+    state a daemon would serve it in, dangling if its copies disagree in a way that could
+    hide a dangling state (see resolve_slots)."""
+    return inspect_header(path).header
+
+
+def inspect_header(path: Path) -> SlotResolution:
+    """Both header copies of a volume file and how they were resolved (read only)."""
+    # O_NONBLOCK: opening a FIFO given by mistake must not wait for a writer forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise HeaderError(f"not a volume file: a {_file_kind(info.st_mode)}, not a regular file")
+        slots = [_read_at(fd, offset) for offset in SLOT_OFFSETS]
+    finally:
+        os.close(fd)
+    resolution = resolve_slots(slots)
+    header = resolution.header
+    size = info.st_size
     if size < header.ring_offset + header.ring_size:
         raise HeaderError(
             f"file is {size} bytes but the header describes "
             f"{header.ring_offset + header.ring_size}: truncated volume"
         )
-    return header
+    return resolution
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _read_at(fd: int, offset: int) -> bytes:
@@ -153,7 +178,8 @@ class Volume:
             if direct:
                 self.direct_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
             slots = [_read_at(self.fd, offset) for offset in SLOT_OFFSETS]
-            self._slot, self.header = choose_slot(slots)
+            self.resolution = resolve_slots(slots)
+            self._slot, self.header = self.resolution.slot, self.resolution.header
             size = os.fstat(self.fd).st_size
             end = self.header.ring_offset + self.header.ring_size
             if size < end:
@@ -177,6 +203,8 @@ class Volume:
                     raise RingError(f"{path}: the quarantine ring superblock is missing or damaged")
                 raise OSError(-err[0], f"{path}: cannot open the data path: {os.strerror(-err[0])}")
             self.native = handle
+            if not self.resolution.consistent:
+                self._repair()
             # The live word is rewritten from the durable header: a stale value is never used.
             lib.vpv_volume_set_state(self.native, int(self.header.state))
         except BaseException:
@@ -193,15 +221,37 @@ class Volume:
     def read_only(self) -> bool:
         return self.header.read_only
 
-    def update(self, **changes: Any) -> VolumeHeader:
-        """Durably replace header fields (crash-safe: the older slot is rewritten), then
-        publish state and policy to the data path. Returns once the data path has passed
-        the change (see vpv_volume_set_state)."""
-        new = dataclasses.replace(self.header, generation=self.header.generation + 1, **changes)
+    def _repair(self) -> None:
+        """Both copies rewritten to the state chosen at open (forced dangling: a new
+        generation, stamped now), so one later damaged copy cannot undo it."""
+        header = self.header
+        if self.resolution.forced:
+            generations = [c.generation for c in self.resolution.copies if c is not None]
+            header = dataclasses.replace(
+                header, generation=max(generations) + 1,
+                dangling_since_ns=header.dangling_since_ns or time.time_ns())
+        self._write_both(header)
+        self.header = header
+
+    def _write_both(self, new: VolumeHeader) -> None:
+        """Two-phase write: the older slot, sync, then the other, sync. A crash in the first
+        write leaves the other copy old and valid; in the second, the first copy new and
+        valid; afterwards both hold `new`, so one damaged copy never rolls the state back."""
+        slot = encode_slot(new)
         target = 1 - self._slot
-        os.pwrite(self.fd, encode_slot(new), SLOT_OFFSETS[target])
+        os.pwrite(self.fd, slot, SLOT_OFFSETS[target])
         os.fdatasync(self.fd)
-        self._slot, self.header = target, new
+        os.pwrite(self.fd, slot, SLOT_OFFSETS[1 - target])
+        os.fdatasync(self.fd)
+        self._slot = target
+
+    def update(self, **changes: Any) -> VolumeHeader:
+        """Durably replace header fields (crash-safe: both copies rewritten one after the
+        other, see _write_both), then publish state and policy to the data path. Returns
+        once the data path has passed the change (see vpv_volume_set_state)."""
+        new = dataclasses.replace(self.header, generation=self.header.generation + 1, **changes)
+        self._write_both(new)
+        self.header = new
         lib.vpv_volume_set_policy(self.native, int(new.read_policy), int(new.ring_full_policy))
         lib.vpv_volume_set_state(self.native, int(new.state))
         return new
