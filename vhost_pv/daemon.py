@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import socket
 import time
@@ -94,6 +95,9 @@ DANGLING_ATTACH_ALERT_S = 60.0
 HEADER_REASON_LEN = 64
 """Bytes of UTF-8 the volume header keeps of a dangling reason (char reason[64])."""
 SOURCE_HISTORY = 1024
+# How long a new frontend waits for the session of one that has hung up to end by itself
+# (it only has to read what is left in its socket) before that session is cancelled.
+GONE_SESSION_GRACE_S = 1.0
 
 
 @dataclasses.dataclass
@@ -203,6 +207,7 @@ class Daemon:
         self.failed: list[dict[str, str]] = []
         self._meta_accept: asyncio.Task[None] | None = None
         self._meta_session: asyncio.Task[None] | None = None
+        self._meta_sock: socket.socket | None = None  # the attached metadata frontend's
         self.engine: EngineClient | None = None
         if config.engine_url:
             from vhost_pv.guard.engine_api import EngineClient  # aiohttp: only when used
@@ -449,6 +454,18 @@ class Daemon:
                 )
                 sock.close()
                 continue
+            if served.connection is not None and _peer_gone(served.connection.session.channel.sock):
+                # A reconnect (QEMU restarted, or reconnecting its chardev) can come
+                # before this loop has seen the old connection's hang-up: finish that
+                # session first instead of refusing the new one.
+                log.info("%s: frontend pid=%d hung up; ending its session before admitting pid=%d",
+                         name, served.connection.peer.pid, peer.pid)
+                try:
+                    await _finish_session(served.connection.task)
+                except BaseException:  # the volume is retired meanwhile
+                    sock.close()
+                    raise
+                header = served.volume.header  # as it is now
             if served.connection is not None:
                 served.refused_total += 1
                 log.warning(
@@ -821,6 +838,17 @@ class Daemon:
                             peer.pid, peer.uid, peer.gid)
                 sock.close()
                 continue
+            attached = self._meta_session
+            if attached is not None and not attached.done() and self._meta_sock is not None \
+                    and _peer_gone(self._meta_sock):
+                # As for a volume (_accept_loop): a reconnect queued behind the hang-up.
+                log.info("metadata fs: frontend hung up; ending its session before admitting pid=%d",
+                         peer.pid)
+                try:
+                    await _finish_session(attached)
+                except BaseException:  # the daemon stops meanwhile
+                    sock.close()
+                    raise
             if self._meta_session is not None and not self._meta_session.done():
                 log.warning("metadata fs: refused frontend pid=%d: one is attached already", peer.pid)
                 sock.close()
@@ -829,6 +857,7 @@ class Daemon:
             session = VhostUserSession(MessageChannel(sock, timeout=self.config.peer_timeout), device,
                                        f"metadata-{self.config.vm}")
             self._meta_session = asyncio.create_task(session.run())
+            self._meta_sock = sock
             log.info("metadata fs: frontend attached (pid=%d uid=%d)", peer.pid, peer.uid)
 
     def _volume_metadata(self) -> dict[str, dict[str, str]]:
@@ -984,6 +1013,28 @@ def _log_task_end(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s ended: %r; what it served is gone until the daemon restarts",
                   task.get_name(), task.exception())
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Has the frontend at the other end of a session's socket hung up (closed, or shut its
+    side down), whether or not the session has read that yet?"""
+    fd = sock.fileno()
+    if fd < 0:
+        return True  # the session closed it: it is ending
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+               for _, events in poller.poll(0))
+
+
+async def _finish_session(task: asyncio.Task[None]) -> None:
+    """Let a session whose peer is gone end (it reads the rest of its socket, then the hang-up
+    ends it); cancel it if it has not within GONE_SESSION_GRACE_S. Its task's cleanup
+    (_run_session) releases the volume's connection slot."""
+    done, _ = await asyncio.wait([task], timeout=GONE_SESSION_GRACE_S)
+    if not done:
+        task.cancel()
+        await asyncio.wait([task])
 
 
 def _add_counters(into: dict[str, int], queues: list[dict[str, int]]) -> None:

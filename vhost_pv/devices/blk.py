@@ -17,7 +17,7 @@ from vhost_pv._native import ffi, lib
 from vhost_pv.devices.native_ring import memory_table, strerror, vring_config
 from vhost_pv.protocol.channel import ProtocolError
 from vhost_pv.protocol.messages import CONFIG_SPACE_MAX, ProtocolFeature
-from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup
+from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup, is_power_of_two
 from vhost_pv.volume.header import SECTOR_SIZE
 from vhost_pv.volume.volume import Volume
 
@@ -104,6 +104,7 @@ class BlkDevice:
         self._watching: asyncio.AbstractEventLoop | None = None
         self._on_failure: Callable[[str], None] | None = None
         self._failed = False
+        self._config_writes = 0
 
     def set_failure_handler(self, handler: Callable[[str], None]) -> None:
         """Who ends the connection when a queue breaks (the session)."""
@@ -197,7 +198,10 @@ class BlkDevice:
 
     def set_config(self, offset: int, data: bytes) -> None:
         # Nothing in our config space is writable (CONFIG_WCE is not offered).
-        log.info("%s: ignoring SET_CONFIG at offset %d (%d bytes)", self.volume.name, offset, len(data))
+        self._config_writes += 1
+        if is_power_of_two(self._config_writes):
+            log.info("%s: ignoring SET_CONFIG at offset %d (%d bytes; %d so far)", self.volume.name, offset,
+                     len(data), self._config_writes)
 
     def set_memory(self, regions: list[MemoryRegionSpec]) -> None:
         table = memory_table(regions)
@@ -260,6 +264,7 @@ class BlkDevice:
             self._final_stats = self.stats()
             lib.vpv_blk_free(self._handle)
             self._handle = None
+        self._on_failure = None  # the session refers to us too: break the cycle
 
     # -- introspection ----------------------------------------------------------------------
 

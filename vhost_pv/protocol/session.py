@@ -138,6 +138,12 @@ def check_frontend_fd(fd: int, kind: FdKind, request: str) -> None:
                             "which its server can stall")
 
 
+def is_power_of_two(count: int) -> bool:
+    """Log the 1st, 2nd, 4th, 8th, ... of something a peer can repeat at will: enough to see
+    it and how often, never enough to fill the disk."""
+    return count > 0 and count & (count - 1) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryRegionSpec:
     guest_phys_addr: int
@@ -272,6 +278,7 @@ class VhostUserSession:
         self.queues = [QueueState() for _ in range(backend.max_queues())]
         self.inflight: InflightArea | None = None
         self.messages = 0
+        self.memory_tables = 0
         # While held (hold/release), no queue starts: the daemon settles the volume under us.
         self._held = False
         self._closed = False
@@ -535,12 +542,18 @@ class VhostUserSession:
         self.memory_mapped = False
         self.backend.set_memory(regions)
         self.memory_mapped = True
-        log.info(
-            "%s: memory table: %s",
+        self.memory_tables += 1
+        # The 1st, 2nd, 4th, ... at INFO: a frontend may send tables without end.
+        log.log(
+            logging.INFO if is_power_of_two(self.memory_tables) else logging.DEBUG,
+            "%s: memory table #%d: %s",
             self.name,
+            self.memory_tables,
             ", ".join(f"{r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in regions),
         )
-        for index in running:
+        # Every queue that was only waiting for memory starts too: a frontend may set its
+        # rings up before the memory table (the spec does not order them).
+        for index in range(len(self.queues)):
             self._maybe_start(index)
 
     def _set_vring_num(self, message: Message) -> None:
