@@ -455,3 +455,45 @@ def test_handles_left_open_by_a_gone_frontend_do_not_outlive_its_session() -> No
     # The next frontend's guest mounts: a new FUSE session.
     assert _fuse_call(fs, Opcode.INIT, init, 1) == 0
     assert _fuse_call(fs, Opcode.OPENDIR, opendir, 2) == 0
+
+
+@pytest.mark.timeout(60)
+def test_fds_dripped_across_one_message_cannot_fill_the_fd_table(daemon: Daemon) -> None:
+    """The 8-fd limit holds per message, not per read: a frontend that sends a message one
+    payload byte at a time with 8 eventfds on each byte is cut off at the ninth fd, and the
+    daemon never holds more than one message's worth of them."""
+    import socket as socket_module
+
+    before = daemon.fds()
+    spare = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(8)]
+    sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    try:
+        sock.connect(str(daemon.socket(0)))
+        payload_size = 200
+        # SET_MEM_TABLE header: request, flags (version 1), size.
+        sock.sendall(struct.pack("<III", int(Request.SET_MEM_TABLE), 1, payload_size))
+        peak = before
+        closed = False
+        for _ in range(payload_size):
+            try:
+                sock.sendmsg([b"\0"], [(socket_module.SOL_SOCKET, socket_module.SCM_RIGHTS,
+                                        struct.pack("8i", *spare))])
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            peak = max(peak, daemon.fds())
+        if not closed:
+            sock.settimeout(5)
+            closed = sock.recv(1) == b""
+        assert closed, "the daemon kept reading a message that carried more than 8 fds"
+        assert peak - before <= 16 + 4, (before, peak)
+    finally:
+        sock.close()
+        for fd in spare:
+            os.close(fd)
+    deadline = time.monotonic() + 5
+    while daemon.fds() > before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.fds() <= before + 1
+    daemon.assert_alive()
+    assert "more than 8 fds in one message" in daemon.server.log()

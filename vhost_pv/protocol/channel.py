@@ -136,6 +136,11 @@ class MessageChannel:
             if msg_flags & socket.MSG_CTRUNC:
                 raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message "
                                     "(or none left in this process to receive them)")
+            # The limit is per message, not per read: a peer sending its message a byte at a
+            # time with fds on every byte would otherwise pile up the whole fd table.
+            if len(fds) > MAX_FDS_PER_MESSAGE:
+                raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message "
+                                    f"({len(fds)} so far, sent across its parts)")
             if not data:
                 if remaining == size and not chunks and size == HEADER_SIZE:
                     raise PeerClosed()
