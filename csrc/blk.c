@@ -41,34 +41,11 @@
 
 #include <liburing.h>
 
+#include "virtio_blk.h"
 #include "volume.h"
 #include "vring.h"
 
-/* virtio-blk request types and status values (virtio 1.x, "Block Device"). */
-#define VIRTIO_BLK_T_IN 0
-#define VIRTIO_BLK_T_OUT 1
-#define VIRTIO_BLK_T_FLUSH 4
-#define VIRTIO_BLK_T_GET_ID 8
-#define VIRTIO_BLK_T_DISCARD 11
-#define VIRTIO_BLK_T_WRITE_ZEROES 13
-#define VIRTIO_BLK_S_OK 0
-#define VIRTIO_BLK_S_IOERR 1
-#define VIRTIO_BLK_S_UNSUPP 2
 #define STATUS_PENDING 0xff   /* execute(): the request went to the io_uring */
-#define VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP 1
-#define VPV_MAX_DISCARD_SECTORS (1u << 22)
-
-struct blk_req_header {
-    uint32_t type;
-    uint32_t reserved;
-    uint64_t sector;
-};
-
-struct blk_discard_segment {
-    uint64_t sector;
-    uint32_t num_sectors;
-    uint32_t flags;
-};
 
 /* A request in flight on the io_uring: where its completion goes. */
 struct async_slot {

@@ -28,26 +28,18 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "virtio_blk.h"
 #include "vring.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "loadgen.c writes virtio's little-endian ring fields natively"
 #endif
 
-#define VIRTIO_BLK_T_IN 0
-#define VIRTIO_BLK_T_OUT 1
-#define VIRTIO_BLK_S_OK 0
 #define STATUS_UNSET 0xFF
 #define POISON_BYTE 0x5A
 #define DESC_PER_REQ 3
 #define WAIT_SLICE_MS 100   /* poll() at most this long, to notice stop and the deadline */
 #define RANDOM_TRIES 64     /* verify: random picks of a busy block before probing linearly */
-
-struct virtio_blk_outhdr {
-    uint32_t type;
-    uint32_t ioprio;
-    uint64_t sector;
-};
 
 enum phase { PHASE_PREFILL, PHASE_MAIN, PHASE_CHECK };
 enum pick { PICK_OK, PICK_DONE };
@@ -85,7 +77,7 @@ struct lg_queue {
     uint16_t *avail_event;  /* used->ring[num] */
     uint16_t avail_idx;     /* our shadow of avail->idx */
     uint16_t last_used;
-    struct virtio_blk_outhdr *hdr;
+    struct blk_req_header *hdr;
     uint8_t *status;
     uint8_t *data;
     uint64_t hdr_gpa, status_gpa, data_gpa;
@@ -208,7 +200,7 @@ static uint64_t align_up(uint64_t v, uint64_t a)
 /* Area layout: headers (16 each), status bytes (1 each), then 4096-aligned data buffers. */
 static uint64_t area_status_off(uint32_t iodepth)
 {
-    return (uint64_t)sizeof(struct virtio_blk_outhdr) * iodepth;
+    return (uint64_t)sizeof(struct blk_req_header) * iodepth;
 }
 
 static uint64_t area_data_off(uint32_t iodepth)
@@ -339,7 +331,7 @@ static void submit(struct lg_queue *q, uint64_t block, int is_write, uint32_t ge
     s->gen = gen;
     s->busy = 1;
     q->hdr[slot].type = is_write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
-    q->hdr[slot].ioprio = 0;
+    q->hdr[slot].reserved = 0;
     q->hdr[slot].sector = block * run->sectors_per_block;
     q->desc[slot * DESC_PER_REQ + 1].flags = VRING_DESC_F_NEXT | (is_write ? 0 : VRING_DESC_F_WRITE);
     q->status[slot] = STATUS_UNSET;
@@ -693,7 +685,7 @@ static int queue_init(struct lg_queue *q, struct lg_run *run, uint32_t index,
     uint8_t *area = host_of(cfg, lq->area_gpa, lq->area_size, &ok);
     q->used_event = &q->avail->ring[lq->num];
     q->avail_event = (uint16_t *)&q->used->ring[lq->num];
-    q->hdr = (struct virtio_blk_outhdr *)area;
+    q->hdr = (struct blk_req_header *)area;
     q->status = area + area_status_off(cfg->iodepth);
     q->data = area + area_data_off(cfg->iodepth);
     q->hdr_gpa = lq->area_gpa;
@@ -712,8 +704,8 @@ static int queue_init(struct lg_queue *q, struct lg_run *run, uint32_t index,
     memset(q->desc, 0, 16ull * lq->num);
     for (uint32_t i = 0; i < cfg->iodepth; i++) {
         struct vring_desc *d = &q->desc[i * DESC_PER_REQ];
-        d[0].addr = q->hdr_gpa + (uint64_t)i * sizeof(struct virtio_blk_outhdr);
-        d[0].len = sizeof(struct virtio_blk_outhdr);
+        d[0].addr = q->hdr_gpa + (uint64_t)i * sizeof(struct blk_req_header);
+        d[0].len = sizeof(struct blk_req_header);
         d[0].flags = VRING_DESC_F_NEXT;
         d[0].next = (uint16_t)(i * DESC_PER_REQ + 1);
         d[1].addr = q->data_gpa + (uint64_t)i * cfg->bs;

@@ -13,26 +13,24 @@ import struct
 
 from vhost_pv.protocol.session import MemoryRegionSpec
 
+# The virtio facts are declared once in vhost_pv.virtio; re-exported for the fuzzer.
+from vhost_pv.virtio.blk import BLK_HEADER_SIZE as BLK_HEADER_SIZE
+from vhost_pv.virtio.blk import SECTOR_SIZE, RequestType
+from vhost_pv.virtio.blk import VIRTIO_BLK_T_IN as VIRTIO_BLK_T_IN
+from vhost_pv.virtio.blk import VIRTIO_BLK_T_OUT as VIRTIO_BLK_T_OUT
+from vhost_pv.virtio.ring import DESC_SIZE as DESC_SIZE
+from vhost_pv.virtio.ring import VRING_DESC_F_INDIRECT as VRING_DESC_F_INDIRECT
+from vhost_pv.virtio.ring import VRING_DESC_F_NEXT as VRING_DESC_F_NEXT
+from vhost_pv.virtio.ring import VRING_DESC_F_WRITE as VRING_DESC_F_WRITE
+
 # Guest physical and frontend virtual addresses differ, as in tests/frontend.py.
 GUEST_PHYS_BASE = 0x4000_0000
 USER_ADDR_BASE = 0x7F12_3400_0000
 
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-DESC_SIZE = 16
 _DESC = struct.Struct("<QIHH")  # struct vring_desc { le64 addr; le32 len; le16 flags, next; }
 
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-BLK_TYPES = (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
-             VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES)
-BLK_HEADER_SIZE = 16
-SECTOR = 512
+BLK_TYPES = tuple(int(t) for t in RequestType)
+SECTOR = SECTOR_SIZE
 
 
 class GuestMemory:

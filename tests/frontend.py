@@ -24,6 +24,24 @@ from vhost_pv.protocol.frontend import QueueFds as QueueFds
 from vhost_pv.protocol.frontend import VhostUserFrontend as _Frontend
 from vhost_pv.protocol.session import MemoryRegionSpec
 
+# The virtio facts are declared once in vhost_pv.virtio; re-exported for the tests.
+from vhost_pv.virtio.blk import BLK_HEADER_SIZE as BLK_HEADER_SIZE
+from vhost_pv.virtio.blk import SECTOR_SIZE
+from vhost_pv.virtio.blk import VIRTIO_BLK_S_IOERR as VIRTIO_BLK_S_IOERR
+from vhost_pv.virtio.blk import VIRTIO_BLK_S_OK as VIRTIO_BLK_S_OK
+from vhost_pv.virtio.blk import VIRTIO_BLK_S_UNSUPP as VIRTIO_BLK_S_UNSUPP
+from vhost_pv.virtio.blk import VIRTIO_BLK_T_DISCARD as VIRTIO_BLK_T_DISCARD
+from vhost_pv.virtio.blk import VIRTIO_BLK_T_FLUSH as VIRTIO_BLK_T_FLUSH
+from vhost_pv.virtio.blk import VIRTIO_BLK_T_GET_ID as VIRTIO_BLK_T_GET_ID
+from vhost_pv.virtio.blk import VIRTIO_BLK_T_IN as VIRTIO_BLK_T_IN
+from vhost_pv.virtio.blk import VIRTIO_BLK_T_OUT as VIRTIO_BLK_T_OUT
+from vhost_pv.virtio.blk import VIRTIO_BLK_T_WRITE_ZEROES as VIRTIO_BLK_T_WRITE_ZEROES
+from vhost_pv.virtio.blk import VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP as VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+from vhost_pv.virtio.ring import DESC_SIZE as DESC_SIZE
+from vhost_pv.virtio.ring import VRING_DESC_F_INDIRECT as VRING_DESC_F_INDIRECT
+from vhost_pv.virtio.ring import VRING_DESC_F_NEXT as VRING_DESC_F_NEXT
+from vhost_pv.virtio.ring import VRING_DESC_F_WRITE as VRING_DESC_F_WRITE
+
 # Guest physical and frontend virtual addresses differ on purpose: a backend mixing them up
 # finds nothing at either.
 GUEST_PHYS_BASE = 0x4000_0000
@@ -32,28 +50,12 @@ DEFAULT_MEMORY_SIZE = 4 << 20
 
 # -- virtio split ring ---------------------------------------------------------------------
 
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-DESC_SIZE = 16
-
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
 
 # -- virtio-blk ----------------------------------------------------------------------------
 
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
-BLK_HEADER_SIZE = 16
-SECTOR = 512
+SECTOR = SECTOR_SIZE
 STATUS_UNSET = 0xFF
 """What the tests put in a status byte before submitting: the device never writes it."""
 

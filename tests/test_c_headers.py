@@ -1,12 +1,17 @@
 """The C headers a C program would include agree with the construct declarations.
 
-csrc/vpv_control.h mirrors the control messages (vhost_pv/control/wire.py) and
-csrc/vpv_ring.h the quarantine ring on disk (vhost_pv/volume/ring.py). A small C program is
-compiled against both and prints every struct size, field offset and command number.
+csrc/vpv_control.h mirrors the control messages (vhost_pv/control/wire.py),
+csrc/vpv_ring.h the quarantine ring on disk (vhost_pv/volume/ring.py), csrc/virtio_blk.h and
+csrc/vring.h the virtio facts (vhost_pv/virtio/), and csrc/vhost_pv.h the volume states and
+policies (vhost_pv/volume/header.py). A small C program is compiled against them and prints
+every struct size, field offset and constant; every #define of a mirrored family must have
+its Python member, and the other way round.
 """
 
 from __future__ import annotations
 
+import enum
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,8 +19,13 @@ from typing import Any
 import pytest
 from construct import Struct
 
+from vhost_pv._native import lib
 from vhost_pv.control import wire
+from vhost_pv.guard.guard import OUTCOME_NAMES
+from vhost_pv.virtio import blk as virtio_blk
+from vhost_pv.virtio import ring as virtio_ring
 from vhost_pv.volume import ring
+from vhost_pv.volume.header import ReadPolicy, RingFullPolicy, VolumeState
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
@@ -42,7 +52,33 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
         ["magic", "type", "queue", "seq", "time_ns", "sector", "length", "payload_len", "source",
          "total_len", "payload_sha256", "prev_hash", "record_hash"],
     ),
+    "vpv_blk_config": (
+        virtio_blk.VirtioBlkConfig,
+        ["capacity", "size_max", "seg_max", "cylinders", "heads", "sectors", "blk_size",
+         "physical_block_exp", "alignment_offset", "min_io_size", "opt_io_size", "writeback", None,
+         "num_queues", "max_discard_sectors", "max_discard_seg", "discard_sector_alignment",
+         "max_write_zeroes_sectors", "max_write_zeroes_seg", "write_zeroes_may_unmap", None],
+    ),
+    "blk_req_header": (virtio_blk.RequestHeader, ["type", "reserved", "sector"]),
+    "blk_discard_segment": (virtio_blk.DiscardSegment, ["sector", "num_sectors", "flags"]),
 }
+
+# C structs without a construct layout: only their size is a Python fact.
+SIZES = {
+    "vring_desc": virtio_ring.DESC_SIZE,
+    "vring_used_elem": virtio_ring.USED_ELEM_SIZE,
+}
+
+# Families of #defines that a Python enum mirrors member for member: (header, prefix, enum).
+# The C name is the prefix plus the member's name.
+MIRRORS: list[tuple[str, str, type[enum.IntEnum]]] = [
+    ("virtio_blk.h", "VIRTIO_BLK_T_", virtio_blk.RequestType),
+    ("virtio_blk.h", "VIRTIO_BLK_S_", virtio_blk.Status),
+    ("virtio_blk.h", "VIRTIO_BLK_F_", virtio_blk.BlkFeature),
+    ("vhost_pv.h", "VPV_STATE_", VolumeState),
+    ("vhost_pv.h", "VPV_READ_", ReadPolicy),
+    ("vhost_pv.h", "VPV_RING_FULL_", RingFullPolicy),
+]
 
 COMMANDS = {
     "VPV_IOC_STATUS": wire.Command.STATUS,
@@ -74,7 +110,27 @@ CONSTANTS = {
     "VPV_RING_DISCARD": wire.RingOp.DISCARD,
     "VPV_META_SET": wire.MetaOp.SET,
     "VPV_META_BOOT": wire.MetaOp.BOOT,
+    "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP": virtio_blk.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    "VPV_MAX_DISCARD_SECTORS": virtio_blk.MAX_DISCARD_SECTORS,
+    "VPV_MAX_DISCARD_SEGMENTS": virtio_blk.MAX_DISCARD_SEGMENTS,
+    "VPV_SEG_MAX": virtio_blk.SEG_MAX,
+    "VPV_SECTOR_SIZE": virtio_blk.SECTOR_SIZE,
+    "VRING_DESC_F_NEXT": virtio_ring.VRING_DESC_F_NEXT,
+    "VRING_DESC_F_WRITE": virtio_ring.VRING_DESC_F_WRITE,
+    "VRING_DESC_F_INDIRECT": virtio_ring.VRING_DESC_F_INDIRECT,
+    "VRING_AVAIL_F_NO_INTERRUPT": virtio_ring.VRING_AVAIL_F_NO_INTERRUPT,
+    "VRING_USED_F_NO_NOTIFY": virtio_ring.VRING_USED_F_NO_NOTIFY,
 }
+
+
+def header_defines(header: str, prefix: str) -> list[str]:
+    """Names of the #defines in csrc/HEADER that start with PREFIX."""
+    pattern = re.compile(rf"^#define\s+({re.escape(prefix)}\w+)\s", re.MULTILINE)
+    return pattern.findall((CSRC / header).read_text())
+
+
+MIRRORED = {name for header, prefix, _ in MIRRORS for name in header_defines(header, prefix)}
+EVENTS = header_defines("vhost_pv.h", "VPV_EVENT_")
 
 
 def construct_offsets(layout: Struct) -> list[tuple[int, int]]:
@@ -94,6 +150,8 @@ def c_program() -> str:
         "#include <stdio.h>",
         '#include "vpv_control.h"',
         '#include "vpv_ring.h"',
+        '#include "virtio_blk.h"',
+        '#include "vring.h"',
         "int main(void) {",
     ]
     for struct, (_, fields) in LAYOUTS.items():
@@ -104,7 +162,9 @@ def c_program() -> str:
                     f'    printf("field {struct}.{field} %zu %zu\\n", '
                     f"offsetof(struct {struct}, {field}), sizeof(((struct {struct} *)0)->{field}));"
                 )
-    for name in (*COMMANDS, *CONSTANTS):
+    for struct in SIZES:
+        lines.append(f'    printf("size {struct} %zu\\n", sizeof(struct {struct}));')
+    for name in (*COMMANDS, *CONSTANTS, *sorted(MIRRORED), *EVENTS):
         lines.append(f'    printf("const {name} %llu\\n", (unsigned long long)({name}));')
     lines.append('    printf("magic %s %s\\n", VPV_RING_MAGIC, VPV_CTL_MAGIC);')
     lines += ["    return 0;", "}"]
@@ -167,3 +227,41 @@ def test_constants_match(c_facts: dict[str, Any]) -> None:
     for name, value in CONSTANTS.items():
         assert c_facts[f"const:{name}"] == int(value), name
     assert c_facts["magic"] == [ring.RING_MAGIC.decode(), wire.CONTROL_MAGIC.decode()]
+
+
+@pytest.mark.timeout(60)
+def test_struct_sizes_match(c_facts: dict[str, Any]) -> None:
+    for struct, size in SIZES.items():
+        assert c_facts[f"size:{struct}"] == size, struct
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("header", "prefix", "mirror"), MIRRORS, ids=[prefix for _, prefix, _ in MIRRORS])
+def test_enum_mirrors_header(
+    c_facts: dict[str, Any], header: str, prefix: str, mirror: type[enum.IntEnum]
+) -> None:
+    """Same names, same values: a define added on one side only fails here."""
+    c_names = set(header_defines(header, prefix))
+    assert c_names == {prefix + member.name for member in mirror}
+    for member in mirror:
+        assert c_facts[f"const:{prefix}{member.name}"] == member.value, member
+
+
+@pytest.mark.timeout(60)
+def test_dangling_event_outcomes_named(c_facts: dict[str, Any]) -> None:
+    """Every outcome the data path reports (VPV_EVENT_*) has the guard's name for it."""
+    assert EVENTS
+    values = [c_facts[f"const:{name}"] for name in EVENTS]
+    assert sorted(values) == sorted(OUTCOME_NAMES)
+    assert [getattr(lib, name) for name in EVENTS] == values
+
+
+@pytest.mark.timeout(60)
+def test_config_offsets_are_the_layout() -> None:
+    """config_offset (the load generator reads size_max and num_queues with it) walks the
+    same layout the C struct was checked against."""
+    assert virtio_blk.CONFIG_SIZE == 60
+    assert virtio_blk.config_offset("size_max") == 8
+    assert virtio_blk.config_offset("num_queues") == 34
+    with pytest.raises(KeyError):
+        virtio_blk.config_offset("nonsense")

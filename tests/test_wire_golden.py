@@ -24,7 +24,6 @@ from vhost_pv.control.wire import (
     ReplyStatus,
     ioc,
 )
-from vhost_pv.devices.blk import VirtioBlkConfig
 from vhost_pv.protocol.messages import (
     CONFIG_SPACE_HEADER_SIZE,
     HEADER_SIZE,
@@ -38,6 +37,7 @@ from vhost_pv.protocol.messages import (
     VringAddress,
     VringState,
 )
+from vhost_pv.virtio.blk import VirtioBlkConfig
 from vhost_pv.volume.header import (
     FLAG_BOTH_COPIES,
     FLAG_READ_ONLY,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from vhost_pv.control.wire import (
     ReclaimMode,
     RingOp,
 )
-from vhost_pv.daemon import Daemon, DaemonConfig
+from vhost_pv.daemon import ConfigError, Daemon, DaemonConfig
 from vhost_pv.guard.containers import ReclaimPolicy
 from vhost_pv.volume.header import MAX_ALLOWED_IDS, HeaderError, ReadPolicy, RingFullPolicy, TtlAction
 from vhost_pv.volume.ring import RingError, RingReader
@@ -96,6 +97,22 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _integer(text: str) -> int:
+    """An argparse type: an integer (its range is checked elsewhere)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _number(text: str) -> float:
+    """An argparse type: a number (its range is checked elsewhere)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def _seconds(text: str) -> float:
@@ -222,6 +239,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_default(field: str) -> Any:
+    """The daemon's default for a DaemonConfig field: declared there, not here."""
+    default = {f.name: f.default for f in dataclasses.fields(DaemonConfig)}[field]
+    if default is dataclasses.MISSING:
+        raise TypeError(f"DaemonConfig.{field} has no plain default")
+    return default
+
+
+# DaemonConfig fields whose option is not "--" + the field name with dashes.
+_SERVE_OPTIONS = {"control_path": "--control", "engine_url": "--engine"}
+
+
+def _serve_option(field: str) -> str:
+    return _SERVE_OPTIONS.get(field, "--" + field.replace("_", "-"))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -247,8 +280,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         meta_policy=Path(args.meta_policy) if args.meta_policy else None,
         peer_timeout=args.peer_timeout,
     )
-    if args.engine and not args.engine.startswith("unix://"):
-        _error(f"--engine {args.engine}: expected unix:///path/to/engine.sock")
+    try:
+        config.validate()
+    except ConfigError as exc:
+        _error(exc.describe(_serve_option))
         return EXIT_USAGE
     # Refuse here what would otherwise fail half-way through the start (a log line, then an
     # error without the path) or be silently ignored.
@@ -259,9 +294,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.meta_policy is not None:
         from vhost_pv.meta.policy import Policy
 
-        if config.meta_socket is None:
-            _error("--meta-policy applies to the metadata file system: give --meta-socket too")
-            return EXIT_USAGE
         try:
             Policy.load(config.meta_policy)
         except OSError as exc:
@@ -525,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("volumes", nargs="+", metavar="VOLUME")
     p.add_argument("--socket-dir", required=True, help="where DIR/<volume>.sock are created")
     p.add_argument("--control", required=True, type=_control_path, help="control socket path")
-    p.add_argument("--queues", type=_int_in(1, 16), default=1, help="virtqueues offered per volume")
+    p.add_argument("--queues", type=_integer, default=_serve_default("queues"),
+                   help="virtqueues offered per volume (default %(default)s)")
     p.add_argument("--read-only", action="store_true", help="serve every volume read-only")
     p.add_argument("--direct", action="store_true", help="bypass the host page cache for data "
                    "(O_DIRECT, requests in flight together on an io_uring per queue)")
@@ -537,12 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "events (Docker or `podman system service`), e.g. unix:///run/podman/podman.sock")
     p.add_argument("--proc-events", action="store_true",
                    help="watch the owners' init pids through kernel process events")
-    p.add_argument("--reconcile-interval", type=_seconds, default=30.0, metavar="S",
-                   help="look every owner up through the engine this often (default 30)")
-    p.add_argument("--reclaim-policy", choices=[p.value for p in ReclaimPolicy], default="same-image",
+    p.add_argument("--reconcile-interval", type=_number, default=_serve_default("reconcile_interval"),
+                   metavar="S",
+                   help="look every owner up through the engine this often (default %(default)g)")
+    p.add_argument("--reclaim-policy", choices=[p.value for p in ReclaimPolicy],
+                   default=_serve_default("reclaim_policy").value,
                    help="which containers labelled vhost-pv.reclaim=VOLUME may reclaim it on start "
                    "(default: those running the old owner's image)")
-    p.add_argument("--vm", type=_text(NAME_LEN, "--vm"), default="vm0",
+    p.add_argument("--vm", default=_serve_default("vm"),
                    help="the VM whose metadata this daemon serves")
     p.add_argument("--meta-http", type=_host_port, metavar="HOST:PORT",
                    help="serve the HTTP metadata server on this "
@@ -552,9 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "system on this vhost-user socket (QEMU: -device vhost-user-fs-pci,tag=metadata)")
     p.add_argument("--meta-policy", metavar="FILE", help="TOML policy: which guest uids/gids may "
                    "read or write which metadata paths (default: secrets/ root only); SIGHUP reloads it")
-    p.add_argument("--peer-timeout", type=_seconds, default=5.0, metavar="S",
+    p.add_argument("--peer-timeout", type=_number, default=_serve_default("peer_timeout"), metavar="S",
                    help="a new frontend's first message, every message from its first byte, and an "
-                   "idle control or metadata HTTP connection get this long (default 5)")
+                   "idle control or metadata HTTP connection get this long (default %(default)g)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ioctl", help="send an ioctl-style command to a running daemon")

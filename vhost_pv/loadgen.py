@@ -46,6 +46,7 @@ from vhost_pv.protocol.messages import (
     ProtocolFeature,
 )
 from vhost_pv.protocol.session import MemoryRegionSpec
+from vhost_pv.virtio.blk import CONFIG_SIZE, SECTOR_SIZE, BlkFeature, config_offset
 
 log = logging.getLogger("vhost_pv.loadgen")
 
@@ -59,7 +60,6 @@ RW_MODES = {
 WRITING_MODES = frozenset({"randwrite", "write", "randrw"})
 READING_MODES = frozenset({"randread", "read", "randrw"})
 
-SECTOR = 512
 PAGE = 4096
 # Guest physical addresses start here; our own mapping's address is the userspace address.
 # They differ, so a backend that confuses the two finds nothing.
@@ -69,13 +69,8 @@ MAX_IODEPTH = int(lib.VPV_LG_MAX_IODEPTH)
 MAX_QUEUES = int(lib.VPV_MAX_QUEUES)
 MAX_RING_SIZE = 1024  # VIRTQUEUE_MAX_SIZE of QEMU and libvhost-user
 
-# virtio-blk feature bits and config offsets (virtio 1.x, 5.2.3-5.2.4).
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_MQ = 12
-CONFIG_SIZE = 60
-CONFIG_SIZE_MAX_OFFSET = 8
-CONFIG_NUM_QUEUES_OFFSET = 34
+CONFIG_SIZE_MAX_OFFSET = config_offset("size_max")
+CONFIG_NUM_QUEUES_OFFSET = config_offset("num_queues")
 
 _HIST_VALUES_NS = np.array(
     [lib.vpv_lg_hist_value(i) for i in range(lib.VPV_LG_HIST_BUCKETS)], dtype=np.float64
@@ -234,28 +229,28 @@ def _handshake(frontend: VhostUserFrontend, queues: int, event_idx: bool) -> _Ne
     except FrontendError:
         config = frontend.get_config(8)
     (sectors,) = struct.unpack_from("<Q", config, 0)
-    capacity = int(sectors) * SECTOR
-    if offered & (1 << VIRTIO_BLK_F_RO):
+    capacity = int(sectors) * SECTOR_SIZE
+    if offered & (1 << BlkFeature.RO):
         log.warning("the backend offers a read-only disk; writes will fail")
     has_num_queues = len(config) >= CONFIG_NUM_QUEUES_OFFSET + 2
-    if has_num_queues and max_queues is None and offered & (1 << VIRTIO_BLK_F_MQ):
+    if has_num_queues and max_queues is None and offered & (1 << BlkFeature.MQ):
         (max_queues,) = struct.unpack_from("<H", config, CONFIG_NUM_QUEUES_OFFSET)
     if queues > 1:
-        if not offered & (1 << VIRTIO_BLK_F_MQ):
+        if not offered & (1 << BlkFeature.MQ):
             raise LoadgenError(f"{queues} queues asked, but the backend does not offer VIRTIO_BLK_F_MQ")
         if max_queues is not None and queues > max_queues:
             raise LoadgenError(f"{queues} queues asked, the backend has {max_queues}")
     size_max = None
-    if offered & (1 << VIRTIO_BLK_F_SIZE_MAX) and len(config) >= CONFIG_SIZE_MAX_OFFSET + 4:
+    if offered & (1 << BlkFeature.SIZE_MAX) and len(config) >= CONFIG_SIZE_MAX_OFFSET + 4:
         (size_max,) = struct.unpack_from("<I", config, CONFIG_SIZE_MAX_OFFSET)
     features = 1 << VIRTIO_F_VERSION_1
     use_event_idx = event_idx and bool(offered & (1 << VIRTIO_RING_F_EVENT_IDX))
     if use_event_idx:
         features |= 1 << VIRTIO_RING_F_EVENT_IDX
     if queues > 1:
-        features |= 1 << VIRTIO_BLK_F_MQ
+        features |= 1 << BlkFeature.MQ
     if size_max:
-        features |= 1 << VIRTIO_BLK_F_SIZE_MAX
+        features |= 1 << BlkFeature.SIZE_MAX
     if offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
         features |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
     frontend.set_features(features)
@@ -296,8 +291,8 @@ def run_loadgen(
     """
     if rw not in RW_MODES:
         raise ValueError(f"rw must be one of {', '.join(RW_MODES)}")
-    if bs <= 0 or bs % SECTOR:
-        raise ValueError(f"block size {bs} is not a positive multiple of {SECTOR}")
+    if bs <= 0 or bs % SECTOR_SIZE:
+        raise ValueError(f"block size {bs} is not a positive multiple of {SECTOR_SIZE}")
     if not 1 <= iodepth <= MAX_IODEPTH:
         raise ValueError(f"iodepth must be 1..{MAX_IODEPTH}")
     if not 1 <= queues <= MAX_QUEUES:

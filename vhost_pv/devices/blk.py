@@ -11,63 +11,23 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
-
 from vhost_pv._native import ffi, lib
 from vhost_pv.devices.native_ring import memory_table, strerror, vring_config
 from vhost_pv.protocol.channel import ProtocolError
 from vhost_pv.protocol.messages import CONFIG_SPACE_MAX, ProtocolFeature
 from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup, is_power_of_two
-from vhost_pv.volume.header import SECTOR_SIZE
+from vhost_pv.virtio.blk import (
+    MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEGMENTS,
+    MAX_SEGMENT_SIZE,
+    SECTOR_SIZE,
+    SEG_MAX,
+    BlkFeature,
+    VirtioBlkConfig,
+)
 from vhost_pv.volume.volume import Volume
 
 log = logging.getLogger("vhost_pv.blk")
-
-
-class BlkFeature:
-    """virtio-blk feature bits (virtio 1.x, 5.2.3)."""
-
-    SIZE_MAX = 1
-    SEG_MAX = 2
-    GEOMETRY = 4
-    RO = 5
-    BLK_SIZE = 6
-    FLUSH = 9
-    TOPOLOGY = 10
-    CONFIG_WCE = 11
-    MQ = 12
-    DISCARD = 13
-    WRITE_ZEROES = 14
-
-
-VirtioBlkConfig = Struct(
-    "capacity" / Int64ul,
-    "size_max" / Int32ul,
-    "seg_max" / Int32ul,
-    "cylinders" / Int16ul,
-    "heads" / Int8ul,
-    "sectors" / Int8ul,
-    "blk_size" / Int32ul,
-    "physical_block_exp" / Int8ul,
-    "alignment_offset" / Int8ul,
-    "min_io_size" / Int16ul,
-    "opt_io_size" / Int32ul,
-    "writeback" / Int8ul,
-    Padding(1),
-    "num_queues" / Int16ul,
-    "max_discard_sectors" / Int32ul,
-    "max_discard_seg" / Int32ul,
-    "discard_sector_alignment" / Int32ul,
-    "max_write_zeroes_sectors" / Int32ul,
-    "max_write_zeroes_seg" / Int32ul,
-    "write_zeroes_may_unmap" / Int8ul,
-    Padding(3),
-)
-"""C: struct virtio_blk_config (linux/virtio_blk.h) up to write_zeroes_may_unmap, 60 bytes."""
-
-# Largest single discard / write-zeroes segment, in sectors (matches the C check).
-MAX_DISCARD_SECTORS = 1 << 22
-MAX_SEGMENT_SIZE = 1 << 20
 
 
 @dataclasses.dataclass
@@ -172,7 +132,7 @@ class BlkDevice:
             {
                 "capacity": header.capacity // SECTOR_SIZE,
                 "size_max": MAX_SEGMENT_SIZE,
-                "seg_max": lib.VPV_SEG_MAX,
+                "seg_max": SEG_MAX,
                 "cylinders": 0,
                 "heads": 0,
                 "sectors": 0,
@@ -184,10 +144,10 @@ class BlkDevice:
                 "writeback": 1,
                 "num_queues": self.num_queues,
                 "max_discard_sectors": MAX_DISCARD_SECTORS,
-                "max_discard_seg": lib.VPV_MAX_DISCARD_SEGMENTS,
+                "max_discard_seg": MAX_DISCARD_SEGMENTS,
                 "discard_sector_alignment": 8,
                 "max_write_zeroes_sectors": MAX_DISCARD_SECTORS,
-                "max_write_zeroes_seg": lib.VPV_MAX_DISCARD_SEGMENTS,
+                "max_write_zeroes_seg": MAX_DISCARD_SEGMENTS,
                 "write_zeroes_may_unmap": 1,
             }
         )

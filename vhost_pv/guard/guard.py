@@ -17,13 +17,17 @@ from typing import Any
 
 from vhost_pv._native import lib
 from vhost_pv.guard.alerts import AlertHub
+from vhost_pv.virtio.blk import RequestType
 from vhost_pv.volume.header import TtlAction
 from vhost_pv.volume.seal import Seal, SealError, compute_seal, read_seal, write_seal
 from vhost_pv.volume.volume import Volume
 
 log = logging.getLogger("vhost_pv.guard")
 
-REQUEST_NAMES = {0: "read", 1: "write", 4: "flush", 8: "get-id", 11: "discard", 13: "write-zeroes"}
+REQUEST_NAMES: dict[int, str] = {
+    RequestType.IN: "read", RequestType.OUT: "write", RequestType.FLUSH: "flush",
+    RequestType.GET_ID: "get-id", RequestType.DISCARD: "discard", RequestType.WRITE_ZEROES: "write-zeroes",
+}
 OUTCOME_NAMES = {
     lib.VPV_EVENT_QUARANTINED: "quarantined",
     lib.VPV_EVENT_READ_DENIED: "read-denied",

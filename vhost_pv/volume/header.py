@@ -76,12 +76,14 @@ from construct import (
     this,
 )
 
+# The data region is addressed in virtio-blk sectors: one fact, declared in vhost_pv.virtio.
+from vhost_pv.virtio.blk import SECTOR_SIZE as SECTOR_SIZE
+
 MAGIC = b"VHOSTPV\x01"
 # Version 2 added the owner binding (container name, image, init pid). Version 1 headers
 # still read (the binding is empty) and become version 2 at their next update.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-SECTOR_SIZE = 512
 SLOT_SIZE = 4096
 SLOT_OFFSETS = (0, SLOT_SIZE)
 # Offset of the live state word (uint32) read by the C hot path, on its own page.

@@ -25,6 +25,7 @@ import numpy as np
 from construct import Bytes, Const, Int16ul, Int32ul, Int64ul, Padding, Struct
 
 from vhost_pv._native import lib
+from vhost_pv.virtio.blk import DiscardSegment
 from vhost_pv.volume.header import SECTOR_SIZE, VolumeHeader
 
 RING_MAGIC = b"VPVRING1"
@@ -84,10 +85,6 @@ RecordHeader = Struct(
 """C: struct vpv_ring_record (csrc/vpv_ring.h), 144 bytes, zero-padded to 512; record_hash is
 the SHA-256 of the first 112 bytes."""
 RECORD_HASHED_BYTES = 112
-
-DiscardSegment = Struct("sector" / Int64ul, "num_sectors" / Int32ul, "flags" / Int32ul)
-"""C: struct virtio_blk_discard_write_zeroes (the payload of DISCARD / WRITE_ZEROES records)."""
-
 
 class RingError(Exception):
     """The ring region is not a valid quarantine ring; the message says what is wrong."""
