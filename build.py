@@ -22,7 +22,7 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 HEADER = CSRC / "vhost_pv.h"
-SOURCES = ["vring.c", "blk.c", "volume.c", "sha256.c", "loadgen.c", "fs.c"]
+SOURCES = ["vring.c", "blk.c", "blk_io.c", "blk_worker.c", "volume.c", "sha256.c", "loadgen.c", "fs.c"]
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-pthread", "-fvisibility=hidden"]
 # Any report ends the process: a sanitizer finding must fail the run, not scroll past.
 SANITIZE_FLAGS = [
