@@ -57,6 +57,7 @@ void blk_unref(struct vpv_blk *blk)
     close(blk->broken_fd);
     free(blk);
 }
+
 /* A queue stopped serving (corrupt ring, lost memory): tell the control plane. */
 void blk_report_broken(struct vpv_queue *q)
 {

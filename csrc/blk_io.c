@@ -5,10 +5,10 @@
  * Each queue has an io_uring with VPV_ASYNC_SLOTS slots (setup / teardown, prepare, submit,
  * reap, drain, abandon on a broken queue); whatever cannot go there (no io_uring, writes
  * through the page cache, VPV_BLK_SYNC_IO, O_DIRECT refusing an alignment, short transfers)
- * is done synchronously with preadv/pwritev (blk_rw_full, blk_data_rw); and FLUSH is an fdatasync
- * that remembers a writeback failure. It is separate from the request logic (blk.c) and the
- * worker (blk_worker.c) because it is the part that depends on the kernel's I/O interfaces:
- * a change of engine stays in this file.
+ * is done synchronously with preadv/pwritev (blk_rw_full, blk_data_rw); and FLUSH is an
+ * fdatasync that remembers a writeback failure. It is separate from the request logic
+ * (blk.c) and the worker (blk_worker.c) because it is the part that depends on the kernel's
+ * I/O interfaces: a change of engine stays in this file.
  */
 #define _GNU_SOURCE
 #include <errno.h>
