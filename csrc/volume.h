@@ -21,8 +21,8 @@ struct vpv_volume {
     pthread_rwlock_t flip_lock;   /* read: a round of requests; write: a state flip */
     uint32_t inflight_writes;     /* data writes submitted to an io_uring, not completed */
     int writeback_failed;         /* a FLUSH's fdatasync failed: every later FLUSH fails (blk_io.c) */
-    uint32_t abandoned_workers;   /* blk_worker.c workers a stop gave up on, still running: they use
-                                   * this volume, so vpv_volume_close leaves it allocated */
+    uint32_t abandoned_workers;   /* blk_worker.c workers a stop gave up on, still running:
+                                   * they use this volume, so vpv_volume_close leaves it allocated */
     pthread_mutex_t ring_lock;
     struct vpv_ring_super super;  /* cached; written back by vpv_volume_ring_sync */
     int super_dirty;
