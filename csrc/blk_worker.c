@@ -27,7 +27,6 @@
 /* Interrupt the driver through its call eventfd without ever blocking. The fd is
  * non-blocking (vpv_blk_queue_start): a full counter (a frontend that never reads it, or one
  * that filled it on purpose) gives EAGAIN, and then an interrupt is pending anyway. */
-
 static int signal_call(struct vpv_queue *q, int fd)
 {
     uint64_t one = 1;
