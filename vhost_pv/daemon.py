@@ -17,14 +17,12 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vhost_pv._native import lib
+from vhost_pv.config import ConfigError as ConfigError  # re-exported: it moved
+from vhost_pv.config import DaemonConfig as DaemonConfig
 from vhost_pv.control.server import (
-    AccessList,
-    CommandError,
     ControlServer,
     PeerCredentials,
     Send,
@@ -34,7 +32,6 @@ from vhost_pv.control.wire import (
     ALERTS_FOLLOW,
     DANGLING_CLEAR,
     DELETE_FORCE,
-    NAME_LEN,
     AlertsRequest,
     BindRequest,
     Command,
@@ -50,13 +47,23 @@ from vhost_pv.control.wire import (
 )
 from vhost_pv.devices.blk import BlkDevice
 from vhost_pv.devices.fs import FsDevice
+from vhost_pv.errors import (
+    EngineUnreachable,
+    InvalidRequest,
+    NotDangling,
+    OwnerNotRunning,
+    OwnerUnknown,
+    RingDamaged,
+    VhostPvError,
+    VolumeBusy,
+    VolumeNotFound,
+)
 from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.guard.containers import (
     EngineWatcher,
     OwnedVolume,
     OwnerBinding,
     ProcessWatcher,
-    ReclaimPolicy,
 )
 from vhost_pv.guard.engine_events import EngineError
 from vhost_pv.guard.guard import VolumeGuard
@@ -142,81 +149,6 @@ class ServedVolume:
         if self.connection is not None:
             _add_counters(totals, self.connection.device.stats().queues)
         return totals
-
-
-class ConfigError(ValueError):
-    """A DaemonConfig value out of its range; says which field and why.
-
-    The message names fields as DaemonConfig does; describe() lets the CLI name them by its
-    options instead (the template refers to other fields as {field_name})."""
-
-    def __init__(self, field: str, template: str, **values: object) -> None:
-        self.field = field
-        self.template = template
-        self.values = values
-        super().__init__(self.describe())
-
-    def describe(self, name: Callable[[str], str] = str) -> str:
-        names = {f.name: name(f.name) for f in dataclasses.fields(DaemonConfig)}
-        return f"{name(self.field)}: " + self.template.format(**names, **self.values)
-
-
-def _positive_seconds(field: str, value: float) -> None:
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(field, "{value} is not a positive number of seconds", value=value)
-
-
-@dataclasses.dataclass(frozen=True)
-class DaemonConfig:
-    """What `vhost-pv serve` runs with. The field defaults are the daemon's defaults (the
-    CLI takes its own from here), and validate() is the one place their ranges are checked."""
-
-    volumes: list[Path]
-    socket_dir: Path
-    control_path: Path
-    queues: int = 1
-    read_only: bool = False
-    control_access: AccessList = dataclasses.field(default_factory=AccessList)
-    alert_webhook: str | None = None
-    engine_url: str | None = None
-    """Docker Engine API socket (Docker or `podman system service`): unix:///path."""
-    proc_events: bool = False
-    """Watch the owners' init pids through kernel process events."""
-    reconcile_interval: float = 30.0
-    reclaim_policy: ReclaimPolicy = ReclaimPolicy.SAME_IMAGE
-    direct: bool = False
-    """Data reads and writes bypass the host page cache (O_DIRECT, io_uring per queue)."""
-    vm: str = "vm0"
-    """The VM whose metadata this daemon serves (its volumes are this daemon's volumes)."""
-    meta_http: tuple[str, int] | None = None
-    """Loopback address of the HTTP metadata server, if any."""
-    meta_socket: Path | None = None
-    """vhost-user socket of the metadata file system (virtio-fs), if any."""
-    meta_policy: Path | None = None
-    """TOML policy: which guest uids/gids may read or write which metadata paths."""
-    peer_timeout: float = 5.0
-    """Seconds a peer may take for its first message, for each message from its first byte,
-    and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
-
-    def validate(self) -> None:
-        """Raise ConfigError for the first value out of range."""
-        if not 1 <= self.queues <= lib.VPV_MAX_QUEUES:
-            raise ConfigError("queues", "{value} is out of range 1..{limit}",
-                              value=self.queues, limit=lib.VPV_MAX_QUEUES)
-        _positive_seconds("reconcile_interval", self.reconcile_interval)
-        _positive_seconds("peer_timeout", self.peer_timeout)
-        try:
-            vm_bytes = len(self.vm.encode())
-        except UnicodeEncodeError:
-            raise ConfigError("vm", "the name is not valid UTF-8") from None
-        if vm_bytes > NAME_LEN:
-            raise ConfigError("vm", "{size} bytes of UTF-8, at most {limit} fit",
-                              size=vm_bytes, limit=NAME_LEN)
-        if self.engine_url and not self.engine_url.startswith("unix://"):
-            raise ConfigError("engine_url", "{value}: expected unix:///path/to/engine.sock",
-                              value=self.engine_url)
-        if self.meta_policy is not None and self.meta_socket is None:
-            raise ConfigError("meta_policy", "applies to the metadata file system: give {meta_socket} too")
 
 
 def owner_fields(owner: OwnerBinding) -> dict[str, Any]:
@@ -586,13 +518,13 @@ class Daemon:
 
     async def _cmd_status(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
         if payload:
-            raise CommandError(errno.EINVAL, "STATUS takes no payload")
+            raise InvalidRequest("STATUS takes no payload")
         return json.dumps(self.status()).encode()
 
     def _served(self, name: str) -> ServedVolume:
         served = self.served.get(name)
         if served is None:
-            raise CommandError(errno.ENOENT, f"no volume named {name!r} is served here")
+            raise VolumeNotFound(f"no volume named {name!r} is served here")
         return served
 
     async def _cmd_dangling(self, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
@@ -601,7 +533,7 @@ class Daemon:
         # The wire carries 128 bytes of reason, the header keeps 64: refuse what would not
         # fit rather than fail the flip half way or cut a UTF-8 character in two.
         if len(request.reason.encode()) > HEADER_REASON_LEN:
-            raise CommandError(errno.EINVAL, f"reason is {len(request.reason.encode())} bytes of UTF-8; "
+            raise InvalidRequest(f"reason is {len(request.reason.encode())} bytes of UTF-8; "
                                f"the volume header keeps at most {HEADER_REASON_LEN}")
         log.info("control: Persistent_Disk_Dangling %s %s by pid=%d uid=%d (reason: %s)",
                  request.volume, "set" if dangling else "clear", peer.pid, peer.uid, request.reason)
@@ -657,24 +589,23 @@ class Daemon:
         """An owner as the admin named it: through the engine when there is one (full id,
         name, image, init pid), else as given, with the pid they named."""
         if not container:
-            raise CommandError(errno.EINVAL, "no owner container given")
+            raise InvalidRequest("no owner container given")
         if self.engine is not None:
             try:
                 info = await self.engine.inspect(container)
             except EngineError as exc:
-                raise CommandError(errno.EHOSTUNREACH,
-                                   f"cannot ask the engine about {container}: {exc}") from None
+                raise EngineUnreachable(f"cannot ask the engine about {container}: {exc}") from None
             if info is None:
-                raise CommandError(errno.ENOENT, f"the engine knows no container {container!r}")
+                raise OwnerUnknown(f"the engine knows no container {container!r}")
             binding = OwnerBinding.from_container(info)
             if pid and pid != binding.pid:
-                raise CommandError(errno.EINVAL, f"{container}'s init pid is {binding.pid}, not {pid}")
+                raise InvalidRequest(f"{container}'s init pid is {binding.pid}, not {pid}")
             return binding
         start = 0
         if pid:
             found = pid_start_ticks(pid)
             if found is None:
-                raise CommandError(errno.ESRCH, f"no process {pid}: the owner's init must be running")
+                raise OwnerNotRunning(f"no process {pid}: the owner's init must be running")
             start = found
         return OwnerBinding(container=container, pid=pid, pid_start=start)
 
@@ -684,7 +615,7 @@ class Daemon:
         owner = await self._resolve_owner(request.container, pid=request.pid)
         async with served.state_lock:
             if served.volume.header.dangling:
-                raise CommandError(errno.EBUSY, f"{request.volume} is dangling: a new owner reclaims it "
+                raise VolumeBusy(f"{request.volume} is dangling: a new owner reclaims it "
                                    "(vhost-pv reclaim) rather than binding it")
             await asyncio.to_thread(served.volume.update, **owner_fields(owner))
         log.info("control: %s bound to %s (name %s, pid %d) by pid=%d uid=%d", request.volume,
@@ -701,7 +632,7 @@ class Daemon:
         volume = served.volume
         async with served.state_lock:
             if not volume.header.dangling:
-                raise CommandError(errno.EINVAL, f"{name} is not dangling: nothing to reclaim")
+                raise NotDangling(f"{name} is not dangling: nothing to reclaim")
             # A frontend may be attached (served under the dangling rules): its queues stop
             # for the reclaim, each worker finishing what it has in flight, so no quarantined
             # write lands while the ring is replayed or discarded, and the first request after
@@ -758,7 +689,7 @@ class Daemon:
                 report["replayed"] = await asyncio.to_thread(
                     ring_format.replay, volume.path, volume.fd, volume.header)
             except ring_format.RingError as exc:
-                raise CommandError(errno.EBADMSG, str(exc)) from None
+                raise RingDamaged(str(exc)) from None
             volume.ring_reset()
         elif mode == ReclaimMode.DISCARD:
             report["discarded"] = volume.ring_stats()["records"]
@@ -789,14 +720,14 @@ class Daemon:
                 result = await asyncio.to_thread(self._ring_listing, served, op == RingOp.DUMP)
             elif op == RingOp.REPLAY:
                 if volume.header.dangling or served.connection is not None:
-                    raise CommandError(errno.EBUSY, f"replay needs {request.volume} attached and without a "
+                    raise VolumeBusy(f"replay needs {request.volume} attached and without a "
                                        "frontend (use reclaim --replay on a dangling volume)")
                 volume.ring_sync()
                 try:
                     replayed = await asyncio.to_thread(
                         ring_format.replay, volume.path, volume.fd, volume.header)
                 except ring_format.RingError as exc:
-                    raise CommandError(errno.EBADMSG, str(exc)) from None
+                    raise RingDamaged(str(exc)) from None
                 volume.ring_reset()
                 result = {"replayed": replayed}
             else:
@@ -822,8 +753,7 @@ class Daemon:
         request = VolumeRequest.parse(payload)
         served = self._served(request.volume)
         if not served.volume.header.dangling and not request.flags & DELETE_FORCE:
-            raise CommandError(errno.EBUSY,
-                               f"{request.volume} is not dangling; use --force to delete it anyway")
+            raise VolumeBusy(f"{request.volume} is not dangling; use --force to delete it anyway")
         log.warning("control: delete %s by pid=%d uid=%d", request.volume, peer.pid, peer.uid)
         result = await self.delete_volume(request.volume, why="deleted by the administrator")
         return json.dumps(result).encode()
@@ -927,10 +857,10 @@ class Daemon:
         request = MetaRequest.parse(payload)
         value = payload[MetaRequest.sizeof():]
         if len(value) != request.value_len:
-            raise CommandError(errno.EINVAL, f"META says {request.value_len} value bytes, sent {len(value)}")
+            raise InvalidRequest(f"META says {request.value_len} value bytes, sent {len(value)}")
         store = self.metadata
         if request.vm != store.vm:
-            raise CommandError(errno.ENOENT, f"this daemon serves the metadata of VM {store.vm!r}, "
+            raise VhostPvError(errno.ENOENT, f"this daemon serves the metadata of VM {store.vm!r}, "
                                f"not {request.vm!r}")
         op = MetaOp(request.op)
         try:
@@ -955,9 +885,9 @@ class Daemon:
                 result = {"vm": store.vm, "boot": True}
         except MetadataError as exc:
             code = {404: errno.ENOENT, 413: errno.EFBIG}.get(exc.status, errno.EINVAL)
-            raise CommandError(code, str(exc)) from None
+            raise VhostPvError(code, str(exc)) from None
         except UnicodeDecodeError:
-            raise CommandError(errno.EINVAL, "metadata values are UTF-8 text") from None
+            raise InvalidRequest("metadata values are UTF-8 text") from None
         return json.dumps(result).encode()
 
     # -- what the container watchers see (guard.containers.VolumeDirectory) ----------------
@@ -995,7 +925,7 @@ class Daemon:
     async def reclaim_for(self, volume: str, owner: OwnerBinding, mode: str, source: str) -> None:
         try:
             await self.reclaim(volume, owner, ReclaimMode[mode.upper()], source=source)
-        except CommandError as exc:
+        except VhostPvError as exc:
             log.warning("%s: reclaim by %s refused: %s", volume, owner.name or owner.container, exc)
             self.alerts.raise_alert("reclaim-refused", volume, f"{owner.name or owner.container} could not "
                                     f"reclaim {volume}: {exc}", container=owner.container)

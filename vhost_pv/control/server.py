@@ -25,6 +25,7 @@ from vhost_pv.control.wire import (
     ControlHeader,
     ReplyStatus,
 )
+from vhost_pv.errors import VhostPvError
 from vhost_pv.sockfile import Acceptor, SocketClaim, fds_free, watch_task
 
 log = logging.getLogger("vhost_pv.control")
@@ -66,12 +67,9 @@ class AccessList:
         return peer.uid == 0 or peer.uid in self.uids or peer.gid in self.gids
 
 
-class CommandError(Exception):
-    """A command failed; `errno` goes back to the caller with the message."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = code
+class CommandError(VhostPvError):
+    """A failure of the control transport itself (not of the domain: that raises its own
+    VhostPvError subclasses). Like every VhostPvError, `errno` goes back with the message."""
 
 
 class ControlServer:
@@ -235,7 +233,7 @@ class ControlServer:
 
         try:
             result = await handler(payload, peer, send)
-        except CommandError as exc:
+        except VhostPvError as exc:  # the one place a domain error becomes -errno
             await self._reply(writer, cmd, seq, -exc.errno, str(exc).encode())
             return
         except (ConstructError, ValueError, json.JSONDecodeError) as exc:
