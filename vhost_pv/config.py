@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vhost_pv._native import lib
-from vhost_pv.control.server import AccessList
 from vhost_pv.control.wire import NAME_LEN
 from vhost_pv.guard.containers import ReclaimPolicy
+from vhost_pv.sockfile import AccessList
 
 
 class ConfigError(ValueError):
