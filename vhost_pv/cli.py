@@ -492,7 +492,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_loadgen(args: argparse.Namespace) -> int:
-    from vhost_pv.loadgen import LoadgenError, run_loadgen
+    from vhost_pv_tools.loadgen import LoadgenError, run_loadgen
 
     try:
         result = run_loadgen(
@@ -516,7 +516,7 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vhost_pv.demo import run_demo
+    from vhost_pv_tools.demo import run_demo
 
     if args.size <= 0 or args.size % 512:
         _error(f"--size {args.size}: the demo volume needs a positive multiple of 512 bytes")
