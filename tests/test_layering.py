@@ -30,7 +30,7 @@ for argv in json.loads(sys.argv[1]):
         codes.append(main(argv))
     except SystemExit as exc:  # --help and usage errors end in argparse's exit
         codes.append(exc.code)
-heavy = ("vhost_pv._native", "vhost_pv._vhost_pv_native", "_cffi_backend", "vhost_pv.daemon",
+heavy = ("vhost_pv._native", "vhost_pv._vhost_pv_native", "_cffi_backend", "vhost_pv.app",
          "vhost_pv_tools")
 print(json.dumps({"codes": codes,
                   "loaded": sorted(m for m in sys.modules if m.startswith(heavy))}))

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vhost_pv.app import App
 from vhost_pv.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, render
 from vhost_pv.cli.argtypes import host_port, http_url, ids, integer, number, socket_path
+from vhost_pv.config import ConfigError, DaemonConfig
 from vhost_pv.control.server import AccessList
-from vhost_pv.daemon import ConfigError, Daemon, DaemonConfig
 from vhost_pv.guard.containers import ReclaimPolicy
 from vhost_pv.volume.header import HeaderError
 from vhost_pv.volume.ring import RingError
@@ -86,9 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             render.error(str(exc))
             return EXIT_FAILED
     # A volume that cannot be opened does not stop the others: the daemon logs it, alerts
-    # and lists it in status (see Daemon._open_volume).
+    # and lists it in status (see VolumeService._open_volume).
     try:
-        uvloop.run(Daemon(config).run())
+        uvloop.run(App(config).run())
     except OSError as exc:
         render.error(render.os_error(exc))
         return EXIT_FAILED

@@ -438,6 +438,13 @@ class VolumeService:
         chain = await asyncio.to_thread(self._ring_verify, served)
         report.ring = chain
         if mode == ReclaimMode.REPLAY:
+            if chain["verify"]["ok"] and chain["records"]:
+                # The seal has been checked: from here the backend itself rewrites the data
+                # region. Drop the stored seal before the first write, so a daemon killed
+                # anywhere from now until the header says attached is restarted dangling with
+                # no seal, and seals the data as it finds it; keeping it would have the next
+                # reclaim report the replayed writes as tampering.
+                await asyncio.to_thread(clear_seal, volume.fd)
             try:
                 report.replayed = await asyncio.to_thread(
                     ring_format.replay, volume.path, volume.fd, volume.header)
