@@ -35,7 +35,7 @@ demo: guest
 	VHOST_PV_CACHE=$(CACHE) $(VENV)/bin/vhost-pv demo
 
 lint: install
-	$(VENV)/bin/ruff check vhost_pv tests bench fuzz build.py
+	$(VENV)/bin/ruff check vhost_pv vhost_pv_tools tests bench fuzz build.py
 	$(VENV)/bin/mypy
 
 test: guest lint
@@ -55,4 +55,5 @@ bench: guest
 	VHOST_PV_CACHE=$(CACHE) $(VPY) -m bench
 
 clean:
-	rm -rf $(VENV) build vhost_pv/_vhost_pv_native*.so vhost_pv/_vhost_pv_native.c
+	rm -rf $(VENV) build vhost_pv/_vhost_pv_native*.so vhost_pv/_vhost_pv_native.c \
+		vhost_pv_tools/loadgen/_loadgen_native*.so vhost_pv_tools/loadgen/_loadgen_native.c

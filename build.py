@@ -1,10 +1,15 @@
-"""Builds vhost_pv._vhost_pv_native from csrc/ with cffi (API mode, out of line).
+"""Builds the two cffi modules (API mode, out of line) from csrc/.
 
-This is the only place with compiler flags, and csrc/vhost_pv.h is the only cdef source:
-the Python side sees exactly what that header declares.
+- vhost_pv._vhost_pv_native: the daemon's data path; csrc/vhost_pv.h is its only cdef source.
+- vhost_pv_tools.loadgen._loadgen_native: the load generator's frontend data path
+  (csrc/loadgen.c); csrc/loadgen.h is its only cdef source. A tool, so a module of its own:
+  the daemon's module carries none of it.
 
-`python build.py --sanitize` builds an AddressSanitizer + UBSan variant into build/asan/
-instead, leaving the normal module alone; vhost_pv/_native.py loads it when
+This is the only place with compiler flags: the Python side sees exactly what each header
+declares.
+
+`python build.py --sanitize` builds an AddressSanitizer + UBSan variant of the daemon's module
+into build/asan/ instead, leaving the normal modules alone; vhost_pv/_native.py loads it when
 VHOST_PV_NATIVE names it (`make asan` does that, with libasan preloaded).
 """
 
@@ -22,7 +27,10 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 HEADER = CSRC / "vhost_pv.h"
-SOURCES = ["vring.c", "blk.c", "blk_io.c", "blk_worker.c", "volume.c", "sha256.c", "loadgen.c", "fs.c"]
+SOURCES = ["vring.c", "blk.c", "blk_io.c", "blk_worker.c", "volume.c", "sha256.c", "fs.c"]
+LOADGEN_HEADER = CSRC / "loadgen.h"
+LOADGEN_SOURCES = ["loadgen.c"]
+LOADGEN_DIR = ROOT / "vhost_pv_tools" / "loadgen"
 CFLAGS = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-pthread", "-fvisibility=hidden"]
 # Any report ends the process: a sanitizer finding must fail the run, not scroll past.
 SANITIZE_FLAGS = [
@@ -48,6 +56,7 @@ def cdef_source(header: Path = HEADER) -> str:
 
 
 def make_builder(*, sanitize: bool = False) -> FFI:
+    """The daemon's module: vhost_pv._vhost_pv_native."""
     ffibuilder = FFI()
     ffibuilder.cdef(cdef_source())
     ffibuilder.set_source(
@@ -62,6 +71,34 @@ def make_builder(*, sanitize: bool = False) -> FFI:
     return ffibuilder
 
 
+def make_loadgen_builder() -> FFI:
+    """The load generator's module: vhost_pv_tools.loadgen._loadgen_native."""
+    ffibuilder = FFI()
+    ffibuilder.cdef(cdef_source(LOADGEN_HEADER))
+    ffibuilder.set_source(
+        "vhost_pv_tools.loadgen._loadgen_native",
+        '#include "loadgen.h"',
+        sources=[str(CSRC / name) for name in LOADGEN_SOURCES],
+        include_dirs=[str(CSRC)],
+        extra_compile_args=CFLAGS,
+        libraries=["pthread"],
+    )
+    return ffibuilder
+
+
+def _install(built: Path, target_dir: Path) -> Path:
+    """Put a compiled module in place without disturbing processes that have it mapped."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / built.name
+    # Copy beside the target, then rename over it: a process that has the old library
+    # mapped (a running daemon, a benchmark) keeps its pages; writing into the mapped
+    # file in place would crash it.
+    staging = target.with_name(target.name + ".new")
+    shutil.copy2(built, staging)
+    staging.replace(target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sanitize", action="store_true",
@@ -70,16 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="vhost-pv-build-") as tmp:
         built = Path(make_builder(sanitize=args.sanitize).compile(tmpdir=tmp, verbose=False))
-        target_dir = SANITIZED_DIR if args.sanitize else ROOT / "vhost_pv"
-        target_dir.mkdir(parents=True, exist_ok=True)
-        target = target_dir / built.name
-        # Copy beside the target, then rename over it: a process that has the old library
-        # mapped (a running daemon, a benchmark) keeps its pages; writing into the mapped
-        # file in place would crash it.
-        staging = target.with_name(target.name + ".new")
-        shutil.copy2(built, staging)
-        staging.replace(target)
-    print(f"built {target.relative_to(ROOT)}")
+        targets = [_install(built, SANITIZED_DIR if args.sanitize else ROOT / "vhost_pv")]
+    if not args.sanitize:
+        # A directory of its own, so no object file of one module can end up in the other.
+        with tempfile.TemporaryDirectory(prefix="vhost-pv-build-loadgen-") as tmp:
+            built = Path(make_loadgen_builder().compile(tmpdir=tmp, verbose=False))
+            targets.append(_install(built, LOADGEN_DIR))
+    for target in targets:
+        print(f"built {target.relative_to(ROOT)}")
     return 0
 
 

@@ -35,9 +35,9 @@ from rich.table import Table
 
 from bench import dangling, loadgen_table, metadata_fs, recovery
 from bench.qsd import QsdProcess
-from vhost_pv.guest import VhostUserBlkDisk, ensure_guest_image, run_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.guest import VhostUserBlkDisk, ensure_guest_image, run_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 WORKLOADS = [
     ("4k randread QD32", "--rw=randread --bs=4k --iodepth=32"),

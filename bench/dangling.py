@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from vhost_pv.control import client
-from vhost_pv.guest import VhostUserBlkDisk, start_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import RingFullPolicy
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.guest import VhostUserBlkDisk, start_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 FIO = ("fio --output-format=json --output=/tmp/{name}.json --filename=/dev/vda --direct=1 "
        "--ioengine=libaio --time_based --runtime={runtime} --ramp_time=1 --size=100% "

@@ -36,10 +36,10 @@ from rich.table import Table
 
 from bench.qsd import QsdProcess
 from vhost_pv.control import client
-from vhost_pv.loadgen import LoadgenResult, run_loadgen
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import RingFullPolicy, VolumeHeader
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.loadgen import LoadgenResult, run_loadgen
+from vhost_pv_tools.serverproc import ServerProcess
 
 VHOST_PV = "vhost-pv"
 HOST = "host fio"

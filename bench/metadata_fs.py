@@ -16,9 +16,9 @@ from typing import Any
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import MetaOp
-from vhost_pv.guest import run_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.guest import run_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 READS = 2000

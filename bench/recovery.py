@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from vhost_pv.control import client
-from vhost_pv.guest import VhostUserBlkDisk, start_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.guest import VhostUserBlkDisk, start_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 RECONNECT_S = 1
 # Random 4k writes and reads with the written blocks verified as it goes (verify_backlog), for

@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loadgen.h"
 #include "virtio_blk.h"
 #include "vring.h"
 
@@ -640,7 +641,7 @@ static void *queue_thread(void *arg)
 static int check_config(const struct vpv_lg_config *cfg, const struct vpv_lg_queue *queues,
                         uint32_t nqueues)
 {
-    if (nqueues == 0 || nqueues > VPV_MAX_QUEUES || cfg->rw > VPV_LG_RANDRW ||
+    if (nqueues == 0 || nqueues > VPV_LG_MAX_QUEUES || cfg->rw > VPV_LG_RANDRW ||
         cfg->bs == 0 || cfg->bs % VPV_SECTOR_SIZE || cfg->iodepth == 0 ||
         cfg->iodepth > VPV_LG_MAX_IODEPTH || cfg->rwmix_read > 100 || cfg->timeout_ms == 0 ||
         cfg->capacity < cfg->bs || cfg->mem_size == 0)
@@ -743,7 +744,7 @@ static int queue_init(struct lg_queue *q, struct lg_run *run, uint32_t index,
 int vpv_lg_run(struct vpv_lg_config *cfg, const struct vpv_lg_queue *queues,
                struct vpv_lg_result *results, uint32_t nqueues)
 {
-    for (uint32_t i = 0; i < nqueues && i < VPV_MAX_QUEUES; i++)
+    for (uint32_t i = 0; i < nqueues && i < VPV_LG_MAX_QUEUES; i++)
         memset(&results[i], 0, sizeof(results[i]));
     cfg->backend_cpu_ticks = 0;
     cfg->backend_cpu_ok = 0;

@@ -27,8 +27,8 @@ from fuzz.guest import (
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command
 from vhost_pv.protocol.frontend import VhostUserFrontend
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.serverproc import ServerProcess
 
 VOLUME_SIZE = 4 << 20
 STATUS_TIMEOUT_S = 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vhost_pv.guest import GuestImage, ensure_guest_image
+from vhost_pv_tools.guest import GuestImage, ensure_guest_image
 
 
 @pytest.fixture(scope="session")

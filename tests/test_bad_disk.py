@@ -33,8 +33,8 @@ from frontend import (
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 CHUNK = 64 << 10

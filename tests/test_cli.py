@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import SLOT_SIZE
 from vhost_pv.volume.volume import read_header
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ import pytest
 
 from vhost_pv import cli
 from vhost_pv.control import client
-from vhost_pv.serverproc import ServerProcess
+from vhost_pv_tools.serverproc import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 _ENTRY = REPO / ".venv" / "bin" / "vhost-pv"

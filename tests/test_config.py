@@ -1,7 +1,7 @@
 """DaemonConfig is the one place of the daemon's defaults and of their range checks.
 
 `vhost-pv serve` takes its defaults from DaemonConfig's fields and reports validate()'s
-ConfigError in its option names; Daemon refuses a bad config before it touches anything.
+ConfigError in its option names; App refuses a bad config before it touches anything.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 
 from vhost_pv import cli
 from vhost_pv._native import lib
+from vhost_pv.app import App
+from vhost_pv.config import ConfigError, DaemonConfig
 from vhost_pv.control.wire import NAME_LEN
-from vhost_pv.daemon import ConfigError, Daemon, DaemonConfig
 from vhost_pv.guard.containers import ReclaimPolicy
 
 
@@ -67,7 +68,7 @@ def test_describe_uses_the_callers_names(tmp_path: Path) -> None:
 
 def test_daemon_refuses_a_bad_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        Daemon(config(tmp_path, queues=0))
+        App(config(tmp_path, queues=0))
     assert not (tmp_path / "control.sock").exists()
 
 

@@ -26,8 +26,8 @@ from vhost_pv.control.wire import (
     ControlHeader,
     ReplyStatus,
 )
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv_tools.serverproc import ServerProcess
 
 NOBODY = 65534
 REPO = Path(__file__).resolve().parent.parent

@@ -16,11 +16,11 @@ from volumes import data_digest
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import ReclaimMode
-from vhost_pv.guest import GuestImage, GuestProcess, VhostUserBlkDisk, start_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import ReadPolicy, RingFullPolicy, VolumeHeader
 from vhost_pv.volume.ring import RecordType, RingReader
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv_tools.guest import GuestImage, GuestProcess, VhostUserBlkDisk, start_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 DISK_MIB = 32

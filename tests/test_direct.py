@@ -22,12 +22,12 @@ from volumes import data_digest
 from vhost_pv._native import lib
 from vhost_pv.control import client
 from vhost_pv.devices.blk import BlkDevice
-from vhost_pv.loadgen import LoadgenResult, run_loadgen
 from vhost_pv.protocol.session import VringSetup
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import RingFullPolicy, VolumeState
 from vhost_pv.volume.ring import RingReader
 from vhost_pv.volume.volume import CreateOptions, Volume, create_volume
+from vhost_pv_tools.loadgen import LoadgenResult, run_loadgen
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 

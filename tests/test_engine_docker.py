@@ -29,8 +29,8 @@ from daemon_status import alert_kinds, header, wait_until
 from vhost_pv.control import client
 from vhost_pv.guard.engine_api import EngineClient
 from vhost_pv.guard.engine_events import ContainerEvent, ContainerInfo, EngineError, parse_event
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 T = TypeVar("T")

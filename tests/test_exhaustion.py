@@ -17,8 +17,8 @@ from attach import Guest, pattern
 from daemon_status import volume_entry, wait_until
 
 from vhost_pv.control import client
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 

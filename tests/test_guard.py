@@ -19,9 +19,9 @@ from daemon_status import alert_kinds, volume_entry, wait_until
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command, ReclaimMode
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import TtlAction, VolumeHeader
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 

@@ -17,7 +17,6 @@ from daemon_status import alert_kinds, volume_entry, wait_until
 from frontend import FrontendError
 
 from vhost_pv.control import client
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import (
     DAMAGED_REASON,
     FLAG_BOTH_COPIES,
@@ -34,6 +33,7 @@ from vhost_pv.volume.header import (
     encode_slot,
 )
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 REASON_OFFSET = 104  # inside the reason text: covered by the CRC, not the state field

@@ -55,10 +55,10 @@ from vhost_pv.devices.blk import BlkDevice
 from vhost_pv.devices.fs import FsDevice
 from vhost_pv.protocol.messages import Request, U64Payload
 from vhost_pv.protocol.session import MemoryRegionSpec, VringSetup
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import VolumeState
 from vhost_pv.volume.ring import RingReader
 from vhost_pv.volume.volume import CreateOptions, Volume, create_volume, read_header
+from vhost_pv_tools.serverproc import ServerProcess
 
 DISK_SIZE = 16 << 20
 MEMORY_SIZE = 4 << 20

@@ -43,8 +43,8 @@ from vhost_pv.protocol.messages import (
     inflight_area_size,
     inflight_queue_region_size,
 )
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.serverproc import ServerProcess
 
 DISK_SIZE = 16 << 20
 RING = 64

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 
 from bench.qsd import QsdProcess
-from vhost_pv._native import lib
 from vhost_pv.control import client
-from vhost_pv.loadgen import LoadgenError, LoadgenResult, VerifyState, pattern, run_loadgen
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import VolumeHeader
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.loadgen import LoadgenError, LoadgenResult, VerifyState, pattern, run_loadgen
+from vhost_pv_tools.loadgen._native import lib
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 DISK_SIZE = 64 * MiB

@@ -18,8 +18,8 @@ from daemon_status import wait_until
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command, MetaOp, MetaRequest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 SECRET = "s3cr3t-value-that-must-never-be-logged"

@@ -13,10 +13,10 @@ from test_dangling_qemu import wait_console
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import MetaOp
-from vhost_pv.guest import GuestImage, start_guest
 from vhost_pv.meta.fuse import IN_HEADER_SIZE, InHeader, InitInCompat, InitOut, OutHeader
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.guest import GuestImage, start_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 SECRET = "fs-visible-secret"

@@ -11,9 +11,9 @@ import pytest
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import MetaOp
-from vhost_pv.guest import GuestImage, run_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.guest import GuestImage, run_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 AGENT = (Path(__file__).resolve().parents[1] / "vhost_pv" / "meta" / "agent.sh").read_text()

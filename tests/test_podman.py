@@ -17,10 +17,10 @@ from test_dangling_qemu import pattern, read_data, wait_console
 from volumes import data_digest
 
 from vhost_pv.control import client
-from vhost_pv.guest import GuestImage, VhostUserBlkDisk, start_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.ring import RecordType, RingReader
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv_tools.guest import GuestImage, VhostUserBlkDisk, start_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 

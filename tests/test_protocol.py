@@ -43,9 +43,9 @@ from vhost_pv.protocol.messages import (
     VringAddress,
     VringState,
 )
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import DATA_OFFSET
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.serverproc import ServerProcess
 
 DISK_SIZE = 16 << 20
 QUEUES = 2

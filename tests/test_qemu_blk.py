@@ -12,10 +12,10 @@ import pytest
 from volumes import data_digest
 
 from vhost_pv.control import client
-from vhost_pv.guest import GuestImage, VhostUserBlkDisk, run_guest, start_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import VolumeHeader
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.guest import GuestImage, VhostUserBlkDisk, run_guest, start_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 DISK_MIB = 64
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import ReclaimMode
-from vhost_pv.guest import GuestImage, GuestProcess, VhostUserBlkDisk, start_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.header import ReadPolicy
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv_tools.guest import GuestImage, GuestProcess, VhostUserBlkDisk, start_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 DISK_MIB = 64
 MiB = 1 << 20

@@ -46,8 +46,8 @@ from vhost_pv.meta.fuse import (
 from vhost_pv.meta.policy import Policy
 from vhost_pv.meta.store import MetadataStore
 from vhost_pv.protocol.messages import Request
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.serverproc import ServerProcess
 
 DISK_SIZE = 16 << 20
 MEMORY_SIZE = 4 << 20

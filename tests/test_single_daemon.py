@@ -12,8 +12,8 @@ from attach import Guest, pattern, run_cli
 from daemon_status import wait_until
 
 from vhost_pv.control import client
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 

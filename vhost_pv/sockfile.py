@@ -1,4 +1,6 @@
-"""Owned unix socket paths and exclusive volume files: one daemon per socket and per volume.
+"""Owned unix socket paths and exclusive volume files: one daemon per socket and per volume;
+the one way the package listens on a unix socket (SocketClaim.listen), accepts on it
+(Acceptor) and learns who connected (peer_credentials, AccessList).
 
 A socket path is claimed through a lock file beside it (`<socket>.lock`, flock'ed, holding
 the owner's pid) before anything at the path is touched: only the lock holder may remove a
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -22,8 +25,33 @@ import os
 import resource
 import socket
 import stat
+import struct
 import time
 from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessList:
+    """Who may use the control socket. Root is always allowed."""
+
+    uids: frozenset[int] = frozenset({0})
+    gids: frozenset[int] = frozenset()
+
+    def allows(self, peer: PeerCredentials) -> bool:
+        return peer.uid == 0 or peer.uid in self.uids or peer.gid in self.gids
 
 
 class AlreadyServed(OSError):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import json
 import logging
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -25,7 +23,18 @@ from vhost_pv.control.wire import (
     ControlHeader,
     ReplyStatus,
 )
-from vhost_pv.sockfile import Acceptor, SocketClaim, fds_free, watch_task
+from vhost_pv.errors import VhostPvError
+from vhost_pv.sockfile import (
+    Acceptor,
+    PeerCredentials,
+    SocketClaim,
+    fds_free,
+    peer_credentials,
+    watch_task,
+)
+from vhost_pv.sockfile import (
+    AccessList as AccessList,  # re-exported: who may connect is decided in sockfile now
+)
 
 log = logging.getLogger("vhost_pv.control")
 
@@ -42,36 +51,9 @@ Handler = Callable[[bytes, "PeerCredentials", Send], Awaitable[bytes | None]]
 or None when it has sent its replies itself."""
 
 
-@dataclasses.dataclass(frozen=True)
-class PeerCredentials:
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_credentials(sock: socket.socket) -> PeerCredentials:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCredentials(pid, uid, gid)
-
-
-@dataclasses.dataclass(frozen=True)
-class AccessList:
-    """Who may use the control socket. Root is always allowed."""
-
-    uids: frozenset[int] = frozenset({0})
-    gids: frozenset[int] = frozenset()
-
-    def allows(self, peer: PeerCredentials) -> bool:
-        return peer.uid == 0 or peer.uid in self.uids or peer.gid in self.gids
-
-
-class CommandError(Exception):
-    """A command failed; `errno` goes back to the caller with the message."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = code
+class CommandError(VhostPvError):
+    """A failure of the control transport itself (not of the domain: that raises its own
+    VhostPvError subclasses). Like every VhostPvError, `errno` goes back with the message."""
 
 
 class ControlServer:
@@ -235,7 +217,7 @@ class ControlServer:
 
         try:
             result = await handler(payload, peer, send)
-        except CommandError as exc:
+        except VhostPvError as exc:  # the one place a domain error becomes -errno
             await self._reply(writer, cmd, seq, -exc.errno, str(exc).encode())
             return
         except (ConstructError, ValueError, json.JSONDecodeError) as exc:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from vhost_pv.errors import VhostPvError
 from vhost_pv.guard.engine_events import ContainerEvent, ContainerInfo, EngineError
 from vhost_pv.guard.processes import ProcessExit, pid_start_ticks
 
@@ -91,7 +92,8 @@ class OwnedVolume:
 
 
 class VolumeDirectory(Protocol):
-    """What the watchers need from the daemon."""
+    """What the watchers need from the daemon (service.volumes.VolumeService). Its methods
+    raise vhost_pv.errors.VhostPvError subclasses, the types the control socket answers."""
 
     def owned_volumes(self) -> list[OwnedVolume]: ...
 
@@ -167,6 +169,8 @@ class EngineWatcher:
                                 await self.on_event(event)
                             except (EngineError, asyncio.CancelledError):
                                 raise
+                            except VhostPvError as exc:  # the volume refused: a state, not a bug
+                                log.warning("engine: %s of %s: %s", event.action, event.id[:12], exc)
                             except Exception:  # one event must not end the watching
                                 log.exception("engine: handling %s of %s failed", event.action, event.id[:12])
                     finally:

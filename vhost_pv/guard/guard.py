@@ -1,7 +1,7 @@
 """One guard thread per volume, sleeping on a condition variable until the volume dangles.
 
 The flip itself (header durable, data path quiesced) is done by whoever calls
-Daemon.set_dangling; the guard is then woken and does the slow follow-up work off the event
+VolumeService.set_dangling; the guard is then woken and does the slow follow-up work off the event
 loop: seal the data region, alert, keep the time limit, and turn every I/O attempt the C
 data path reports on the dangling volume into a (rate-limited, counted) alert.
 """

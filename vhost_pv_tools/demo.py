@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from vhost_pv.control import client
-from vhost_pv.guest import VhostUserBlkDisk, ensure_guest_image, guest_image_dir, run_guest
-from vhost_pv.serverproc import ServerProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.guest import VhostUserBlkDisk, ensure_guest_image, guest_image_dir, run_guest
+from vhost_pv_tools.serverproc import ServerProcess
 
 FIO_JOB = """
 set -e

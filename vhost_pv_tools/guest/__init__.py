@@ -1,6 +1,6 @@
 """Small QEMU TCG guests for the demo, the tests and the benchmark."""
 
-from vhost_pv.guest.vm import (
+from vhost_pv_tools.guest.vm import (
     GuestImage,
     GuestProcess,
     GuestResult,

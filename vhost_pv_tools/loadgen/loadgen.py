@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vhost_pv._native import ffi, lib
 from vhost_pv.protocol.frontend import FrontendError, VhostUserFrontend
 from vhost_pv.protocol.messages import (
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -47,8 +46,9 @@ from vhost_pv.protocol.messages import (
 )
 from vhost_pv.protocol.session import MemoryRegionSpec
 from vhost_pv.virtio.blk import CONFIG_SIZE, SECTOR_SIZE, BlkFeature, config_offset
+from vhost_pv_tools.loadgen._native import ffi, lib
 
-log = logging.getLogger("vhost_pv.loadgen")
+log = logging.getLogger("vhost_pv_tools.loadgen")
 
 RW_MODES = {
     "randread": lib.VPV_LG_RANDREAD,
@@ -66,7 +66,7 @@ PAGE = 4096
 GPA_BASE = 0x1_0000_0000
 STALL_TIMEOUT_MS = 5000
 MAX_IODEPTH = int(lib.VPV_LG_MAX_IODEPTH)
-MAX_QUEUES = int(lib.VPV_MAX_QUEUES)
+MAX_QUEUES = int(lib.VPV_LG_MAX_QUEUES)
 MAX_RING_SIZE = 1024  # VIRTQUEUE_MAX_SIZE of QEMU and libvhost-user
 
 CONFIG_SIZE_MAX_OFFSET = config_offset("size_max")

@@ -1,0 +1,1 @@
+"""The daemon's domain services: the served volumes (volumes.py) and vhost-user admission (frontends.py)."""
