@@ -36,7 +36,7 @@ static int signal_call(struct vpv_queue *q, int fd)
         if (errno == EAGAIN)
             STAT_ADD(q, calls_saturated, 1);
         /* EINTR: the frontend cleared O_NONBLOCK on the description it shares with us and
-         * the write blocked; the stop interrupted it (unstick_worker). */
+         * the write blocked; the stop interrupted it (join_worker's stop signal). */
         if (errno != EINTR || stopping(q))
             return 0;
     }
