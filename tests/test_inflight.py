@@ -313,7 +313,9 @@ def test_sigkill_under_load_loses_and_repeats_nothing(volume: Path, tmp_path: Pa
     workdir = tmp_path / "run"
     memory = GuestMemory(24 << 20)
     ring = SplitRing(memory, ring_size)
-    server = ServerProcess([volume], workdir).start()
+    # O_DIRECT: every request waits for the device on the io_uring, so the window in which
+    # requests are taken but not completed is wide enough to catch on a busy machine too.
+    server = ServerProcess([volume], workdir, extra_args=["--direct"]).start()
     try:
         sock = server.socket_for(volume)
         area = get_area(sock, ring_size)
@@ -363,7 +365,7 @@ def test_sigkill_under_load_loses_and_repeats_nothing(volume: Path, tmp_path: Pa
         done = [h for h, _ in ring.collect()]
 
         # QEMU: the backend is gone; on reconnect it restarts the ring at used->idx.
-        server = ServerProcess([volume], workdir).start()
+        server = ServerProcess([volume], workdir, extra_args=["--direct"]).start()
         frontend = connect(sock, memory, ring, area, base=ring.used_idx)
         with frontend:
             frontend.kick(0)
