@@ -23,7 +23,10 @@ FOLDER_MARKERS = {"unit": "unit", "daemon": "daemon", "guest": "guest", "engines
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        folder = item.path.resolve().relative_to(_TESTS).parts[0]
+        path = item.path.resolve()
+        if not path.is_relative_to(_TESTS):
+            continue  # collected from elsewhere in the same run (this hook sees every item)
+        folder = path.relative_to(_TESTS).parts[0]
         marker = FOLDER_MARKERS.get(folder)
         # A test file outside the four folders would escape every `-m` selection unnoticed.
         assert marker is not None, f"{item.nodeid}: tests live in one of {sorted(FOLDER_MARKERS)}"
