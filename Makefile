@@ -8,7 +8,7 @@ FUZZ_SEED ?= 1
 FUZZ_DURATION ?= 60
 FUZZ_SKIP ?=
 # The C tests and the fuzz round, again against the ASan + UBSan build (build/asan/).
-SANITIZED_TESTS := tests/test_ring.py tests/test_protocol.py tests/test_fuzz.py
+SANITIZED_TESTS := tests/unit/test_ring.py tests/daemon/test_protocol.py tests/daemon/test_fuzz.py
 
 .PHONY: install deps venv native guest demo test lint unit bench fuzz asan clean
 
@@ -41,6 +41,10 @@ lint: install
 test: guest lint
 	VHOST_PV_CACHE=$(CACHE) $(VPY) -m pytest -q tests
 	$(MAKE) asan
+
+# The in-process tests only (tests/unit, marker `unit`): no daemon, no QEMU, no engine.
+unit: install
+	$(VPY) -m pytest -q -m unit tests
 
 # A seeded, time-bounded fuzz of the vhost-user socket and the rings (python -m fuzz --help).
 fuzz: install

@@ -8,5 +8,6 @@ descriptor rings and kicks. After each connection the daemon must be alive, answ
 `status` on its control socket within a second, and still serve a read on the bystander.
 
 It lives outside the daemon package and never imports from tests/: the guest memory and
-split-ring layout it needs are a minimal copy of tests/frontend.py's (fuzz/guest.py).
+split-ring layout it needs come from vhost_pv_tools.guestmem, the tests' too (fuzz/guest.py
+only makes them lenient to wrong values).
 """

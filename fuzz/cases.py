@@ -509,7 +509,7 @@ def _ring_round(rng: random.Random, conn: VhostUserFrontend, memory: GuestMemory
         ring.publish(head if rng.random() < 0.95 else rng.choice((ring.size, 0xFFFF, rng.getrandbits(16))))
     if rng.random() < 0.05:
         ring.set_avail_idx(ring.avail_idx + rng.choice((ring.size + 1, 0x8000, rng.getrandbits(16))))
-    before = ring.used_idx()
+    before = ring.used_idx
     for _ in range(rng.randint(1, 3)):
         conn.kick(ring.index)
         stats.kicks += 1
@@ -519,5 +519,5 @@ def _ring_round(rng: random.Random, conn: VhostUserFrontend, memory: GuestMemory
                 ring.set_desc(index, rng.getrandbits(64), rng.getrandbits(32), rng.getrandbits(16),
                               rng.getrandbits(16))
     deadline = time.monotonic() + 0.05
-    while ring.used_idx() == before and time.monotonic() < deadline:
+    while ring.used_idx == before and time.monotonic() < deadline:
         time.sleep(0.002)

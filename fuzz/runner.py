@@ -99,12 +99,12 @@ class Bystander:
         self.ring.set_desc(0, self.header, BLK_HEADER_SIZE, VRING_DESC_F_NEXT, 1)
         self.ring.set_desc(1, self.data, len(PATTERN), data_flags, 2)
         self.ring.set_desc(2, self.status, 1, VRING_DESC_F_WRITE, 0)
-        before = self.ring.used_idx()
+        before = self.ring.used_idx
         self.ring.publish(0)
         self.conn.kick(0)
         deadline = time.monotonic() + READ_TIMEOUT_S
         call = self.conn.queues[0].call
-        while self.ring.used_idx() == before:
+        while self.ring.used_idx == before:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unhealthy(f"the bystander's request did not complete within {READ_TIMEOUT_S} s")

@@ -3,7 +3,7 @@
 The tools live in vhost_pv_tools (installed beside vhost_pv), never in the product. Each
 command imports its tool inside its function: these are the only imports of vhost_pv_tools
 under vhost_pv/, and nothing else reaches this module unless one of the two is chosen
-(tests/test_layering.py checks both).
+(tests/unit/test_layering.py checks both).
 """
 
 from __future__ import annotations

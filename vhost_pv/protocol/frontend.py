@@ -1,6 +1,6 @@
 """A blocking vhost-user frontend (the side QEMU plays) over one Unix socket connection.
 
-Used by the load generator (vhost_pv_tools.loadgen) and, through tests/frontend.py, by the
+Used by the load generator (vhost_pv_tools.loadgen) and, through tests/support/frontend.py, by the
 protocol tests. It speaks the messages declared in vhost_pv.protocol.messages and knows
 nothing of guest memory layouts: callers hand it regions and ring addresses.
 """

@@ -3,7 +3,7 @@
 C: csrc/virtio_blk.h (request types, status values, flags, the config space, the request
 header and discard segment layouts, VPV_MAX_DISCARD_SECTORS) and csrc/vhost_pv.h (the limits
 the C data path shares with Python through cffi: VPV_SEG_MAX, VPV_MAX_DISCARD_SEGMENTS,
-VPV_SECTOR_SIZE). tests/test_c_headers.py checks both against this module.
+VPV_SECTOR_SIZE). tests/unit/test_c_headers.py checks both against this module.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Split virtqueue layout (virtio 1.x, section 2.7 "Split Virtqueues").
 
-C: csrc/vring.h (checked by tests/test_c_headers.py).
+C: csrc/vring.h (checked by tests/unit/test_c_headers.py).
 """
 
 from __future__ import annotations
