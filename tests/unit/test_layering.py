@@ -53,6 +53,7 @@ def test_client_commands_do_not_load_the_data_path(tmp_path: Path) -> None:
         ["status", "--help"],
         ["status", "--control", control],
         ["status", "--control", control, "--json"],
+        ["ls", "--control", control],
         ["alerts", "--control", control],
         ["ioctl", "--control", control, "Persistent_Disk_Dangling", "vol0"],
         ["reclaim", "--control", control, "vol0", "--owner", "c2"],
@@ -61,7 +62,7 @@ def test_client_commands_do_not_load_the_data_path(tmp_path: Path) -> None:
         ["delete", "--control", control, "vol0"],
     )
     # Help exits 0; every client reports the missing daemon with exit 1.
-    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 8
+    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 9
     assert result["loaded"] == []
 
 

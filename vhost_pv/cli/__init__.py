@@ -36,6 +36,7 @@ EXIT_INTERRUPTED = 130
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("serve", "serve", "serve volumes to vhost-user-blk frontends"),
     ("status", "admin", "ask a running daemon for its state"),
+    ("ls", "admin", "one line per served volume: state, dangling age, ring, time limit"),
     ("ioctl", "admin", "flip a served volume to dangling (or back)"),
     ("reclaim", "admin", "give a dangling volume to a new owner"),
     ("bind", "admin", "record a volume's owner container"),
@@ -53,7 +54,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 
 EPILOG = """commands by audience:
   serve                                         the daemon
-  status ioctl reclaim bind delete alerts       a running daemon, through its control socket
+  status ls ioctl reclaim bind delete alerts    a running daemon, through its control socket
   ring-ctl meta meta-relay
   create inspect ring                           volume files, no daemon needed
   loadgen demo                                  tools: load generator, end-to-end demo

@@ -1,6 +1,6 @@
 """Admin client commands: they talk to a running daemon over its control socket.
 
-status, ioctl, reclaim, bind, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
+status, ls, ioctl, reclaim, bind, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
 runs to reach the metadata HTTP server. None of them loads the daemon or its C data path.
 """
 
@@ -73,7 +73,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (OSError, client.ControlError) as exc:
         render.error(control_problem(Path(args.control), exc))
         return EXIT_FAILED
-    render.status(state, use_json=args.json)
+    render.status(state, use_json=args.json, control=args.control)
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    try:
+        state = client.status(Path(args.control))
+    except (OSError, client.ControlError) as exc:
+        render.error(control_problem(Path(args.control), exc))
+        return EXIT_FAILED
+    render.volume_list(state, use_json=args.json)
     return EXIT_OK
 
 
@@ -155,6 +165,17 @@ def _status(p: argparse.ArgumentParser) -> None:
     _control(p)
     _json(p, "the whole status as JSON")
     p.set_defaults(func=cmd_status)
+
+
+def _ls(p: argparse.ArgumentParser) -> None:
+    p.description = ("List a running daemon's volumes, one line each: state, how long dangling, "
+                     "quarantine ring use, time limit left, frontend attached or not.")
+    p.epilog = """examples:
+  vhost-pv ls --control /run/vhost-pv/control.sock
+  vhost-pv ls --control /run/vhost-pv/control.sock --json | jq '.[] | select(.header.dangling) | .name'"""
+    _control(p)
+    _json(p, "the volumes part of the status as JSON (raw nanoseconds and bytes)")
+    p.set_defaults(func=cmd_ls)
 
 
 def _ioctl(p: argparse.ArgumentParser) -> None:
@@ -273,6 +294,7 @@ def _meta_relay(p: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "status": _status,
+    "ls": _ls,
     "ioctl": _ioctl,
     "reclaim": _reclaim,
     "bind": _bind,

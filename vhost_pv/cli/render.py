@@ -7,10 +7,48 @@ indented JSON with --json and as short aligned text otherwise.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+NS_PER_S = 1_000_000_000
+
+
+def duration(seconds: float) -> str:
+    """A duration in the two largest units that matter: "45s", "3m12s", "2h05m", "3d04h".
+
+    Rounded down to whole seconds (a countdown never shows more time than is left); negative
+    durations (a deadline already passed) show as "0s"."""
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def size(count: int) -> str:
+    """A byte count in binary units: "512 B", "1.2 MiB", "16 MiB" (no ".0" on whole numbers)."""
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        # Compare what will be printed: 1048575 bytes is "1 MiB", not "1024 KiB".
+        if round(value, 1) < 1024 or unit == "TiB":
+            break
+    text = f"{value:.1f}"
+    if text.endswith(".0"):
+        text = text[:-2]
+    return f"{text} {unit}"
 
 
 def error(message: str) -> None:
@@ -72,18 +110,72 @@ def ring(path: Path, info: Mapping[str, Any], *, use_json: bool) -> None:
               f"sha256 {record['payload_sha256'][:16]}")
 
 
-def status(state: Mapping[str, Any], *, use_json: bool) -> None:
-    """A daemon's status reply: its volumes, their frontends and queues."""
+def suggested_commands(control: object, volume: str) -> list[str]:
+    """What an administrator runs about a dangling volume: give it to a new owner (its
+    quarantined writes applied), or delete it. The daemon's alerts carry the same lines."""
+    where = shlex.quote(str(control))
+    name = shlex.quote(volume)
+    return [f"vhost-pv reclaim --control {where} {name} --owner NEW_OWNER --replay",
+            f"vhost-pv delete --control {where} {name}"]
+
+
+def dangling_age(header: Mapping[str, Any], now_ns: int) -> str:
+    """How long a volume has been dangling ("3m12s"); "-" when it is not."""
+    if not header["dangling"]:
+        return "-"
+    return duration((now_ns - header["dangling_since_ns"]) / NS_PER_S)
+
+
+def ring_use(ring_stats: Mapping[str, Any]) -> str:
+    """"1.2 MiB of 16 MiB, 42 records" of the quarantine ring."""
+    records = ring_stats["records"]
+    return (f"{size(ring_stats['bytes_used'])} of {size(ring_stats['area_size'])}, "
+            f"{records} record{'' if records == 1 else 's'}")
+
+
+def ttl_left(volume: Mapping[str, Any], now_ns: int) -> str:
+    """What the time limit will do and when: "deletes in 9m48s", "alert in 9m48s", "no time
+    limit", or for a volume not dangling what it would be ("deletes 10m after dangling")."""
+    header = volume["header"]
+    ttl = header["ttl_seconds"]
+    if not ttl:
+        return "no time limit"
+    deletes = header["ttl_action"] == "delete"
+    if not header["dangling"]:
+        return f"{'deletes' if deletes else 'alert'} {duration(ttl)} after dangling"
+    guard = volume.get("guard") or {}
+    # The guard sets its deadline once the data is sealed; until then it is the header's.
+    deadline = guard.get("ttl_deadline_ns") or header["dangling_since_ns"] + ttl * NS_PER_S
+    if guard.get("ttl_expired"):
+        passed = duration((now_ns - deadline) / NS_PER_S)
+        return f"time limit passed {passed} ago ({'deleting' if deletes else 'alert sent'})"
+    left = duration((deadline - now_ns) / NS_PER_S)
+    return f"deletes in {left}" if deletes else f"alert in {left}"
+
+
+def status(state: Mapping[str, Any], *, use_json: bool, control: object = None) -> None:
+    """A daemon's status reply: its volumes, their frontends and queues; for a dangling volume
+    how long, why, its ring, its time limit and the commands to settle it. Text shows times
+    and sizes in human units only; --json keeps the raw values (nanoseconds, bytes)."""
     if use_json:
         as_json(state)
         return
+    now_ns = time.time_ns()
     print(f"daemon pid {state['pid']}")
     for failure in state.get("failed", []):
         print(f"  not served: {failure['path']}: {failure['error']}")
     for volume in state["volumes"]:
         header = volume["header"]
-        print(f"  {volume['name']}: {header['capacity'] >> 20} MiB, state {header['state']}, "
+        print(f"  {volume['name']}: {size(header['capacity'])}, state {header['state']}, "
               f"socket {volume['socket']}")
+        if header["dangling"]:
+            print(f"    dangling for {dangling_age(header, now_ns)}: "
+                  f"{header['reason'] or 'no reason given'} (source: {header['dangling_source'] or '-'})")
+            print(f"    ring {ring_use(volume['ring'])}; {ttl_left(volume, now_ns)}")
+            commands = (volume.get("guard") or {}).get("suggested") or (
+                suggested_commands(control, volume["name"]) if control is not None else [])
+            for command in commands:
+                print(f"    to {command.split()[1]}: {command}")
         connection = volume["connection"]
         if connection is None:
             print("    no frontend attached")
@@ -94,3 +186,23 @@ def status(state: Mapping[str, Any], *, use_json: bool) -> None:
             print(f"    q{index}: {queue['requests']} requests, {queue['reads']} reads, "
                   f"{queue['writes']} writes, {queue['io_errors']} errors, "
                   f"{queue['bad_requests']} bad, broken={bool(queue['broken'])}")
+
+
+def volume_list(state: Mapping[str, Any], *, use_json: bool) -> None:
+    """`vhost-pv ls`: one line per served volume (name, state, dangling age, ring use, time
+    limit, frontend); --json is the volumes part of the status, raw."""
+    if use_json:
+        as_json(state["volumes"])
+        return
+    now_ns = time.time_ns()
+    rows = [("NAME", "STATE", "AGE", "RING", "TTL", "FRONTEND")]
+    for volume in state["volumes"]:
+        header = volume["header"]
+        rows.append((volume["name"], header["state"], dangling_age(header, now_ns),
+                     ring_use(volume["ring"]), ttl_left(volume, now_ns),
+                     "attached" if volume["connection"] is not None else "none"))
+    for failure in state.get("failed", []):
+        rows.append((Path(failure["path"]).stem, "failed", "-", "-", "-", failure["error"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:-1])) + "  " + row[-1])

@@ -13,9 +13,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vhost_pv._native import lib
+from vhost_pv.cli.render import duration, suggested_commands
 from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.virtio.blk import RequestType
 from vhost_pv.volume.header import TtlAction
@@ -50,8 +52,11 @@ class VolumeGuard:
         *,
         describe_source: Callable[[int], dict[str, Any]],
         delete_volume: Callable[[str], None],
+        control_path: Path | None = None,
     ) -> None:
         self.volume = volume
+        # Where the daemon's control socket is, so the alerts can give the exact commands.
+        self.control_path = control_path
         self.name = volume.name
         self.hub = hub
         self.describe_source = describe_source
@@ -106,10 +111,20 @@ class VolumeGuard:
                                timeout)
             return self.seal
 
+    def suggested(self) -> list[str]:
+        """The commands that settle this volume (reclaim or delete), for alerts and status."""
+        control = self.control_path if self.control_path is not None else "CONTROL_SOCKET"
+        return suggested_commands(control, self.name)
+
+    def _advice(self) -> str:
+        reclaim, delete = self.suggested()
+        return f"reclaim it with `{reclaim}` or delete it with `{delete}`"
+
     def describe(self) -> dict[str, Any]:
         with self.cond:
             deadline = self._deadline_ns
             return {
+                "suggested": self.suggested() if self.is_dangling else [],
                 "is_dangling": self.is_dangling,
                 "sealed": self.seal is not None,
                 "seal_root": self.seal.root if self.seal else None,
@@ -169,11 +184,19 @@ class VolumeGuard:
             self._deadline_ns = deadline
             self._ttl_done = False
             self.cond.notify_all()
+        if not header.ttl_seconds:
+            limit = "no time limit"
+        elif header.ttl_action == TtlAction.DELETE:
+            limit = f"it is deleted in {duration(header.ttl_seconds)} unless reclaimed"
+        else:
+            limit = f"an alert follows in {duration(header.ttl_seconds)}"
         self.hub.raise_alert(
             "volume-dangling", self.name,
             f"volume {self.name} is dangling ({header.reason or 'no reason given'}): "
-            "its data is sealed and new writes go to the quarantine ring",
+            f"its data is sealed and new writes go to the quarantine ring ({limit}); "
+            + self._advice(),
             severity="critical",
+            suggested=self.suggested(),
             reason=header.reason,
             source=header.dangling_source,
             owner=header.owner,
@@ -239,7 +262,9 @@ class VolumeGuard:
         frontend = self.describe_source(event["source"])
         self.hub.raise_alert(
             "dangling-io", self.name,
-            f"{request} at sector {event['sector']} on dangling volume {self.name}: {outcome}",
+            f"{request} at sector {event['sector']} on dangling volume {self.name}: {outcome}; "
+            + self._advice(),
+            suggested=self.suggested(),
             request=request,
             outcome=outcome,
             sector=event["sector"],
@@ -259,14 +284,16 @@ class VolumeGuard:
         if header.ttl_action == TtlAction.DELETE:
             self.hub.raise_alert(
                 "ttl-expired", self.name,
-                f"time limit of {header.ttl_seconds} s passed for dangling volume {self.name}: deleting it",
-                severity="critical", ttl_seconds=header.ttl_seconds, action="delete",
+                f"time limit of {duration(header.ttl_seconds)} passed for dangling volume {self.name}: "
+                "deleting it",
+                severity="critical", ttl_seconds=header.ttl_seconds, action="delete", suggested=[],
             )
             self.delete_volume(self.name)
         else:
             self.hub.raise_alert(
                 "ttl-expired", self.name,
-                f"time limit of {header.ttl_seconds} s passed for dangling volume {self.name}: "
-                f"delete it with `vhost-pv delete {self.name}` or reclaim it",
+                f"time limit of {duration(header.ttl_seconds)} passed for dangling volume {self.name}: "
+                + self._advice(),
                 severity="critical", ttl_seconds=header.ttl_seconds, action="alert",
+                suggested=self.suggested(),
             )

@@ -248,7 +248,7 @@ class VolumeService:
             raise ValueError(f"two volumes share the name {volume.name!r}: socket names clash")
         guard = VolumeGuard(
             volume, self.alerts, describe_source=self.describe_source,
-            delete_volume=self._delete_from_guard,
+            delete_volume=self._delete_from_guard, control_path=self.config.control_path,
         )
         served = ServedVolume(
             volume=volume,

@@ -1,0 +1,99 @@
+"""The CLI's human units (render.duration, render.size) and the status/ls text built on them:
+no raw nanoseconds or epoch seconds in text, the raw values kept in --json."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import pytest
+
+from vhost_pv.cli import render
+
+MiB = 1 << 20
+NS = 1_000_000_000
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0s"), (0.9, "0s"), (45, "45s"), (59.99, "59s"), (60, "1m00s"), (192, "3m12s"),
+    (3599, "59m59s"), (3600, "1h00m"), (2 * 3600 + 5 * 60 + 7, "2h05m"), (86400, "1d00h"),
+    (3 * 86400 + 4 * 3600 + 59, "3d04h"), (400 * 86400, "400d00h"), (-5, "0s"),
+])
+def test_duration(seconds: float, text: str) -> None:
+    assert render.duration(seconds) == text
+
+
+@pytest.mark.parametrize(("count", "text"), [
+    (0, "0 B"), (1, "1 B"), (1023, "1023 B"), (1024, "1 KiB"), (1536, "1.5 KiB"),
+    (MiB - 1, "1 MiB"), (MiB, "1 MiB"), (int(1.2 * MiB), "1.2 MiB"), (16 * MiB, "16 MiB"),
+    (10 << 30, "10 GiB"), (3 << 40, "3 TiB"), (5000 << 40, "5000 TiB"),
+])
+def test_size(count: int, text: str) -> None:
+    assert render.size(count) == text
+
+
+def test_suggested_commands_quote_the_control_path() -> None:
+    reclaim, delete = render.suggested_commands("/run/my dir/control.sock", "vol0")
+    assert reclaim == "vhost-pv reclaim --control '/run/my dir/control.sock' vol0 --owner NEW_OWNER --replay"
+    assert delete == "vhost-pv delete --control '/run/my dir/control.sock' vol0"
+
+
+def _volume(name: str, *, dangling: bool, since_ns: int = 0, ttl: int = 0, action: str = "delete",
+            deadline_ns: int | None = None, expired: bool = False, attached: bool = False) -> dict[str, Any]:
+    return {
+        "name": name,
+        "socket": f"/run/vhost-pv/{name}.sock",
+        "header": {"capacity": 64 * MiB, "state": "dangling" if dangling else "attached",
+                   "dangling": dangling, "dangling_since_ns": since_ns, "reason": "container-deleted",
+                   "dangling_source": "ioctl", "ttl_seconds": ttl, "ttl_action": action},
+        "ring": {"bytes_used": int(1.2 * MiB), "area_size": 16 * MiB, "records": 42},
+        "guard": {"ttl_deadline_ns": deadline_ns, "ttl_expired": expired,
+                  "suggested": render.suggested_commands("/run/c.sock", name) if dangling else []},
+        "connection": {"pid": 7, "uid": 0, "queues_running": True, "queues": []} if attached else None,
+    }
+
+
+def _state(now_ns: int) -> dict[str, Any]:
+    since = now_ns - 192 * NS - NS // 2  # dangling for 3m12.5s
+    return {"pid": 1234, "failed": [], "volumes": [
+        _volume("gone", dangling=True, since_ns=since, ttl=600, deadline_ns=since + 600 * NS),
+        _volume("kept", dangling=True, since_ns=since, ttl=60, action="alert",
+                deadline_ns=since + 60 * NS, expired=True),
+        _volume("live", dangling=False, ttl=600, attached=True),
+        _volume("nolimit", dangling=True, since_ns=since),
+    ]}
+
+
+def test_status_text_is_in_human_units(capsys: pytest.CaptureFixture[str]) -> None:
+    now = time.time_ns()
+    render.status(_state(now), use_json=False, control="/run/c.sock")
+    out = capsys.readouterr().out
+    assert "gone: 64 MiB, state dangling" in out
+    assert "dangling for 3m12s: container-deleted (source: ioctl)" in out
+    assert "ring 1.2 MiB of 16 MiB, 42 records; deletes in 6m47s" in out
+    assert "time limit passed 2m12s ago (alert sent)" in out
+    assert "; no time limit" in out
+    assert "to reclaim: vhost-pv reclaim --control /run/c.sock gone --owner NEW_OWNER --replay" in out
+    assert "to delete: vhost-pv delete --control /run/c.sock gone" in out
+    assert not re.search(r"\d{10,}", out), out
+
+
+def test_status_json_keeps_the_raw_values(capsys: pytest.CaptureFixture[str]) -> None:
+    state = _state(time.time_ns())
+    render.status(state, use_json=True)
+    assert json.loads(capsys.readouterr().out) == state
+
+
+def test_ls_one_line_per_volume(capsys: pytest.CaptureFixture[str]) -> None:
+    render.volume_list(_state(time.time_ns()), use_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "STATE", "AGE", "RING", "TTL", "FRONTEND"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert list(rows) == ["gone", "kept", "live", "nolimit"]
+    assert re.search(r"dangling +3m12s +1\.2 MiB of 16 MiB, 42 records +deletes in 6m47s +none$",
+                     rows["gone"])
+    assert re.search(r"attached +- +.* +deletes 10m00s after dangling +attached$", rows["live"])
+    assert "no time limit" in rows["nolimit"]
+    assert not any(re.search(r"\d{10,}", line) for line in lines)
