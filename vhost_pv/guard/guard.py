@@ -55,8 +55,9 @@ class VolumeGuard:
         control_path: Path | None = None,
     ) -> None:
         self.volume = volume
-        # Where the daemon's control socket is, so the alerts can give the exact commands.
-        self.control_path = control_path
+        # Where the daemon's control socket is, so the alerts can give the exact commands;
+        # absolute, since whoever reads an alert is not in the daemon's working directory.
+        self.control_path = control_path.absolute() if control_path is not None else None
         self.name = volume.name
         self.hub = hub
         self.describe_source = describe_source
