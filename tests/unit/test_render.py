@@ -1,4 +1,4 @@
-"""The CLI's human units (render.duration, render.size) and the status/ls text built on them:
+"""The human units (humanize.duration, humanize.size) and the status/ls text built on them:
 no raw nanoseconds or epoch seconds in text, the raw values kept in --json."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from vhost_pv import humanize
 from vhost_pv.cli import render
 
 MiB = 1 << 20
@@ -22,7 +23,7 @@ NS = 1_000_000_000
     (3 * 86400 + 4 * 3600 + 59, "3d04h"), (400 * 86400, "400d00h"), (-5, "0s"),
 ])
 def test_duration(seconds: float, text: str) -> None:
-    assert render.duration(seconds) == text
+    assert humanize.duration(seconds) == text
 
 
 @pytest.mark.parametrize(("count", "text"), [
@@ -31,11 +32,11 @@ def test_duration(seconds: float, text: str) -> None:
     (10 << 30, "10 GiB"), (3 << 40, "3 TiB"), (5000 << 40, "5000 TiB"),
 ])
 def test_size(count: int, text: str) -> None:
-    assert render.size(count) == text
+    assert humanize.size(count) == text
 
 
 def test_suggested_commands_quote_the_control_path() -> None:
-    reclaim, delete = render.suggested_commands("/run/my dir/control.sock", "vol0")
+    reclaim, delete = humanize.suggested_commands("/run/my dir/control.sock", "vol0")
     assert reclaim == "vhost-pv reclaim --control '/run/my dir/control.sock' vol0 --owner NEW_OWNER --replay"
     assert delete == "vhost-pv delete --control '/run/my dir/control.sock' vol0"
 
@@ -50,7 +51,7 @@ def _volume(name: str, *, dangling: bool, since_ns: int = 0, ttl: int = 0, actio
                    "dangling_source": "ioctl", "ttl_seconds": ttl, "ttl_action": action},
         "ring": {"bytes_used": int(1.2 * MiB), "area_size": 16 * MiB, "records": 42},
         "guard": {"ttl_deadline_ns": deadline_ns, "ttl_expired": expired,
-                  "suggested": render.suggested_commands("/run/c.sock", name) if dangling else []},
+                  "suggested": humanize.suggested_commands("/run/c.sock", name) if dangling else []},
         "connection": {"pid": 7, "uid": 0, "queues_running": True, "queues": []} if attached else None,
     }
 

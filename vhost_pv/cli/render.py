@@ -7,48 +7,15 @@ indented JSON with --json and as short aligned text otherwise.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vhost_pv.humanize import duration, size, suggested_commands
+
 NS_PER_S = 1_000_000_000
-
-
-def duration(seconds: float) -> str:
-    """A duration in the two largest units that matter: "45s", "3m12s", "2h05m", "3d04h".
-
-    Rounded down to whole seconds (a countdown never shows more time than is left); negative
-    durations (a deadline already passed) show as "0s"."""
-    total = max(0, int(seconds))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
-def size(count: int) -> str:
-    """A byte count in binary units: "512 B", "1.2 MiB", "16 MiB" (no ".0" on whole numbers)."""
-    if count < 1024:
-        return f"{count} B"
-    value = float(count)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        # Compare what will be printed: 1048575 bytes is "1 MiB", not "1024 KiB".
-        if round(value, 1) < 1024 or unit == "TiB":
-            break
-    text = f"{value:.1f}"
-    if text.endswith(".0"):
-        text = text[:-2]
-    return f"{text} {unit}"
 
 
 def error(message: str) -> None:
@@ -108,15 +75,6 @@ def ring(path: Path, info: Mapping[str, Any], *, use_json: bool) -> None:
         print(f"  #{record['seq']:<6} {record['type']:<12} sector {record['sector']:<10} "
               f"{record['length']:>8} bytes  q{record['queue']} conn {record['source']}  "
               f"sha256 {record['payload_sha256'][:16]}")
-
-
-def suggested_commands(control: object, volume: str) -> list[str]:
-    """What an administrator runs about a dangling volume: give it to a new owner (its
-    quarantined writes applied), or delete it. The daemon's alerts carry the same lines."""
-    where = shlex.quote(str(control))
-    name = shlex.quote(volume)
-    return [f"vhost-pv reclaim --control {where} {name} --owner NEW_OWNER --replay",
-            f"vhost-pv delete --control {where} {name}"]
 
 
 def dangling_age(header: Mapping[str, Any], now_ns: int) -> str:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from vhost_pv._native import lib
-from vhost_pv.cli.render import duration, suggested_commands
 from vhost_pv.guard.alerts import AlertHub
+from vhost_pv.humanize import duration, suggested_commands
 from vhost_pv.virtio.blk import RequestType
 from vhost_pv.volume.header import TtlAction
 from vhost_pv.volume.seal import Seal, SealError, compute_seal, read_seal, write_seal
