@@ -111,6 +111,11 @@ def test_dangling_state_survives_a_restart_and_frontends_attach_under_its_rules(
         assert "attached to a dangling volume" in server.log()
         assert alert_kinds(server.control, "vol0").count("dangling-attach") == 1
         assert "attach-refused" not in alert_kinds(server.control, "vol0")
+        # The alert says what settles it: reclaim or delete, on this daemon's control socket.
+        (attach,) = [a for a in client.alerts(server.control) if a["kind"] == "dangling-attach"]
+        reclaim, delete = attach["details"]["suggested"]
+        assert reclaim.startswith("vhost-pv reclaim --control ") and str(server.control.absolute()) in reclaim
+        assert delete.startswith("vhost-pv delete --control ") and delete.endswith(" vol0")
 
 
 @pytest.mark.timeout(60)

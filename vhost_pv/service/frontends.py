@@ -184,7 +184,7 @@ class FrontendService:
         self.alerts.raise_alert(
             "dangling-attach", name,
             f"a frontend attached to dangling volume {name}; its I/O is quarantined{more}",
-            pid=peer.pid, uid=peer.uid, suppressed=suppressed,
+            pid=peer.pid, uid=peer.uid, suppressed=suppressed, suggested=served.guard.suggested(),
         )
 
     async def _run_session(self, served: ServedVolume, session: VhostUserSession) -> None:
