@@ -129,20 +129,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
     try:
         header = read_header(path)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a path swapped for a FIFO after the header check must not hang us.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             seal = read_seal(fd, header)
-            if seal is None:
-                info: dict[str, object] = {"path": str(path), "sealed": False,
-                                           "state": header.state.name.lower()}
-                if args.json:
-                    render.as_json(info)
-                else:
-                    print(f"{path}: no seal (the volume is sealed when it turns dangling); "
-                          "nothing to verify")
-                return EXIT_OK
-            with _progress_bar(f"verifying {path.name}") as progress:
-                check = check_seal(fd, header, seal, progress)
+            check = None
+            if seal is not None:
+                with _progress_bar(f"verifying {path.name}") as progress:
+                    check = check_seal(fd, header, seal, progress)
         finally:
             os.close(fd)
     except (HeaderError, SealError) as exc:
@@ -151,6 +145,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         render.error(render.os_error(exc, path))
         return EXIT_FAILED
+    # Printing stays outside the try: a closed stdout is main()'s broken pipe, not a volume error.
+    if seal is None or check is None:
+        info: dict[str, object] = {"path": str(path), "sealed": False, "state": header.state.name.lower()}
+        if args.json:
+            render.as_json(info)
+        else:
+            print(f"{path}: no seal (the volume is sealed when it turns dangling); nothing to verify")
+        return EXIT_OK
     # The last chunk may be shorter than chunk_size: report what the data region holds.
     ranges = [(offset, min(length, header.capacity - offset)) for offset, length in check.changed_ranges()]
     info = {"path": str(path), "sealed": True, "state": header.state.name.lower(), "root": seal.root,
