@@ -2,7 +2,7 @@
 
 - serve.py: `serve`, the daemon itself;
 - admin.py: clients of a running daemon's control socket (status, ioctl, reclaim, ...);
-- offline.py: volume files without a daemon (create, inspect, ring);
+- offline.py: volume files without a daemon (create, inspect, ring, verify);
 - tools.py: `loadgen` and `demo`, handed off to vhost_pv_tools;
 - render.py: what they print; argtypes.py: how their options are checked.
 
@@ -48,6 +48,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("create", "offline", "create a volume file"),
     ("inspect", "offline", "show a volume file's header"),
     ("ring", "offline", "list / verify / dump a volume file's quarantine ring"),
+    ("verify", "offline", "check a volume file's data against its seal"),
     ("loadgen", "tools", "drive a vhost-user-blk socket (any backend) as a frontend"),
     ("demo", "tools", "create a volume, serve it, run fio in a QEMU guest"),
 )
@@ -56,11 +57,11 @@ EPILOG = """commands by audience:
   serve                                         the daemon
   status ls ioctl reclaim bind delete alerts    a running daemon, through its control socket
   ring-ctl meta meta-relay
-  create inspect ring                           volume files, no daemon needed
+  create inspect ring verify                    volume files, no daemon needed
   loadgen demo                                  tools: load generator, end-to-end demo
 
 exit codes: 0 ok, 1 the operation failed, 2 usage error, 3 a check found problems
-(loadgen, ring), 130 interrupted. Whatever goes wrong is one "vhost-pv: ..." line on stderr.
+(loadgen, ring, verify), 130 interrupted. Whatever goes wrong is one "vhost-pv: ..." line on stderr.
 
 examples:
   vhost-pv create /var/lib/vhost-pv/vol0.img --size 10G --owner my-container

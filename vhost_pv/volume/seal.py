@@ -9,6 +9,8 @@ the start of the data region, so it travels with the volume.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import hashlib
 import os
 import time
@@ -74,16 +76,51 @@ def chunk_size_for(header: VolumeHeader) -> int:
     return chunk
 
 
+def _next_data(fd: int, offset: int) -> int:
+    """The first file offset >= offset that may hold data (-1: none, the rest reads as zeros).
+
+    A file system without SEEK_DATA (EINVAL, EOPNOTSUPP) is taken to have data everywhere,
+    so such a volume is read in full, as before."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data at or after offset (or offset is past EOF)
+            return -1
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return offset
+        raise
+
+
+@functools.lru_cache(maxsize=8)
+def _zero_digest(length: int) -> bytes:
+    return hashlib.sha256(bytes(length)).digest()
+
+
 def _digests(fd: int, header: VolumeHeader, chunk: int, progress: Progress | None) -> list[bytes]:
+    """SHA-256 of each chunk of the data region, reading only chunks that hold data.
+
+    A chunk with no allocated extent reads as zeros, so its digest is the (cached) digest of
+    zeros: the values are exactly those of reading every byte, and sealing a sparse volume
+    costs its allocated bytes, not its capacity. lseek moves the fd's file offset, which no
+    user of the volume fd relies on (they all use pread/pwrite)."""
     digests = []
     done = 0
     step = max(1, (header.capacity // chunk) // 100)
+    next_data = -1
+    no_more_data = False
     for index, start in enumerate(range(0, header.capacity, chunk)):
         length = min(chunk, header.capacity - start)
-        data = os.pread(fd, length, header.data_offset + start)
-        if len(data) < length:  # sparse tail past EOF reads as zeros
-            data += bytes(length - len(data))
-        digests.append(hashlib.sha256(data).digest())
+        offset = header.data_offset + start
+        if not no_more_data and next_data < offset:  # stale after a chunk with data
+            next_data = _next_data(fd, offset)
+            no_more_data = next_data < 0
+        if no_more_data or next_data >= offset + length:
+            digests.append(_zero_digest(length))
+        else:
+            data = os.pread(fd, length, offset)
+            if len(data) < length:  # sparse tail past EOF reads as zeros
+                data += bytes(length - len(data))
+            digests.append(hashlib.sha256(data).digest())
         done += length
         if progress is not None and (index % step == 0 or done == header.capacity):
             progress(done, header.capacity)
