@@ -7,6 +7,7 @@ it (a QEMU guest, a fake frontend) talks to the real sockets.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -83,6 +84,18 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def wait_log(self, pattern: str, timeout: float = 5.0) -> str:
+        """The first log line matching `pattern` (a regex), once it is there."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log().splitlines():
+                if regex.search(line):
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matches {pattern!r}:\n{self.log()}")
+            time.sleep(0.05)
 
     @property
     def pid(self) -> int:

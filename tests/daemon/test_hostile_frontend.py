@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -85,17 +84,6 @@ class Daemon:
         name = self.volumes[index].stem
         (entry,) = [v for v in self.status()["volumes"] if v["name"] == name]
         return dict(entry)
-
-    def wait_log(self, pattern: str, timeout: float = 5.0) -> str:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.server.log().splitlines():
-                if regex.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line matches {pattern!r}:\n{self.server.log()}")
-            time.sleep(0.05)
 
     def wait_detached(self, index: int, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -187,7 +175,7 @@ def test_memory_shrunk_under_a_running_queue(daemon: Daemon) -> None:
     os.ftruncate(guest.memory.fd, 0)
     guest.frontend.kick(0)
     assert guest.frontend.wait_closed(5.0), "the connection of the faulting queue was not ended"
-    daemon.wait_log(r"victim: queue 0 stopped: its guest memory vanished.*closing connection")
+    daemon.server.wait_log(r"victim: queue 0 stopped: its guest memory vanished.*closing connection")
     guest.close()
     assert_unharmed(daemon, 3)
 
@@ -202,7 +190,7 @@ def test_memory_shrunk_before_the_queue_starts(daemon: Daemon) -> None:
     with contextlib.suppress(FrontendError, OSError):
         frontend.setup_queue(0, ring)
     assert frontend.wait_closed(5.0)
-    daemon.wait_log(r"victim: protocol error, closing connection: queue 0 cannot start: Bad address")
+    daemon.server.wait_log(r"victim: protocol error, closing connection: queue 0 cannot start: Bad address")
     frontend.close()
     memory.close()
     assert_unharmed(daemon, 5)
@@ -343,7 +331,7 @@ def test_fds_of_the_wrong_kind_end_the_connection(daemon: Daemon, tmp_path: Path
                         frontend.set_mem_table(memory)
                         frontend.command(Request[request], bytes(U64Payload.build(0)), [fd])
                 assert frontend.wait_closed(5.0), f"{request} with {what} did not end the connection"
-                daemon.wait_log(rf"victim: protocol error, closing connection: {request}: the "
+                daemon.server.wait_log(rf"victim: protocol error, closing connection: {request}: the "
                                 rf"(memory )?fd is {what}")
             finally:
                 frontend.close()

@@ -65,18 +65,6 @@ class Served:
         (entry,) = [v for v in status(self.server.control)["volumes"] if v["name"] == name]
         return dict(entry)
 
-    def wait_log(self, pattern: str, timeout: float = 5.0) -> str:
-        """The first log line matching `pattern` (a regex), once it is there."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.server.log().splitlines():
-                if regex.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line matches {pattern!r}:\n{self.server.log()}")
-            time.sleep(0.05)
-
     def wait_detached(self, index: int, timeout: float = 5.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
@@ -232,7 +220,7 @@ def test_second_frontend_is_refused(served: Served) -> None:
             assert second.wait_closed()
         finally:
             second.close()
-        served.wait_log(r"vol-a: refused frontend pid=\d+: volume already attached to pid \d+")
+        served.server.wait_log(r"vol-a: refused frontend pid=\d+: volume already attached to pid \d+")
         first.round_trip(8, pattern(4096, 2))
         entry = served.status(0)
         assert entry["refused_total"] == 1
@@ -414,7 +402,7 @@ def test_malformed_message_closes_only_that_connection(served: Served, case: str
             assert frontend.wait_closed(timeout=15.0), "the daemon kept the connection open"
         finally:
             frontend.close()
-        served.wait_log(
+        served.server.wait_log(
             r" ERROR vhost_pv\.protocol: vol-a: protocol error, closing connection: .*" + re.escape(message)
         )
         served.wait_detached(0)

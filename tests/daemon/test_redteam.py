@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.attach import pattern
+from support.attach import Guest, pattern
 from support.frontend import (
     VIRTIO_BLK_S_OK,
     FrontendError,
     GuestMemory,
     SplitRing,
     VhostUserFrontend,
-    read_request,
     write_request,
 )
 
@@ -99,32 +98,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield Daemon(server, volumes, meta_socket)
         assert server.process is not None and server.process.poll() is None, server.log()
         assert "Traceback" not in server.log()
-
-
-class Guest:
-    """A negotiated block frontend with guest memory and queue 0 running."""
-
-    def __init__(self, socket_path: Path, *, timeout: float = 3.0) -> None:
-        self.frontend = VhostUserFrontend(socket_path, timeout=timeout)
-        self.memory = GuestMemory(MEMORY_SIZE)
-        try:
-            self.frontend.negotiate()
-            self.frontend.set_mem_table(self.memory)
-            self.ring = SplitRing(self.memory, 64)
-            self.frontend.setup_queue(0, self.ring)
-        except BaseException:
-            self.close()
-            raise
-
-    def round_trip(self, sector: int, data: bytes) -> None:
-        write = self.frontend.submit(0, self.ring, write_request(self.memory, sector, data))
-        assert write.status == VIRTIO_BLK_S_OK
-        read = self.frontend.submit(0, self.ring, read_request(self.memory, sector, len(data)))
-        assert read.status == VIRTIO_BLK_S_OK and read.data() == data
-
-    def close(self) -> None:
-        self.frontend.close()
-        self.memory.close()
 
 
 # -- the metadata file system's queue, kept full --------------------------------------------------
