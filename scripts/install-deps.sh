@@ -3,8 +3,10 @@
 set -euo pipefail
 # liburing-dev: the data path submits through io_uring.
 # libasan8 / libubsan1: `make asan` (they normally come with gcc; named so they are checked).
+# libseccomp-dev: the data-path threads' seccomp filter. systemd: `systemd-analyze verify` of
+# the unit file. prometheus: the metrics test scrapes the daemon with a real server.
 packages=(qemu-system-x86 qemu-utils fio busybox-static cpio linux-image-cloud-amd64 gcc python3-venv
-          liburing-dev libasan8 libubsan1)
+          liburing-dev libasan8 libubsan1 libseccomp-dev systemd prometheus)
 # podman + runc: the container-watcher tests run real containers (runc: crun fails on this
 # kernel's cgroup layout). Installed with their recommended packages, as they were tested.
 with_recommends=(podman runc)
