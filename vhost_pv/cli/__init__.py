@@ -111,6 +111,24 @@ class _LazyParser(argparse.ArgumentParser):
         return super().format_usage()
 
 
+class _VersionAction(argparse.Action):
+    """`vhost-pv --version`: the installed package's version, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("vhost-pv")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            found = "unknown (not installed)"
+        parser.exit(message=f"{parser.prog} {found}\n")
+
+
 def _populator(command: str, audience: str) -> Callable[[argparse.ArgumentParser], None]:
     def populate(parser: argparse.ArgumentParser) -> None:
         module = importlib.import_module(f"vhost_pv.cli.{audience}")
@@ -128,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging (also: VHOST_PV_DEBUG=1 in the environment)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",

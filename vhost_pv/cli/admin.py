@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from vhost_pv import layout
 from vhost_pv.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, render
 from vhost_pv.cli.argtypes import PID_MAX, host_port, int_in, socket_path, text
 from vhost_pv.control import client
@@ -144,8 +145,9 @@ def cmd_meta_relay(args: argparse.Namespace) -> int:
 
 
 def _control(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control", required=True, type=socket_path, metavar="PATH",
-                   help="the daemon's control socket (what `vhost-pv serve --control` was given)")
+    p.add_argument("--control", default=layout.control_path(), type=socket_path, metavar="PATH",
+                   help="the daemon's control socket (what `vhost-pv serve --control` was given; "
+                   f"default ${layout.CONTROL_ENV}, else {layout.DEFAULT_CONTROL})")
 
 
 def _json(p: argparse.ArgumentParser, what: str = "the reply as JSON") -> None:
