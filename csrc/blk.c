@@ -509,6 +509,7 @@ int blk_process_ring(struct vpv_queue *q)
                 return -EIO;
             }
             STAT_ADD(q, requests, 1);
+            __atomic_store_n(&q->busy_since_ns, coarse_ns(), __ATOMIC_RELAXED);
             taken++;
             if (r == VPV_POP_BAD_CHAIN || !c->status_ok) {
                 /* No trustworthy status byte: complete it empty so the driver can reclaim it. */

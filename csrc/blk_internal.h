@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include <liburing.h>
 
@@ -70,6 +71,10 @@ struct vpv_queue {
     } deferred[VPV_ASYNC_SLOTS];
     uint8_t *bounce;          /* a write's payload copied out of guest memory (dangling) */
     size_t bounce_size;
+    /* Liveness (vpv_blk_queue_health), written by the worker only. */
+    uint64_t heartbeats;      /* worker loop turns */
+    uint64_t busy_since_ns;   /* coarse clock when the current request / wake-up began; 0 asleep */
+    uint64_t uring_progress_ns; /* coarse clock of the last completion (or first submission) */
 };
 
 struct vpv_blk {
@@ -97,6 +102,14 @@ struct vpv_blk {
 static inline int stopping(struct vpv_queue *q)
 {
     return __atomic_load_n(&q->stopping, __ATOMIC_RELAXED);
+}
+
+/* The clock of the liveness fields: a vDSO read of a variable, no counter access. */
+static inline uint64_t coarse_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 /* Drop the first `skip` bytes of an iovec array in place; returns the new start. */

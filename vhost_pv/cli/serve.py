@@ -64,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         meta_socket=Path(args.meta_socket) if args.meta_socket else None,
         meta_policy=Path(args.meta_policy) if args.meta_policy else None,
         peer_timeout=args.peer_timeout,
+        worker_stuck_after=args.worker_stuck_after,
     )
     try:
         config.validate()
@@ -150,6 +151,9 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-timeout", type=number, default=_default("peer_timeout"), metavar="S",
                    help="a new frontend's first message, every message from its first byte, and an "
                    "idle control or metadata HTTP connection get this long (default %(default)g)")
+    p.add_argument("--worker-stuck-after", type=number, default=_default("worker_stuck_after"),
+                   metavar="S", help="a queue worker inside one request this long is stuck: logged, "
+                   "and the service watchdog (WatchdogSec=) is no longer pinged (default %(default)g)")
     p.set_defaults(func=cmd_serve)
 
 
