@@ -164,11 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose or os.environ.get("VHOST_PV_DEBUG") else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        from vhost_pv.logsetup import configure
+
+        # Plain text with timestamps, or the journal's own protocol under systemd.
+        configure(logging.DEBUG if args.verbose or os.environ.get("VHOST_PV_DEBUG") else logging.INFO)
         result: int = args.func(args)
         # Flush here, not at interpreter exit: a reader that went away must be seen below.
         sys.stdout.flush()

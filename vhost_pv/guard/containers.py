@@ -313,7 +313,8 @@ class EngineWatcher:
             return
         refusal = self._policy_refusal(target, info)
         if refusal:
-            log.warning("engine: %s may not reclaim %s: %s", who, volume, refusal)
+            log.warning("engine: %s may not reclaim %s: %s", who, volume, refusal,
+                        extra={"volume": volume, "source": "engine", "reason": "reclaim-refused"})
             self.directory.alert("reclaim-refused", volume, f"{who} may not reclaim {volume}: {refusal}",
                                  container=info.id, policy=self.reclaim_policy.value)
             return

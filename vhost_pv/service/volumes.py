@@ -328,7 +328,8 @@ class VolumeService:
         self.on_change()  # volumes/<name>/state changed: wake long-polling readers
         log.warning("%s: %s by %s (%s) in %.3f ms", name,
                     "now DANGLING" if dangling else "dangling flag cleared",
-                    source, reason or "no reason", flip_ns / 1e6)
+                    source, reason or "no reason", flip_ns / 1e6,
+                    extra={"volume": name, "source": source, "reason": reason})
         if not dangling:
             self.alerts.raise_alert("dangling-cleared", name, f"dangling flag of {name} cleared by {source}",
                                     severity="info", source=source, reason=reason)
@@ -582,7 +583,8 @@ class VolumeService:
         try:
             await self.reclaim(volume, owner, ReclaimMode[mode.upper()], source=source)
         except VhostPvError as exc:
-            log.warning("%s: reclaim by %s refused: %s", volume, owner.name or owner.container, exc)
+            log.warning("%s: reclaim by %s refused: %s", volume, owner.name or owner.container, exc,
+                        extra={"volume": volume, "source": source, "reason": "reclaim-refused"})
             self.alerts.raise_alert("reclaim-refused", volume, f"{owner.name or owner.container} could not "
                                     f"reclaim {volume}: {exc}", container=owner.container)
 
