@@ -85,11 +85,11 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 
 
 def _serve_and_follow(home: Path, caps: tuple[str, ...]) -> dict[str, int]:
-    """Serve a volume under setpriv with caps, do I/O, flip it through a process event;
+    """Serve a volume under setpriv with caps, do O_DIRECT I/O through the io_uring, flip it through a process event;
     returns the daemon's uid and capability sets as the kernel shows them."""
     volume = _volume(home, "vol0")
     with _owner() as owner, ServerProcess([volume], home / "run", prefix=_setpriv(*caps),
-                                          extra_args=["--proc-events"]) as server:
+                                          extra_args=["--proc-events", "--direct"]) as server:
         seen = _capabilities(server.pid)
         guest = Guest(server.socket_for(volume))
         try:
@@ -97,6 +97,9 @@ def _serve_and_follow(home: Path, caps: tuple[str, ...]) -> dict[str, int]:
                 guest.round_trip(index * 8, pattern(4096, index))
         finally:
             guest.close()
+        # O_DIRECT reads went through the io_uring, unprivileged.
+        totals = volume_entry(server.control, "vol0")["totals"]
+        assert totals["async_ios"] >= 8 and totals["io_errors"] == 0 and totals["direct_fallbacks"] == 0, totals
         client.bind(server.control, "vol0", "owner", pid=owner.pid)
         os.kill(owner.pid, signal.SIGKILL)
         wait_until(lambda: volume_entry(server.control, "vol0")["header"]["dangling"], 10.0,
