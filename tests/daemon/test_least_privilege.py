@@ -14,6 +14,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,10 +33,28 @@ UID = GID = 65534  # nobody / nogroup
 CAP_NET_ADMIN = 12
 
 
+# MemoryDenyWriteExecute=yes as the kernel enforces it itself (PR_SET_MDWE, Linux 6.3): from
+# then on no mapping may be writable and executable, nor become executable. Set first thing
+# in the interpreter, before the daemon and everything it loads (numpy, cffi's module, uvloop,
+# pyroute2), which then runs as `python -m vhost_pv.cli` would.
+_MDWE = (
+    "import ctypes, os, runpy, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:\n"  # PR_SET_MDWE, REFUSE_EXEC_GAIN
+    "    sys.exit(f'PR_SET_MDWE: {os.strerror(ctypes.get_errno())}')\n"
+)
+_DENY_WRITE_EXECUTE = _MDWE + (
+    "sys.argv = sys.argv[3:]\n"  # [python, -m, vhost_pv.cli] dropped; run_module sets argv[0]
+    "runpy.run_module('vhost_pv.cli', run_name='__main__', alter_sys=True)\n"
+)
+
+
 def _setpriv(*caps: str) -> list[str]:
+    """The unit's User=, AmbientCapabilities=, CapabilityBoundingSet=, NoNewPrivileges= and
+    MemoryDenyWriteExecute=, without systemd."""
     wanted = ",".join(["-all", *(f"+{cap}" for cap in caps)])
     return ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", f"--inh-caps={wanted}",
-            f"--ambient-caps={wanted}", f"--bounding-set={wanted}", "--no-new-privs"]
+            f"--ambient-caps={wanted}", f"--bounding-set={wanted}", "--no-new-privs",
+            sys.executable, "-c", _DENY_WRITE_EXECUTE]
 
 
 @pytest.fixture
@@ -85,8 +104,8 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 
 
 def _serve_and_follow(home: Path, caps: tuple[str, ...]) -> dict[str, int]:
-    """Serve a volume under setpriv with caps, do O_DIRECT I/O through the io_uring, flip it through a process event;
-    returns the daemon's uid and capability sets as the kernel shows them."""
+    """Serve a volume under setpriv with caps, do O_DIRECT I/O through the io_uring, flip it
+    through a process event; returns the daemon's uid and capability sets as the kernel shows them."""
     volume = _volume(home, "vol0")
     with _owner() as owner, ServerProcess([volume], home / "run", prefix=_setpriv(*caps),
                                           extra_args=["--proc-events", "--direct"]) as server:
@@ -99,7 +118,8 @@ def _serve_and_follow(home: Path, caps: tuple[str, ...]) -> dict[str, int]:
             guest.close()
         # O_DIRECT reads went through the io_uring, unprivileged.
         totals = volume_entry(server.control, "vol0")["totals"]
-        assert totals["async_ios"] >= 8 and totals["io_errors"] == 0 and totals["direct_fallbacks"] == 0, totals
+        assert totals["async_ios"] >= 8 and totals["io_errors"] == 0, totals
+        assert totals["direct_fallbacks"] == 0, totals
         client.bind(server.control, "vol0", "owner", pid=owner.pid)
         os.kill(owner.pid, signal.SIGKILL)
         wait_until(lambda: volume_entry(server.control, "vol0")["header"]["dangling"], 10.0,
@@ -116,6 +136,21 @@ def test_serves_unprivileged_with_only_net_admin(home: Path) -> None:
     assert seen["Uid"] == UID and seen["NoNewPrivs"] == 1
     for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
         assert seen[key] == 1 << CAP_NET_ADMIN, (key, hex(seen[key]))
+
+
+def test_the_write_execute_denial_holds() -> None:
+    """What the daemon ran under above refuses a writable and executable mapping (so the
+    daemon serving under it shows that it needs none)."""
+    probe = _MDWE + (
+        "import mmap\n"
+        "try:\n"
+        "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+        "except PermissionError:\n"
+        "    sys.exit(0)\n"
+        "sys.exit('a W+X mapping was allowed')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.timeout(60)
