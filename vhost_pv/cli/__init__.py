@@ -126,7 +126,8 @@ class _VersionAction(argparse.Action):
             found = version("vhost-pv")
         except PackageNotFoundError:  # run from a source tree that was never installed
             found = "unknown (not installed)"
-        parser.exit(message=f"{parser.prog} {found}\n")
+        print(f"{parser.prog} {found}")  # stdout, as argparse's own version action
+        parser.exit()
 
 
 def _populator(command: str, audience: str) -> Callable[[argparse.ArgumentParser], None]:
