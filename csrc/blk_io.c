@@ -202,7 +202,9 @@ uint32_t blk_async_reap(struct vpv_queue *q, uint32_t wait)
         struct async_slot *slot = io_uring_cqe_get_data(cqe);
         int res = cqe->res;
         io_uring_cqe_seen(&q->uring, cqe);
+        storage_enter(q);   /* a fallback or the rest of a short transfer is done inline */
         async_complete(q, slot, res);   /* releases the slot */
+        storage_leave(q);
         __atomic_store_n(&q->uring_progress_ns, coarse_ns(), __ATOMIC_RELAXED);
         done++;
     }

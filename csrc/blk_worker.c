@@ -402,6 +402,7 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     memset(&q->stats, 0, sizeof(q->stats));
     q->busy_since_ns = 0;
     q->uring_progress_ns = 0;
+    q->storage_since_ns = 0;
     q->coalescing = 0;
     q->wakes = 0;
     if (!q->slots && !(blk->flags & VPV_BLK_SYNC_IO))
@@ -542,6 +543,8 @@ int vpv_blk_queue_health(struct vpv_blk *blk, uint32_t index, struct vpv_queue_h
     uint64_t progress = __atomic_load_n(&q->uring_progress_ns, __ATOMIC_RELAXED);
     if (__atomic_load_n(&q->inflight, __ATOMIC_RELAXED) > 0 && progress && now > progress)
         out->uring_wait_ns = now - progress;
+    uint64_t storage = __atomic_load_n(&q->storage_since_ns, __ATOMIC_RELAXED);
+    out->storage_wait_ns = storage && now > storage ? now - storage : 0;
     return 0;
 }
 

@@ -210,6 +210,8 @@ struct vpv_queue_health {
                                * wake-up); 0 while it sleeps. Seconds: stuck in the kernel */
     uint64_t uring_wait_ns;   /* requests in flight on the io_uring and none completed for
                                * this long; 0 when none is in flight */
+    uint64_t storage_wait_ns; /* how long the worker has been inside the storage part of a
+                               * request (syscalls on the volume); 0 outside it */
     uint32_t has_worker;      /* a worker thread serves the queue */
     uint32_t _pad;
 };

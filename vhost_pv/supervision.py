@@ -2,13 +2,19 @@
 answers, STATUS (volumes served, attached, dangling) whenever it changes, RELOADING around a
 SIGHUP reload, STOPPING on the way out, and WATCHDOG=1 pings from the event loop.
 
-A ping means more than "the event loop turns": it is withheld while a queue worker is stuck,
-i.e. inside one request (a stalled disk, a FUSE server that stopped answering) or waiting on
-its io_uring with no completion, for longer than `stuck_after` seconds. The C workers keep a
-heartbeat and the start of their current request (vpv_blk_queue_health); reading them costs
-a few loads per queue. A missed ping makes systemd restart the daemon (WatchdogSec=,
-Restart=on-failure), which is what an operator would do with a data path that no longer
-moves; the log line names the volume and the queue first.
+A ping means more than "the event loop turns": it is withheld while a queue worker is stuck
+outside its storage work for longer than `stuck_after` seconds (a worker that stopped
+turning: a deadlock, a lock never released, a loop that does not end). A missed ping makes
+systemd restart the daemon (WatchdogSec=, Restart=on-failure); the log line names the
+volume and the queue first.
+
+A worker waiting that long on the volume's storage (inside a request's syscalls on the
+volume, or on its io_uring with nothing completing: a stalled disk, a FUSE or NFS server
+that stopped answering) is a different failure: a restart cannot unstick a disk, would
+interrupt every other volume's guests, and a thread in uninterruptible I/O would not even
+let the process exit. So it is reported (log, a "storage-stalled" alert, STATUS) and the
+pings go on. The C workers keep a heartbeat, the start of their current request and of its
+storage part (vpv_blk_queue_health); reading them costs a few loads per queue.
 
 The protocol itself (datagrams to NOTIFY_SOCKET, WATCHDOG_USEC) is vhost_pv/systemd.py.
 Outside systemd nothing is sent and the liveness check still logs stuck workers.
@@ -39,7 +45,9 @@ class StuckWorker:
     queue: int
     seconds: float
     what: str
-    """"in one request", or "waiting on its io_uring"."""
+    """"in one request", "waiting on the volume's storage", "waiting on its io_uring"."""
+    storage: bool = False
+    """Stuck on the volume's storage (reported, pings go on), not in the worker itself."""
 
     def describe(self) -> str:
         return f"{self.volume} queue {self.queue}: worker {self.what} for {self.seconds:.0f}s"
@@ -53,6 +61,7 @@ class Supervision:
         self.stuck_after = stuck_after
         self._status = ""
         self._stuck: set[tuple[str, int]] = set()
+        self._stalled: set[tuple[str, int]] = set()
         self.pings = 0
         self.withheld = 0
 
@@ -92,6 +101,9 @@ class Supervision:
             parts.append(f"{len(self.volumes.failed)} failed to open")
         if self._stuck:
             parts.append(f"{len(self._stuck)} worker{'' if len(self._stuck) == 1 else 's'} stuck")
+        if self._stalled:
+            count = len(self._stalled)
+            parts.append(f"{count} queue{'' if count == 1 else 's'} waiting on stalled storage")
         return ", ".join(parts)
 
     # -- liveness ---------------------------------------------------------------------------
@@ -106,29 +118,43 @@ class Supervision:
                     yield name, index, health
 
     def stuck_workers(self) -> list[StuckWorker]:
-        """Workers inside one request, or waiting on the io_uring, for over stuck_after s."""
+        """Workers inside one request, or waiting on the volume's storage, for over stuck_after s."""
         limit = int(self.stuck_after * 1e9)
         stuck = []
         for name, index, health in self._workers():
-            if health["busy_ns"] > limit:
-                stuck.append(StuckWorker(name, index, health["busy_ns"] / 1e9, "in one request"))
+            if health["storage_wait_ns"] > limit:
+                stuck.append(StuckWorker(name, index, health["storage_wait_ns"] / 1e9,
+                                         "waiting on the volume's storage", storage=True))
             elif health["uring_wait_ns"] > limit:
                 stuck.append(StuckWorker(name, index, health["uring_wait_ns"] / 1e9,
-                                         "waiting on its io_uring with no completion"))
+                                         "waiting on its io_uring with no completion", storage=True))
+            elif health["busy_ns"] > limit:
+                stuck.append(StuckWorker(name, index, health["busy_ns"] / 1e9, "in one request"))
         return stuck
 
     def check(self) -> bool:
-        """Whether every worker is alive; logs the ones that turned stuck or came back."""
-        stuck = self.stuck_workers()
-        now = {(w.volume, w.queue) for w in stuck}
-        for worker in stuck:
-            if (worker.volume, worker.queue) not in self._stuck:
-                log.error("%s (a stalled disk?); withholding the service watchdog's ping",
-                          worker.describe(), extra={"volume": worker.volume, "queue": worker.queue})
-        for volume, queue in sorted(self._stuck - now):
+        """Whether every worker is alive (stalled storage does not count against it); logs
+        and alerts the ones that turned stuck or stalled, and those that came back."""
+        found = self.stuck_workers()
+        stuck = {(w.volume, w.queue) for w in found if not w.storage}
+        stalled = {(w.volume, w.queue) for w in found if w.storage}
+        for worker in found:
+            key = (worker.volume, worker.queue)
+            extra = {"volume": worker.volume, "queue": worker.queue}
+            if not worker.storage and key not in self._stuck:
+                log.error("%s; withholding the service watchdog's ping", worker.describe(), extra=extra)
+            elif worker.storage and key not in self._stalled:
+                log.error("%s (a stalled disk?); the daemon keeps serving the other volumes "
+                          "(a restart cannot unstick storage)", worker.describe(), extra=extra)
+                self.volumes.alert(
+                    "storage-stalled", worker.volume,
+                    f"{worker.volume}: queue {worker.queue} has waited {worker.seconds:.0f}s on the "
+                    "volume's storage; its guest's I/O is stuck until the storage answers",
+                    queue=worker.queue, seconds=round(worker.seconds))
+        for volume, queue in sorted((self._stuck - stuck) | (self._stalled - stalled)):
             log.info("%s queue %d: worker moving again", volume, queue,
                      extra={"volume": volume, "queue": queue})
-        self._stuck = now
+        self._stuck, self._stalled = stuck, stalled
         return not stuck
 
     async def run(self) -> None:
