@@ -48,26 +48,55 @@ _DENY_WRITE_EXECUTE = _MDWE + (
 )
 
 
+REPO = Path(__file__).resolve().parents[2]
+# The interpreter the unprivileged daemon runs: the venv's, at a path that uid can reach
+# (see the `home` fixture: a clone under /root, mode 0700, is reached through a bind mount).
+_python = [sys.executable]
+_env: dict[str, str] = {}
+
+
 def _setpriv(*caps: str) -> list[str]:
     """The unit's User=, AmbientCapabilities=, CapabilityBoundingSet=, NoNewPrivileges= and
     MemoryDenyWriteExecute=, without systemd."""
     wanted = ",".join(["-all", *(f"+{cap}" for cap in caps)])
     return ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", f"--inh-caps={wanted}",
             f"--ambient-caps={wanted}", f"--bounding-set={wanted}", "--no-new-privs",
-            sys.executable, "-c", _DENY_WRITE_EXECUTE]
+            *_python, "-c", _DENY_WRITE_EXECUTE]
+
+
+def _reachable(python: str, path: Path) -> bool:
+    probe = subprocess.run(["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", python,
+                            "-c", "import vhost_pv._native"], cwd="/", capture_output=True,
+                           timeout=60, env={**os.environ, "PYTHONPATH": str(path)})
+    return probe.returncode == 0
 
 
 @pytest.fixture
-def home() -> Iterator[Path]:
-    """A directory the unprivileged uid owns (pytest's tmp_path is private to root)."""
+def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A directory the unprivileged uid owns (pytest's tmp_path is private to root). When the
+    checkout itself is out of that uid's reach (a clone under /root, mode 0700), the checkout
+    is bind-mounted read-only under it and the daemon imported from there."""
     path = Path(tempfile.mkdtemp(prefix="vhost-pv-lp-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    mounted: Path | None = None
     try:
         for sub in ("run", "run/sockets", "volumes"):
             (path / sub).mkdir(exist_ok=True)
-        for entry in (path, path / "run", path / "run/sockets", path / "volumes"):
+        for entry in (path / "run", path / "run/sockets", path / "volumes"):
             os.chown(entry, UID, GID)
+        if not _reachable(sys.executable, REPO):
+            mounted = path / "repo"
+            mounted.mkdir()
+            subprocess.run(["mount", "--bind", "-o", "ro", str(REPO), str(mounted)], check=True)
+            python = mounted / Path(sys.executable).relative_to(REPO) \
+                if Path(sys.executable).is_relative_to(REPO) else Path(sys.executable)
+            assert _reachable(str(python), mounted), "the bind-mounted checkout is out of reach too"
+            monkeypatch.setattr(sys.modules[__name__], "_python", [str(python)])
+            monkeypatch.setattr(sys.modules[__name__], "_env", {"PYTHONPATH": str(mounted)})
         yield path
     finally:
+        if mounted is not None:
+            subprocess.run(["umount", "-l", str(mounted)], check=False)
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -107,7 +136,7 @@ def _serve_and_follow(home: Path, caps: tuple[str, ...]) -> dict[str, int]:
     """Serve a volume under setpriv with caps, do O_DIRECT I/O through the io_uring, flip it
     through a process event; returns the daemon's uid and capability sets as the kernel shows them."""
     volume = _volume(home, "vol0")
-    with _owner() as owner, ServerProcess([volume], home / "run", prefix=_setpriv(*caps),
+    with _owner() as owner, ServerProcess([volume], home / "run", prefix=_setpriv(*caps), env=_env,
                                           extra_args=["--proc-events", "--direct"]) as server:
         seen = _capabilities(server.pid)
         guest = Guest(server.socket_for(volume))
@@ -161,7 +190,8 @@ def test_proc_events_without_net_admin(home: Path) -> None:
         assert seen["CapEff"] == 0 and seen["CapBnd"] == 0
         return
     volume = _volume(home, "vol0")
-    server = ServerProcess([volume], home / "run", prefix=_setpriv(), extra_args=["--proc-events"])
+    server = ServerProcess([volume], home / "run", prefix=_setpriv(), env=_env,
+                           extra_args=["--proc-events"])
     with pytest.raises(ServerError, match="exited with 1"):
         server.start()
     assert "--proc-events: the kernel refused the process connector" in server.log()
