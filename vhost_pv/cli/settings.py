@@ -40,7 +40,8 @@ def add_options(p: argparse.ArgumentParser, *, owner_help: str) -> None:
     p.add_argument("--read-policy", choices=choices(ReadPolicy),
                    help="what reads of the volume return while it is dangling")
     p.add_argument("--ring-full-policy", "--ring-full", dest="ring_full_policy",
-                   choices=choices(RingFullPolicy), help="writes while dangling when the quarantine ring is full")
+                   choices=choices(RingFullPolicy),
+                   help="writes while dangling when the quarantine ring is full")
     p.add_argument("--uids", "--allow-uids", dest="uids", type=ids, metavar="U,..",
                    help='uids whose frontends may attach ("" for none); checked at the next attach, '
                         "an attached frontend stays")
