@@ -1,0 +1,359 @@
+"""Settings of a served volume change live (`vhost-pv set`, the VOLUME_SET control command),
+and offline on a file (`vhost-pv set-file`), against a real daemon:
+
+- the read and ring-full policies reach the queue workers for the very next request (a
+  frontend doing I/O on a dangling volume sees what it gets switch);
+- a TTL change re-arms the guard's deadline (a limit already passed acts now, a shorter
+  one in the future fires then even when no limit was running), the TTL action decides
+  what happens at expiry;
+- the next attach is checked against the new uids/gids; the attached frontend stays;
+- the owner is set (resolved as `bind` does) and cleared, never on a dangling volume;
+- bad requests are refused with EINVAL, whatever the client sends;
+- `set-file` refuses a file a daemon serves, and what it wrote is served after a restart.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.attach import Guest, pattern, run_cli
+from support.daemon_status import alert_kinds, header, volume_entry, wait_until
+from support.frontend import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, read_request, write_request
+
+from vhost_pv.control import client
+from vhost_pv.control.wire import (
+    CLEAR_OWNER,
+    NO_SET_ID,
+    SET_ALLOWED_UIDS,
+    SET_IDS,
+    SET_OWNER,
+    SET_READ_POLICY,
+    SET_TTL,
+    Command,
+    VolumeSetRequest,
+)
+from vhost_pv.volume.header import ReadPolicy, RingFullPolicy, TtlAction, VolumeHeader
+from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv_tools.serverproc import ServerProcess
+
+MiB = 1 << 20
+NAME = "vol0"
+
+
+def make_volume(tmp_path: Path, **options: Any) -> tuple[Path, VolumeHeader]:
+    path = tmp_path / f"{NAME}.img"
+    return path, create_volume(path, CreateOptions(size=8 * MiB, ring_size=MiB, **options))
+
+
+class Attached(Guest):
+    """A Guest whose requests reuse their guest memory (many large requests fit)."""
+
+    def request(self, make: Any, *args: Any) -> tuple[int, bytes]:
+        mark = self.memory.mark()
+        try:
+            done = self.frontend.submit(0, self.ring, make(self.memory, *args))
+            return done.status, done.data() if done.status == VIRTIO_BLK_S_OK else b""
+        finally:
+            self.memory.rewind(mark)
+
+    def read(self, sector: int, length: int) -> tuple[int, bytes]:
+        return self.request(read_request, sector, length)
+
+    def write_status(self, sector: int, data: bytes) -> int:
+        return self.request(write_request, sector, data)[0]
+
+
+@pytest.fixture
+def attached(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
+    path, _ = make_volume(tmp_path, read_policy=ReadPolicy.DENY, ring_full_policy=RingFullPolicy.REJECT)
+    with ServerProcess([path], tmp_path) as server:
+        yield server, path
+
+
+@pytest.mark.timeout(60)
+def test_read_policy_change_reaches_the_next_read(attached: tuple[ServerProcess, Path]) -> None:
+    server, path = attached
+    data = pattern(64 << 10, 7)
+    guest = Attached(server.socket_for(path))
+    try:
+        guest.round_trip(0, data)
+        client.persistent_disk_dangling(server.control, NAME, reason="test")
+        assert guest.read(0, len(data))[0] == VIRTIO_BLK_S_IOERR  # deny
+        reply = client.volume_set(server.control, NAME, read_policy=ReadPolicy.ZEROS)
+        assert reply["changed"] == {"read_policy": {"old": "deny", "new": "zeros"}}
+        assert reply["frontend_attached"] is True
+        # The very next request, on the same connection and queue: zeros, not an error.
+        assert guest.read(0, len(data)) == (VIRTIO_BLK_S_OK, bytes(len(data)))
+        client.volume_set(server.control, NAME, read_policy=ReadPolicy.ALLOW)
+        assert guest.read(0, len(data)) == (VIRTIO_BLK_S_OK, data)
+        client.volume_set(server.control, NAME, read_policy=ReadPolicy.DENY)
+        assert guest.read(0, len(data))[0] == VIRTIO_BLK_S_IOERR
+    finally:
+        guest.close()
+    # The guard saw each outcome in turn, and the header has the last policy.
+    kinds = volume_entry(server.control, NAME)["guard"]["dangling_io_by_kind"]
+    assert kinds["read:read-denied"] == 2 and kinds["read:read-zeros"] == 1 and kinds["read:read-allowed"] == 1
+    assert header(server.control, NAME)["read_policy"] == "deny"
+    assert read_header(path).read_policy == ReadPolicy.DENY
+
+
+@pytest.mark.timeout(60)
+def test_ring_full_policy_change_reaches_the_next_write(attached: tuple[ServerProcess, Path]) -> None:
+    server, path = attached
+    chunk = 256 << 10
+    guest = Attached(server.socket_for(path))
+    try:
+        client.persistent_disk_dangling(server.control, NAME, reason="test")
+        statuses = [guest.write_status(i * chunk // 512, pattern(chunk, i)) for i in range(8)]
+        # The 1 MiB ring takes a few 256 KiB records, then rejects (reject policy).
+        assert VIRTIO_BLK_S_OK in statuses and statuses[-1] == VIRTIO_BLK_S_IOERR
+        assert guest.write_status(0, pattern(chunk, 99)) == VIRTIO_BLK_S_IOERR
+        dropped = volume_entry(server.control, NAME)["ring"]["dropped"]
+        reply = client.volume_set(server.control, NAME, ring_full_policy=RingFullPolicy.OVERWRITE)
+        assert reply["changed"] == {"ring_full_policy": {"old": "reject", "new": "overwrite"}}
+        # The next write drops the oldest record instead of failing.
+        assert guest.write_status(0, pattern(chunk, 100)) == VIRTIO_BLK_S_OK
+        assert volume_entry(server.control, NAME)["ring"]["dropped"] > dropped
+        client.volume_set(server.control, NAME, ring_full_policy=RingFullPolicy.REJECT)
+        assert guest.write_status(0, pattern(chunk, 101)) == VIRTIO_BLK_S_IOERR
+    finally:
+        guest.close()
+
+
+def _expired(server: ServerProcess) -> bool:
+    return bool(volume_entry(server.control, NAME)["guard"]["ttl_expired"])
+
+
+def _sealed(server: ServerProcess) -> bool:
+    return bool(volume_entry(server.control, NAME)["guard"]["sealed"])
+
+
+@pytest.mark.timeout(60)
+def test_shorter_ttl_that_has_passed_fires_now(tmp_path: Path) -> None:
+    path, _ = make_volume(tmp_path, ttl_seconds=3600, ttl_action=TtlAction.ALERT)
+    with ServerProcess([path], tmp_path) as server:
+        client.persistent_disk_dangling(server.control, NAME, reason="test")
+        wait_until(lambda: _sealed(server))
+        time.sleep(1.2)
+        assert not _expired(server)
+        reply = client.volume_set(server.control, NAME, ttl_seconds=1)
+        assert reply["changed"] == {"ttl_seconds": {"old": 3600, "new": 1}}
+        assert reply["ttl_deadline_ns"] <= time.time_ns()
+        took = wait_until(lambda: "ttl-expired" in alert_kinds(server.control, NAME), timeout=5)
+        assert took < 2
+        assert _expired(server)
+        server.wait_log(r"time limit now 1s, action alert: already passed")
+        # Back to a long limit: re-armed, no longer expired.
+        client.volume_set(server.control, NAME, ttl_seconds=3600)
+        wait_until(lambda: not _expired(server), timeout=5)
+        deadline = volume_entry(server.control, NAME)["guard"]["ttl_deadline_ns"]
+        assert deadline > time.time_ns() + 3000 * 10**9
+    assert path.exists() and read_header(path).ttl_seconds == 3600
+
+
+@pytest.mark.timeout(60)
+def test_ttl_set_while_dangling_without_one_fires_when_due(tmp_path: Path) -> None:
+    """No limit running (the guard waits without a timeout): a limit set later wakes it,
+    and it fires at its deadline, not before."""
+    path, _ = make_volume(tmp_path)
+    with ServerProcess([path], tmp_path) as server:
+        flipped = client.persistent_disk_dangling(server.control, NAME, reason="test")
+        wait_until(lambda: _sealed(server))
+        due = flipped["dangling_since_ns"] + 3 * 10**9
+        client.volume_set(server.control, NAME, ttl_seconds=3)
+        assert volume_entry(server.control, NAME)["guard"]["ttl_deadline_ns"] in (None, due)
+        wait_until(lambda: volume_entry(server.control, NAME)["guard"]["ttl_deadline_ns"] == due, timeout=5)
+        wait_until(lambda: "ttl-expired" in alert_kinds(server.control, NAME), timeout=10)
+        assert time.time_ns() >= due
+        assert path.exists()
+
+
+@pytest.mark.timeout(60)
+def test_ttl_action_delete_to_alert_keeps_the_volume(tmp_path: Path) -> None:
+    path, _ = make_volume(tmp_path, ttl_seconds=2, ttl_action=TtlAction.DELETE)
+    with ServerProcess([path], tmp_path) as server:
+        client.persistent_disk_dangling(server.control, NAME, reason="test")
+        reply = client.volume_set(server.control, NAME, ttl_action=TtlAction.ALERT)
+        assert reply["changed"] == {"ttl_action": {"old": "delete", "new": "alert"}}
+        wait_until(lambda: "ttl-expired" in alert_kinds(server.control, NAME), timeout=10)
+        time.sleep(0.5)
+        assert "volume-deleted" not in alert_kinds(server.control, NAME)
+        alert = [a for a in client.alerts(server.control) if a["kind"] == "ttl-expired"][-1]
+        assert alert["details"]["action"] == "alert"
+    assert path.exists() and read_header(path).dangling
+
+
+@pytest.mark.timeout(60)
+def test_ttl_action_alert_to_delete_after_expiry_deletes_now(tmp_path: Path) -> None:
+    path, _ = make_volume(tmp_path, ttl_seconds=1, ttl_action=TtlAction.ALERT)
+    with ServerProcess([path], tmp_path) as server:
+        client.persistent_disk_dangling(server.control, NAME, reason="test")
+        wait_until(lambda: "ttl-expired" in alert_kinds(server.control, NAME), timeout=10)
+        assert path.exists()
+        client.volume_set(server.control, NAME, ttl_action=TtlAction.DELETE)
+        wait_until(lambda: not path.exists(), timeout=10)
+        assert "volume-deleted" in alert_kinds(server.control, NAME)
+        assert client.status(server.control)["volumes"] == []
+
+
+def _refused(server: ServerProcess) -> int:
+    return int(volume_entry(server.control, NAME)["refused_total"])
+
+
+@pytest.mark.timeout(60)
+def test_allowed_ids_are_checked_at_the_next_attach(attached: tuple[ServerProcess, Path]) -> None:
+    server, path = attached
+    me = os.getuid(), os.getgid()
+    first = Attached(server.socket_for(path))
+    try:
+        reply = client.volume_set(server.control, NAME, allowed_uids=[4242], allowed_gids=[4243])
+        assert reply["changed"]["allowed_uids"] == {"old": [me[0]], "new": [4242]}
+        # The attached frontend is not kicked: it goes on doing I/O.
+        first.round_trip(8, pattern(4096, 1))
+    finally:
+        first.close()
+    wait_until(lambda: volume_entry(server.control, NAME)["connection"] is None)
+    with pytest.raises((OSError, ConnectionError, EOFError, TimeoutError, RuntimeError)):
+        Attached(server.socket_for(path), timeout=5).close()
+    wait_until(lambda: _refused(server) == 1)
+    server.wait_log(rf"refused frontend pid=\d+ uid={me[0]} gid={me[1]}: not allowed")
+    # A gid is enough, as at create.
+    client.volume_set(server.control, NAME, allowed_gids=[me[1]])
+    again = Attached(server.socket_for(path))
+    try:
+        again.round_trip(16, pattern(4096, 2))
+    finally:
+        again.close()
+    assert _refused(server) == 1
+    assert read_header(path).allowed_uids == (4242,)
+    assert read_header(path).allowed_gids == (me[1],)
+
+
+@pytest.mark.timeout(60)
+def test_owner_is_set_and_cleared_never_on_a_dangling_volume(tmp_path: Path) -> None:
+    path, _ = make_volume(tmp_path, owner="ctr-0")
+    with ServerProcess([path], tmp_path) as server:
+        reply = client.volume_set(server.control, NAME, owner="ctr-1", owner_pid=os.getpid())
+        assert reply["changed"]["owner"] == {"old": "ctr-0", "new": "ctr-1"}
+        assert reply["changed"]["owner_pid"] == {"old": 0, "new": os.getpid()}
+        # Without an engine the pid given is the owner's init, checked as `bind` does.
+        with pytest.raises(client.ControlError) as info:
+            client.volume_set(server.control, NAME, owner="ctr-2", owner_pid=4_000_000)
+        assert info.value.status == -errno.ESRCH
+        reply = client.volume_set(server.control, NAME, clear_owner=True)
+        assert reply["settings"]["owner"] == "" and reply["settings"]["owner_pid"] == 0
+        client.volume_set(server.control, NAME, owner="ctr-3")
+        client.persistent_disk_dangling(server.control, NAME, reason="gone")
+        for change in ({"owner": "ctr-4"}, {"clear_owner": True}):
+            with pytest.raises(client.ControlError, match="reclaim") as info:
+                client.volume_set(server.control, NAME, **change)  # type: ignore[arg-type]
+            assert info.value.status == -errno.EBUSY
+        # The other settings still change while dangling.
+        client.volume_set(server.control, NAME, read_policy=ReadPolicy.ZEROS)
+    assert read_header(path).owner == "ctr-3"
+    assert read_header(path).read_policy == ReadPolicy.ZEROS
+
+
+def _raw_set(control: Path, **fields: Any) -> client.ControlError:
+    request = {"volume": NAME, "mask": 0, "read_policy": 0, "ring_full_policy": 0, "ttl_action": 0,
+               "ttl_seconds": 0, "allowed_uids": [NO_SET_ID] * SET_IDS, "allowed_gids": [NO_SET_ID] * SET_IDS,
+               "owner": "", "owner_pid": 0, **fields}
+    with pytest.raises(client.ControlError) as info:
+        client.call(control, Command.VOLUME_SET, VolumeSetRequest.build(request))
+    return info.value
+
+
+@pytest.mark.timeout(60)
+def test_bad_requests_are_refused(tmp_path: Path) -> None:
+    path, before = make_volume(tmp_path)
+    with ServerProcess([path], tmp_path) as server:
+        for fields in (
+            {"mask": 0},
+            {"mask": 1 << 8},
+            {"mask": SET_OWNER | CLEAR_OWNER, "owner": "x"},
+            {"mask": SET_READ_POLICY, "read_policy": 3},
+            {"mask": SET_TTL, "ttl_seconds": 1 << 63},
+            {"mask": SET_ALLOWED_UIDS, "allowed_uids": [0, -5] + [NO_SET_ID] * 6},
+            {"mask": SET_ALLOWED_UIDS, "allowed_uids": [0, NO_SET_ID, 7] + [NO_SET_ID] * 5},
+        ):
+            assert _raw_set(server.control, **fields).status == -errno.EINVAL, fields
+        assert _raw_set(server.control, volume="nope", mask=SET_TTL).status == -errno.ENOENT
+        # Fields outside the mask are ignored, whatever they hold.
+        client.call(server.control, Command.VOLUME_SET, VolumeSetRequest.build({
+            "volume": NAME, "mask": SET_TTL, "read_policy": 9, "ring_full_policy": 9, "ttl_action": 9,
+            "ttl_seconds": 60, "allowed_uids": [-9] * 8, "allowed_gids": [-9] * 8, "owner": "?",
+            "owner_pid": 1}))
+        assert header(server.control, NAME)["ttl_seconds"] == 60
+    after = read_header(path)
+    assert (after.read_policy, after.allowed_uids, after.owner) == (
+        before.read_policy, before.allowed_uids, before.owner)
+
+
+def _lines(text: str) -> list[str]:
+    """The output's lines with runs of spaces (the alignment) as one."""
+    return [" ".join(line.split()) for line in text.splitlines()]
+
+
+@pytest.mark.timeout(90)
+def test_cli_set_and_set_file(tmp_path: Path) -> None:
+    path, _ = make_volume(tmp_path)
+    with ServerProcess([path], tmp_path) as server:
+        control = str(server.control)
+        done = run_cli("set", "--control", control, NAME, "--ttl", "1h", "--ttl-action", "delete",
+                       "--read-policy", "zeros", "--ring-full-policy", "overwrite", "--uids", "0,107",
+                       "--gids", "107", "--owner", "ctr-9")
+        assert done.returncode == 0, done.stderr
+        assert "time limit none → 1h00m" in _lines(done.stdout)
+        assert "read policy deny → zeros" in _lines(done.stdout)
+        assert "allowed uids 0 → 0,107" in _lines(done.stdout)
+        done = run_cli("set", "--control", control, NAME, "--ttl", "90m", "--no-owner", "--json")
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["changed"]["ttl_seconds"] == {"old": 3600, "new": 5400}
+        assert result["changed"]["owner"] == {"old": "ctr-9", "new": ""}
+        same = run_cli("set", "--control", control, NAME, "--ttl", "90m")
+        assert same.returncode == 0 and "nothing changed" in same.stdout
+        # A daemon holds the file: set-file refuses and says where to go.
+        refused = run_cli("set-file", str(path), "--ttl", "5")
+        assert refused.returncode == 1
+        assert "already served by vhost-pv daemon pid" in refused.stderr and "vhost-pv set" in refused.stderr
+        assert read_header(path).ttl_seconds == 5400
+    done = run_cli("set-file", str(path), "--ttl", "2d", "--read-policy", "allow", "--owner", "ctr-offline",
+                   "--uids", "")
+    assert done.returncode == 0, done.stderr
+    assert "time limit 1h30m → 2d00h" in _lines(done.stdout)
+    assert "allowed uids 0,107 → none" in _lines(done.stdout)
+    # What set-file wrote is what the next daemon serves.
+    with ServerProcess([path], tmp_path / "again") as server:
+        served = header(server.control, NAME)
+        assert (served["ttl_seconds"], served["read_policy"], served["owner"], served["allowed_uids"]) == (
+            2 * 86400, "allow", "ctr-offline", [])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--ttl", "-1"],
+    ["--ttl", "1y"],
+    ["--ttl", str(1 << 63)],
+    ["--uids", "1,2,3,4,5,6,7,8,9"],
+    ["--gids", "-3"],
+    ["--read-policy", "sometimes"],
+    ["--owner", "a", "--no-owner"],
+    ["--owner", "x" * 129],
+])
+def test_cli_validates_as_create_does(tmp_path: Path, argv: list[str]) -> None:
+    path, before = make_volume(tmp_path)
+    for command in (["set-file", str(path)], ["set", "--control", str(tmp_path / "no.sock"), NAME]):
+        done = run_cli(*command, *argv)
+        assert done.returncode == 2, (command, argv, done.stderr)
+        assert done.stderr.startswith(("vhost-pv: ", "usage: ")), done.stderr
+        assert "invalid choice" not in done.stderr  # refused by the command, not unknown
+    assert read_header(path) == before
