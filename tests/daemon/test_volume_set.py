@@ -17,6 +17,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +42,15 @@ from vhost_pv.control.wire import (
     Command,
     VolumeSetRequest,
 )
-from vhost_pv.volume.header import ReadPolicy, RingFullPolicy, TtlAction, VolumeHeader
-from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
+from vhost_pv.volume.header import (
+    SLOT_OFFSETS,
+    SLOT_SIZE,
+    ReadPolicy,
+    RingFullPolicy,
+    TtlAction,
+    VolumeHeader,
+)
+from vhost_pv.volume.volume import CreateOptions, create_volume, inspect_header, read_header
 from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
@@ -99,7 +109,7 @@ def test_read_policy_change_reaches_the_next_read(attached: tuple[ServerProcess,
         guest.close()
     # The guard saw each outcome in turn, and the header has the last policy.
     kinds = volume_entry(server.control, NAME)["guard"]["dangling_io_by_kind"]
-    assert kinds["read:read-denied"] == 2 and kinds["read:read-zeros"] == 1 and kinds["read:read-allowed"] == 1
+    assert (kinds["read:read-denied"], kinds["read:read-zeros"], kinds["read:read-allowed"]) == (2, 1, 1)
     assert header(server.control, NAME)["read_policy"] == "deny"
     assert read_header(path).read_policy == ReadPolicy.DENY
 
@@ -253,7 +263,7 @@ def test_owner_is_set_and_cleared_never_on_a_dangling_volume(tmp_path: Path) -> 
         client.persistent_disk_dangling(server.control, NAME, reason="gone")
         for change in ({"owner": "ctr-4"}, {"clear_owner": True}):
             with pytest.raises(client.ControlError, match="reclaim") as info:
-                client.volume_set(server.control, NAME, **change)  # type: ignore[arg-type]
+                client.volume_set(server.control, NAME, **change)
             assert info.value.status == -errno.EBUSY
         # The other settings still change while dangling.
         client.volume_set(server.control, NAME, read_policy=ReadPolicy.ZEROS)
@@ -357,3 +367,88 @@ def test_cli_validates_as_create_does(tmp_path: Path, argv: list[str]) -> None:
         assert done.stderr.startswith(("vhost-pv: ", "usage: ")), done.stderr
         assert "invalid choice" not in done.stderr  # refused by the command, not unknown
     assert read_header(path) == before
+
+
+# A process that changes a file's settings back and forth, as fast as it can, until killed.
+_FLIPPER = """
+import sys
+from pathlib import Path
+from vhost_pv.volume.header import ReadPolicy, TtlAction
+from vhost_pv.volume.settings import SettingsChange, apply_offline, owner_change
+path = Path(sys.argv[1])
+changes = [
+    SettingsChange(ttl_seconds=100, ttl_action=TtlAction.ALERT, read_policy=ReadPolicy.ZEROS,
+                   allowed_uids=(1, 2), owner=owner_change("owner-a")),
+    SettingsChange(ttl_seconds=200, ttl_action=TtlAction.DELETE, read_policy=ReadPolicy.ALLOW,
+                   allowed_uids=(3,), owner=owner_change("owner-b")),
+]
+print("ready", flush=True)
+i = 0
+while True:
+    apply_offline(path, changes[i % 2])
+    i += 1
+"""
+SETTINGS_SEEN = {
+    (100, TtlAction.ALERT, ReadPolicy.ZEROS, (1, 2), "owner-a"),
+    (200, TtlAction.DELETE, ReadPolicy.ALLOW, (3,), "owner-b"),
+}
+
+
+def _copies_differ(fd: int) -> bool:
+    first, second = (os.pread(fd, SLOT_SIZE, offset) for offset in SLOT_OFFSETS)
+    return first != second
+
+
+def _settings_of(header: VolumeHeader) -> tuple[Any, ...]:
+    return header.ttl_seconds, header.ttl_action, header.read_policy, header.allowed_uids, header.owner
+
+
+@pytest.mark.timeout(120)
+def test_set_file_killed_mid_update_leaves_old_or_new(tmp_path: Path) -> None:
+    """kill -9 of a process updating a file's settings, caught between its two header
+    copies (copies differ) and anywhere else: the file reads one complete set of settings,
+    never a mix, and the next set-file and daemon take it as it is."""
+    path, created = make_volume(tmp_path)
+    initial = _settings_of(created)  # killed before its first update completed
+    between = anywhere = 0
+    for attempt in range(30):
+        flipper = subprocess.Popen([sys.executable, "-c", _FLIPPER, str(path)], stdout=subprocess.PIPE)
+        try:
+            assert flipper.stdout is not None and flipper.stdout.readline() == b"ready\n"
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if attempt % 2:  # anywhere: at some moment of its loop
+                    time.sleep(0.005 * attempt)
+                else:  # between the copies: stopped there, then killed
+                    deadline = time.monotonic() + 5
+                    while time.monotonic() < deadline:
+                        if _copies_differ(fd):
+                            os.kill(flipper.pid, signal.SIGSTOP)
+                            if _copies_differ(fd):
+                                break
+                            os.kill(flipper.pid, signal.SIGCONT)
+                os.kill(flipper.pid, signal.SIGKILL)
+                flipper.wait()
+                differ = _copies_differ(fd)
+            finally:
+                os.close(fd)
+        finally:
+            flipper.kill()
+            flipper.wait()
+        resolution = inspect_header(path)
+        if differ:
+            between += 1
+            # Both copies are whole records (a kill is not a torn write); they differ.
+            assert all(problem == "" for problem in resolution.problems)
+        else:
+            anywhere += 1
+        assert _settings_of(resolution.header) in {*SETTINGS_SEEN, initial}, resolution.header
+        if between >= 3 and anywhere >= 3:
+            break
+    assert between >= 3, f"never killed between the header copies ({anywhere} kills elsewhere)"
+    # The file is whole: the next offline change works, and a daemon serves what it reads.
+    done = run_cli("set-file", str(path), "--ttl", "7")
+    assert done.returncode == 0, done.stderr
+    with ServerProcess([path], tmp_path / "after") as server:
+        served = header(server.control, NAME)
+        assert served["ttl_seconds"] == 7 and served["owner"] in ("owner-a", "owner-b")
