@@ -175,7 +175,6 @@ CASES: list[tuple[str, list[str | bytes], int]] = [
     ("set-file-missing", ["set-file", "{missing}", "--ttl", "1h"], FAILED),
     ("set-file-junk", ["set-file", "{junk}", "--ttl", "1h"], FAILED),
     ("set-file-fifo", ["set-file", "{fifo}", "--ttl", "1h"], FAILED),
-    ("set-owner-non-utf8", ["set", "--control", "{control}", "vol", "--owner", NON_UTF8], USAGE),
     ("ring-ctl-unknown-volume", ["ring-ctl", "--control", "{control}", "list", "nosuch"], FAILED),
     ("meta-vm-long", ["meta", "get", "--control", "{control}", LONG, "instance/id"], USAGE),
     ("meta-key-long", ["meta", "get", "--control", "{control}", "vm0", "k" * 300], USAGE),

@@ -323,6 +323,9 @@ def test_cli_set_and_set_file(tmp_path: Path) -> None:
         assert "time limit none → 1h00m" in _lines(done.stdout)
         assert "read policy deny → zeros" in _lines(done.stdout)
         assert "allowed uids 0 → 0,107" in _lines(done.stdout)
+        # Who asked, and old → new, in the daemon's log.
+        server.wait_log(r"control: settings of vol0 changed by pid=\d+ uid=0: ttl_seconds 0 → 3600; "
+                        r"ttl_action 'alert' → 'delete'; read_policy 'deny' → 'zeros'")
         done = run_cli("set", "--control", control, NAME, "--ttl", "90m", "--no-owner", "--json")
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
@@ -365,7 +368,7 @@ def test_cli_validates_as_create_does(tmp_path: Path, argv: list[str]) -> None:
         done = run_cli(*command, *argv)
         assert done.returncode == 2, (command, argv, done.stderr)
         assert done.stderr.startswith(("vhost-pv: ", "usage: ")), done.stderr
-        assert "invalid choice" not in done.stderr  # refused by the command, not unknown
+        assert "argument COMMAND: invalid choice" not in done.stderr  # the command exists
     assert read_header(path) == before
 
 

@@ -22,6 +22,7 @@ from vhost_pv.control.wire import (
     FLAG_REPLY,
     SET_ALLOWED_GIDS,
     SET_ALLOWED_UIDS,
+    SET_IDS,
     SET_OWNER,
     SET_READ_POLICY,
     SET_RING_FULL_POLICY,
@@ -52,6 +53,7 @@ from vhost_pv.volume.header import (
     FLAG_READ_ONLY,
     FORMAT_VERSION,
     MAGIC,
+    MAX_ALLOWED_IDS,
     SLOT_SIZE,
     HeaderBody,
     HeaderBodyV1,
@@ -516,6 +518,7 @@ def test_volume_set_request_golden() -> None:
     )
     assert (SET_TTL, SET_TTL_ACTION, SET_READ_POLICY, SET_RING_FULL_POLICY, SET_ALLOWED_UIDS,
             SET_ALLOWED_GIDS, SET_OWNER, CLEAR_OWNER) == (1, 2, 4, 8, 16, 32, 64, 128)
+    assert SET_IDS == MAX_ALLOWED_IDS == 8  # the request carries as many ids as the header keeps
     assert len(golden) == VolumeSetRequest.sizeof() == 280
     assert VolumeSetRequest.build(value) == golden
     assert _plain(VolumeSetRequest.parse(golden)) == value
