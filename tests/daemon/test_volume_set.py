@@ -160,6 +160,10 @@ def test_shorter_ttl_that_has_passed_fires_now(tmp_path: Path) -> None:
         assert took < 2
         assert _expired(server)
         server.wait_log(r"time limit now 1s, action alert: already passed")
+        # The same limit given again (with another change) does not act a second time.
+        client.volume_set(server.control, NAME, ttl_seconds=1, read_policy=ReadPolicy.ZEROS)
+        time.sleep(0.5)
+        assert alert_kinds(server.control, NAME).count("ttl-expired") == 1
         # Back to a long limit: re-armed, no longer expired.
         client.volume_set(server.control, NAME, ttl_seconds=3600)
         wait_until(lambda: not _expired(server), timeout=5)

@@ -395,7 +395,9 @@ class VolumeService:
                 raise VolumeBusy(f"{name}: {exc}") from None
             if changes:
                 await asyncio.to_thread(served.volume.update, **changes)
-                if change.touches_ttl:
+                if {"ttl_seconds", "ttl_action"} & changes.keys():
+                    # Only a real change re-arms: an expired limit given again as it is
+                    # must not act a second time.
                     served.guard.ttl_changed()
             new = served.volume.header
         result = SettingsResult.between(

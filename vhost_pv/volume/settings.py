@@ -82,10 +82,6 @@ class SettingsChange:
         return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
 
     @property
-    def touches_ttl(self) -> bool:
-        return self.ttl_seconds is not None or self.ttl_action is not None
-
-    @property
     def touches_owner(self) -> bool:
         return self.owner is not None
 
