@@ -2,7 +2,8 @@
 
 - serve.py: `serve`, the daemon itself;
 - admin.py: clients of a running daemon's control socket (status, ioctl, reclaim, ...);
-- offline.py: volume files without a daemon (create, inspect, ring, verify);
+- offline.py: volume files without a daemon (create, inspect, ring, verify, set-file);
+- settings.py: the options and output `set` and `set-file` share;
 - tools.py: `loadgen` and `demo`, handed off to vhost_pv_tools;
 - render.py: what they print; argtypes.py: how their options are checked.
 
@@ -41,6 +42,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("reclaim", "admin", "give a dangling volume to a new owner"),
     ("bind", "admin", "record a volume's owner container"),
     ("delete", "admin", "wipe and remove a (dangling) volume"),
+    ("set", "admin", "change a served volume's settings (TTL, policies, uids/gids, owner)"),
     ("alerts", "admin", "show (and follow) the daemon's alerts"),
     ("ring-ctl", "admin", "ring list/dump/replay/discard through a running daemon"),
     ("meta", "admin", "read or change a VM's metadata"),
@@ -49,6 +51,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("inspect", "offline", "show a volume file's header"),
     ("ring", "offline", "list / verify / dump a volume file's quarantine ring"),
     ("verify", "offline", "check a volume file's data against its seal"),
+    ("set-file", "offline", "change a volume file's settings (no daemon)"),
     ("loadgen", "tools", "drive a vhost-user-blk socket (any backend) as a frontend"),
     ("demo", "tools", "create a volume, serve it, run fio in a QEMU guest"),
 )
@@ -56,8 +59,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 EPILOG = """commands by audience:
   serve                                         the daemon
   status ls ioctl reclaim bind delete alerts    a running daemon, through its control socket
-  ring-ctl meta meta-relay
-  create inspect ring verify                    volume files, no daemon needed
+  ring-ctl meta meta-relay set
+  create inspect ring verify set-file           volume files, no daemon needed
   loadgen demo                                  tools: load generator, end-to-end demo
 
 exit codes: 0 ok, 1 the operation failed, 2 usage error, 3 a check found problems
