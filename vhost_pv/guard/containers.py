@@ -290,8 +290,8 @@ class EngineWatcher:
         # Forget old requests of containers that were neither removed nor started again.
         for stale in [c for c, (at, _) in self._stop_requested.items() if now - at > STOP_GRACE_S]:
             del self._stop_requested[stale]
-        if container not in self._stop_requested:
-            log.info("engine: container %s is being stopped (%s)", container[:12], how)
+        if container not in self._stop_requested and self._owners(container):
+            log.info("engine: owner %s is being stopped (%s)", container[:12], how)
         self._stop_requested[container] = (now, how)
 
     def _stop_seen(self, container: str) -> str:
