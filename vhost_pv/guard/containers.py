@@ -386,10 +386,12 @@ class EngineWatcher:
                     "owner-stopped", entry.volume,
                     f"the owner of {entry.volume} was {verdict.text}: not a crash, the volume stays attached",
                     severity="info", source=source, **detail)
-                if info is not None:  # its init pid is gone: stop watching it
-                    await self._refresh_binding(entry, info)
             else:
                 log.info("owner %s of %s %s; the volume stays attached", who, entry.volume, verdict.text)
+            if not verdict.flips and info is not None:
+                # Its init pid is gone: stop watching it (a later check would take the dead
+                # pid for an exit that was not seen).
+                await self._refresh_binding(entry, info)
         for waiter in self._waiters.pop(container, []):
             if not waiter.done():
                 waiter.set_result(verdict)
