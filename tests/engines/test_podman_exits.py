@@ -127,9 +127,10 @@ def test_the_owners_end_is_classified_as_the_table_says(
             status = client.status(server.control)["watchers"]
             if proc_events:
                 assert status["proc_events"]["owner_exits_seen"] == 1
-                # The kernel's exit was heard, and handed to the engine to judge.
-                assert f"the owner of vol (pid {pid})" in server.log()
-                assert "asking the engine what it was" in server.log()
+                # The kernel's exit was heard first, and waited for the engine's verdict.
+                log = server.log()
+                assert f"the owner of vol (pid {pid})" in log and "asking the engine what it was" in log
+                assert f"engine: owner {container[:12]}'s exit" in log and "judged by the engine" in log
             if sequence == "podman-stop":
                 assert status["engine"]["stop_polls"] > 0
     finally:
