@@ -62,6 +62,8 @@ struct vpv_ctl_ring {
 } __attribute__((packed));
 
 #define VPV_CTL_DELETE_FORCE 1
+#define VPV_CTL_REMOVE_FORCE 1
+/* DELETE and VOLUME_REMOVE. */
 struct vpv_ctl_volume {
     char volume[64];
     uint32_t flags;
@@ -95,6 +97,15 @@ struct vpv_ctl_meta {
     char key[192];
 } __attribute__((packed));
 
+#define VPV_CTL_ADD_READ_ONLY 1
+#define VPV_CTL_ADD_DIRECT 2
+/* VOLUME_ADD: path is absolute; queues 0 takes the daemon's --queues. */
+struct vpv_ctl_volume_add {
+    uint32_t flags;
+    uint32_t queues;
+    char path[4096];
+} __attribute__((packed));
+
 #define VPV_IOC_STATUS _IOC(_IOC_READ, 'v', 0x01, 0)
 #define VPV_IOC_PERSISTENT_DISK_DANGLING _IOWR('v', 0x10, struct vpv_ctl_dangling)
 #define VPV_IOC_RECLAIM _IOWR('v', 0x11, struct vpv_ctl_reclaim)
@@ -103,5 +114,7 @@ struct vpv_ctl_meta {
 #define VPV_IOC_ALERTS _IOWR('v', 0x14, struct vpv_ctl_alerts)
 #define VPV_IOC_BIND _IOWR('v', 0x15, struct vpv_ctl_bind)
 #define VPV_IOC_META _IOWR('v', 0x16, struct vpv_ctl_meta)
+#define VPV_IOC_VOLUME_ADD _IOWR('v', 0x17, struct vpv_ctl_volume_add)
+#define VPV_IOC_VOLUME_REMOVE _IOWR('v', 0x18, struct vpv_ctl_volume)
 
 #endif

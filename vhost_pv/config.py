@@ -66,6 +66,9 @@ class DaemonConfig:
     peer_timeout: float = 5.0
     """Seconds a peer may take for its first message, for each message from its first byte,
     and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
+    state_dir: Path | None = None
+    """Where the served set is kept (service/served_set.py): the volumes served, with their
+    options, written on every change and served again at the next start."""
 
     def validate(self) -> None:
         """Raise ConfigError for the first value out of range."""

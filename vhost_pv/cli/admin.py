@@ -1,12 +1,13 @@
 """Admin client commands: they talk to a running daemon over its control socket.
 
-status, ls, ioctl, reclaim, bind, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
+status, ls, add, remove, ioctl, reclaim, bind, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
 runs to reach the metadata HTTP server. None of them loads the daemon or its C data path.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,11 +21,13 @@ from vhost_pv.control.wire import (
     META_KEY_LEN,
     NAME_LEN,
     OWNER_LEN,
+    PATH_LEN,
     MetaOp,
     MetaRequest,
     ReclaimMode,
     RingOp,
 )
+from vhost_pv.service.options import MAX_QUEUES
 
 # The volume header keeps 64 bytes of reason (vhost_pv/volume/header.py, char reason[64]);
 # the control request carries up to 128 (wire.REASON_LEN). The smaller one decides: a longer
@@ -85,6 +88,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     render.volume_list(state, use_json=args.json)
     return EXIT_OK
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    control = Path(args.control)
+    return _control_call(args, lambda: client.volume_add(
+        control, args.volume_file, queues=args.queues or 0, read_only=args.read_only, direct=args.direct))
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    control = Path(args.control)
+    return _control_call(args, lambda: client.volume_remove(control, args.volume, force=args.force))
 
 
 def cmd_ioctl(args: argparse.Namespace) -> int:
@@ -176,6 +190,53 @@ def _ls(p: argparse.ArgumentParser) -> None:
     _control(p)
     _json(p, "the volumes part of the status as JSON (raw nanoseconds and bytes)")
     p.set_defaults(func=cmd_ls)
+
+
+def _volume_file(value: str) -> Path:
+    """An argparse type: a volume file's path, made absolute (the daemon's working directory
+    is not ours), that fits the request's path field."""
+    absolute = os.path.abspath(value)
+    text(PATH_LEN, "the volume file's absolute path")(absolute)
+    return Path(absolute)
+
+
+def _add(p: argparse.ArgumentParser) -> None:
+    p.description = ("Serve one more volume file (`vhost-pv create`) without touching the others: "
+                     "its socket appears as <socket dir>/<file stem>.sock. Options not given are the "
+                     "daemon's (`serve --queues`); read-only and O_DIRECT are off unless asked for. "
+                     "With `serve --state-dir` the daemon serves it again after a restart.")
+    p.epilog = """examples:
+  vhost-pv add --control /run/vhost-pv/control.sock /var/lib/vhost-pv/vol1.img
+  vhost-pv add --control /run/vhost-pv/control.sock /var/lib/vhost-pv/vol2.img --queues 4 --direct
+  vhost-pv add --control /run/vhost-pv/control.sock /srv/golden.img --read-only --json"""
+    _control(p)
+    p.add_argument("volume_file", type=_volume_file, metavar="VOLUME_FILE",
+                   help="the volume file to serve")
+    p.add_argument("--queues", type=int_in(1, MAX_QUEUES), metavar="N",
+                   help=f"virtqueues offered (1..{MAX_QUEUES}; default: the daemon's --queues)")
+    p.add_argument("--read-only", action="store_true", help="serve it read-only")
+    p.add_argument("--direct", action="store_true",
+                   help="bypass the host page cache for its data (O_DIRECT)")
+    _json(p)
+    p.set_defaults(func=cmd_add)
+
+
+def _remove(p: argparse.ArgumentParser) -> None:
+    p.description = ("Stop serving a volume and keep its file as it is (to wipe it, `vhost-pv "
+                     "delete`): its socket goes, the other volumes are not touched. Refused while a "
+                     "frontend is attached unless --force, which ends that connection cleanly "
+                     "(requests in flight complete first). A volume that could not be opened is "
+                     "dropped from the served set.")
+    p.epilog = """examples:
+  vhost-pv remove --control /run/vhost-pv/control.sock vol1
+  vhost-pv remove --control /run/vhost-pv/control.sock vol1 --force"""
+    _control(p)
+    _volume(p)
+    p.add_argument("--force", action="store_true",
+                   help="also with a frontend attached: its connection ends (its guest sees the "
+                   "disk stall until the volume is served again)")
+    _json(p)
+    p.set_defaults(func=cmd_remove)
 
 
 def _ioctl(p: argparse.ArgumentParser) -> None:
@@ -295,6 +356,8 @@ def _meta_relay(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "status": _status,
     "ls": _ls,
+    "add": _add,
+    "remove": _remove,
     "ioctl": _ioctl,
     "reclaim": _reclaim,
     "bind": _bind,

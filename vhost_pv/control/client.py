@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from vhost_pv.control.wire import (
+    ADD_DIRECT,
+    ADD_READ_ONLY,
     ALERTS_FOLLOW,
     CONTROL_VERSION,
     DANGLING_CLEAR,
     DELETE_FORCE,
+    REMOVE_FORCE,
     AlertsRequest,
     BindRequest,
     Command,
@@ -29,6 +32,7 @@ from vhost_pv.control.wire import (
     ReplyStatus,
     RingOp,
     RingRequest,
+    VolumeAddRequest,
     VolumeRequest,
 )
 
@@ -132,6 +136,24 @@ def ring(path: Path, volume: str, op: RingOp) -> dict[str, Any]:
 def delete(path: Path, volume: str, *, force: bool = False) -> dict[str, Any]:
     request = VolumeRequest.build({"volume": volume, "flags": DELETE_FORCE if force else 0})
     result: dict[str, Any] = json.loads(call(path, Command.DELETE, request))
+    return result
+
+
+def volume_add(path: Path, volume_file: Path, *, queues: int = 0, read_only: bool = False,
+               direct: bool = False) -> dict[str, Any]:
+    """Serve one more volume file (made absolute here: the daemon's working directory is not
+    ours); queues 0: the daemon's --queues. Reply: its name, socket and options."""
+    flags = (ADD_READ_ONLY if read_only else 0) | (ADD_DIRECT if direct else 0)
+    request = VolumeAddRequest.build({"flags": flags, "queues": queues,
+                                      "path": os.path.abspath(volume_file)})
+    result: dict[str, Any] = json.loads(call(path, Command.VOLUME_ADD, request))
+    return result
+
+
+def volume_remove(path: Path, volume: str, *, force: bool = False) -> dict[str, Any]:
+    """Stop serving a volume (its file stays); force: also with a frontend attached."""
+    request = VolumeRequest.build({"volume": volume, "flags": REMOVE_FORCE if force else 0})
+    result: dict[str, Any] = json.loads(call(path, Command.VOLUME_REMOVE, request))
     return result
 
 

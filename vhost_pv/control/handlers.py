@@ -11,13 +11,17 @@ import functools
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vhost_pv.control.server import Handler, Send
 from vhost_pv.control.wire import (
+    ADD_DIRECT,
+    ADD_READ_ONLY,
     ALERTS_FOLLOW,
     DANGLING_CLEAR,
     DELETE_FORCE,
+    REMOVE_FORCE,
     AlertsRequest,
     BindRequest,
     Command,
@@ -29,11 +33,14 @@ from vhost_pv.control.wire import (
     ReclaimRequest,
     RingOp,
     RingRequest,
+    VolumeAddRequest,
     VolumeRequest,
 )
 from vhost_pv.errors import InvalidRequest, VhostPvError
 from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.meta.store import MetadataError, MetadataStore
+from vhost_pv.service.options import VolumeOptions
+from vhost_pv.service.runtime import RuntimeVolumes
 from vhost_pv.service.volumes import HEADER_REASON_LEN, VolumeService, owner_fields
 from vhost_pv.sockfile import PeerCredentials
 
@@ -51,6 +58,13 @@ class Context:
     alerts: AlertHub
     metadata: MetadataStore
     status: Callable[[], dict[str, Any]]
+    runtime: RuntimeVolumes | None = None
+    """Adds and removes volumes (None: a daemon that does not)."""
+
+    def volume_set(self) -> RuntimeVolumes:
+        if self.runtime is None:
+            raise VhostPvError(errno.EOPNOTSUPP, "this daemon does not add or remove volumes")
+        return self.runtime
 
 
 async def status(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
@@ -113,6 +127,28 @@ async def delete(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send
     result = await ctx.volumes.delete(request.volume, why="deleted by the administrator", force=force)
     log.warning("control: delete %s by pid=%d uid=%d", request.volume, peer.pid, peer.uid)
     return json.dumps(result.to_dict()).encode()
+
+
+async def volume_add(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+    request = VolumeAddRequest.parse(payload)
+    if request.flags & ~(ADD_READ_ONLY | ADD_DIRECT):
+        raise InvalidRequest(f"unknown VOLUME_ADD flags {request.flags:#x}")
+    runtime = ctx.volume_set()
+    options = VolumeOptions(queues=request.queues or runtime.config.queues,
+                            read_only=bool(request.flags & ADD_READ_ONLY),
+                            direct=bool(request.flags & ADD_DIRECT))
+    log.info("control: add %s (%s) by pid=%d uid=%d", request.path, options.describe(), peer.pid, peer.uid)
+    result = await runtime.add(Path(request.path), options)
+    return json.dumps(result).encode()
+
+
+async def volume_remove(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+    request = VolumeRequest.parse(payload)
+    force = bool(request.flags & REMOVE_FORCE)
+    log.warning("control: remove %s%s by pid=%d uid=%d", request.volume, " (force)" if force else "",
+                peer.pid, peer.uid)
+    result = await ctx.volume_set().remove(request.volume, force=force)
+    return json.dumps(result).encode()
 
 
 async def alerts(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes | None:
@@ -188,5 +224,7 @@ def table(ctx: Context) -> dict[Command, Handler]:
         Command.ALERTS: alerts,
         Command.BIND: bind,
         Command.META: meta,
+        Command.VOLUME_ADD: volume_add,
+        Command.VOLUME_REMOVE: volume_remove,
     }
     return {command: functools.partial(handler, ctx) for command, handler in commands.items()}

@@ -100,9 +100,23 @@ VolumeRequest = Struct(
     "flags" / Int32ul,
     Padding(4),
 )
-"""C: struct vpv_ctl_volume { char volume[64]; u32 flags; u32 pad; } (72 bytes), for DELETE.
-flags: DELETE_FORCE deletes a volume that is not dangling."""
+"""C: struct vpv_ctl_volume { char volume[64]; u32 flags; u32 pad; } (72 bytes), for DELETE
+and VOLUME_REMOVE. flags: DELETE_FORCE deletes a volume that is not dangling; REMOVE_FORCE
+removes a volume with a frontend attached (its connection ends)."""
 DELETE_FORCE = 1
+REMOVE_FORCE = 1
+
+PATH_LEN = 4096
+VolumeAddRequest = Struct(
+    "flags" / Int32ul,
+    "queues" / Int32ul,
+    "path" / PaddedString(PATH_LEN, "utf8"),
+)
+"""C: struct vpv_ctl_volume_add { u32 flags; u32 queues; char path[4096]; } (4104 bytes):
+serve one more volume file (an absolute path). flags: ADD_READ_ONLY, ADD_DIRECT; queues 0:
+the daemon's --queues. Reply: JSON (name, socket, options)."""
+ADD_READ_ONLY = 1
+ADD_DIRECT = 2
 
 AlertsRequest = Struct(
     "flags" / Int32ul,
@@ -157,6 +171,8 @@ class Command(enum.IntEnum):
     ALERTS = ioc(_IOC_READ | _IOC_WRITE, "v", 0x14, AlertsRequest.sizeof())
     BIND = ioc(_IOC_READ | _IOC_WRITE, "v", 0x15, BindRequest.sizeof())
     META = ioc(_IOC_READ | _IOC_WRITE, "v", 0x16, MetaRequest.sizeof())
+    VOLUME_ADD = ioc(_IOC_READ | _IOC_WRITE, "v", 0x17, VolumeAddRequest.sizeof())
+    VOLUME_REMOVE = ioc(_IOC_READ | _IOC_WRITE, "v", 0x18, VolumeRequest.sizeof())
 
 
 # Every fixed request layout by command, for the server's size check.
@@ -168,6 +184,8 @@ REQUEST_LAYOUTS = {
     Command.ALERTS: AlertsRequest,
     Command.BIND: BindRequest,
     Command.META: MetaRequest,
+    Command.VOLUME_ADD: VolumeAddRequest,
+    Command.VOLUME_REMOVE: VolumeRequest,
 }
 
 # Commands whose fixed layout is followed by a variable part (its length is in the layout).
