@@ -42,6 +42,7 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
     "vpv_ctl_alerts": (wire.AlertsRequest, ["flags", "pad", "since_seq"]),
     "vpv_ctl_bind": (wire.BindRequest, ["volume", "container", "pid", "pad"]),
     "vpv_ctl_meta": (wire.MetaRequest, ["op", "value_len", "vm", "key"]),
+    "vpv_ctl_volume_add": (wire.VolumeAddRequest, ["flags", "queues", "path"]),
     "vpv_ring_super": (
         ring.RingSuper,
         ["magic", "version", "align", "area_offset", "area_size", "head", "tail", "next_seq",
@@ -89,6 +90,8 @@ COMMANDS = {
     "VPV_IOC_ALERTS": wire.Command.ALERTS,
     "VPV_IOC_BIND": wire.Command.BIND,
     "VPV_IOC_META": wire.Command.META,
+    "VPV_IOC_VOLUME_ADD": wire.Command.VOLUME_ADD,
+    "VPV_IOC_VOLUME_REMOVE": wire.Command.VOLUME_REMOVE,
 }
 
 CONSTANTS = {
@@ -105,6 +108,9 @@ CONSTANTS = {
     "VPV_CTL_DANGLING_CLEAR": wire.DANGLING_CLEAR,
     "VPV_CTL_DELETE_FORCE": wire.DELETE_FORCE,
     "VPV_CTL_ALERTS_FOLLOW": wire.ALERTS_FOLLOW,
+    "VPV_CTL_REMOVE_FORCE": wire.REMOVE_FORCE,
+    "VPV_CTL_ADD_READ_ONLY": wire.ADD_READ_ONLY,
+    "VPV_CTL_ADD_DIRECT": wire.ADD_DIRECT,
     "VPV_RECLAIM_REPLAY": wire.ReclaimMode.REPLAY,
     "VPV_RECLAIM_DISCARD": wire.ReclaimMode.DISCARD,
     "VPV_RING_DISCARD": wire.RingOp.DISCARD,

@@ -16,12 +16,17 @@ from typing import Any
 import pytest
 
 from vhost_pv.control.wire import (
+    ADD_DIRECT,
+    ADD_READ_ONLY,
     CONTROL_MAGIC,
     CONTROL_VERSION,
     FLAG_REPLY,
+    REMOVE_FORCE,
     Command,
     ControlHeader,
     ReplyStatus,
+    VolumeAddRequest,
+    VolumeRequest,
     ioc,
 )
 from vhost_pv.protocol.messages import (
@@ -335,6 +340,29 @@ def test_status_command_number() -> None:
     assert (int(Command.STATUS) >> 8) & 0xFF == ord("v")
     assert int(Command.STATUS) & 0xFF == 0x01
     assert (int(Command.STATUS) >> 16) & 0x3FFF == 0
+
+
+@pytest.mark.timeout(60)
+def test_volume_add_golden() -> None:
+    # struct vpv_ctl_volume_add { u32 flags; u32 queues; char path[4096]; }
+    value = {"flags": ADD_READ_ONLY | ADD_DIRECT, "queues": 4, "path": "/var/lib/vhost-pv/vol1.img"}
+    golden = bytes.fromhex("03000000" "04000000") + b"/var/lib/vhost-pv/vol1.img" + bytes(4096 - 26)
+    assert VolumeAddRequest.sizeof() == 4104
+    assert VolumeAddRequest.build(value) == golden
+    assert _plain(VolumeAddRequest.parse(golden)) == value
+    # _IOWR('v', 0x17, struct vpv_ctl_volume_add): 4104 = 0x1008 in the size field.
+    assert int(Command.VOLUME_ADD) == 0xD0087617
+
+
+@pytest.mark.timeout(60)
+def test_volume_remove_golden() -> None:
+    # struct vpv_ctl_volume { char volume[64]; u32 flags; u32 pad; }, shared with DELETE.
+    value = {"volume": "vol1", "flags": REMOVE_FORCE}
+    golden = b"vol1" + bytes(60) + bytes.fromhex("01000000" "00000000")
+    assert VolumeRequest.build(value) == golden
+    assert _plain(VolumeRequest.parse(golden)) == value
+    # _IOWR('v', 0x18, struct vpv_ctl_volume): 72 = 0x48.
+    assert int(Command.VOLUME_REMOVE) == 0xC0487618
 
 
 # -- volume header slot ----------------------------------------------------------------------
