@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from vhost_pv._native import lib
-from vhost_pv.service import served_set
 from vhost_pv.service.options import MAX_QUEUES, VolumeOptions
 from vhost_pv.service.served_set import ServedEntry, ServedSet, StateDirBusy, StateFileError
 
@@ -113,14 +112,19 @@ def test_a_write_is_atomic_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytes
         before = state.path.read_bytes()
         synced: list[int] = []
         real_fsync = os.fsync
-        monkeypatch.setattr(served_set.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+
+        def counting_fsync(fd: int) -> None:
+            synced.append(fd)
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", counting_fsync)
 
         # A write that fails before the rename (here: the rename itself) leaves the old file
         # whole and no temp file.
         def no_rename(src: object, dst: object) -> None:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(served_set.os, "rename", no_rename)
+        monkeypatch.setattr(os, "rename", no_rename)
         state.put(Path("/v/b.img"), FAST)
         with pytest.raises(OSError, match="No space left"):
             state.save()
@@ -130,7 +134,7 @@ def test_a_write_is_atomic_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytes
 
         monkeypatch.undo()
         synced.clear()
-        monkeypatch.setattr(served_set.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+        monkeypatch.setattr(os, "fsync", counting_fsync)
         state.save()
         # The file, then the directory (the rename is durable only once it is).
         assert len(synced) == 2
