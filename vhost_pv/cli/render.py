@@ -171,7 +171,7 @@ def volume_list(state: Mapping[str, Any], *, use_json: bool) -> None:
         header = volume["header"]
         rows.append((volume["name"], header["state"], dangling_age(header, now_ns),
                      ring_use(volume["ring"]), ttl_left(volume, now_ns),
-                     volume_options(volume.get("options"), read_only=volume["read_only"]),
+                     volume_options(volume.get("options"), read_only=volume.get("read_only", False)),
                      "attached" if volume["connection"] is not None else "none"))
     for failure in state.get("failed", []):
         rows.append((Path(failure["path"]).stem, "failed", "-", "-", "-",
