@@ -434,3 +434,16 @@ def test_serve_starts_empty_and_one_daemon_per_state_dir(tmp_path: Path) -> None
     with ServerProcess([], tmp_path / "e", extra_args=[
             "--state-dir", str(tmp_path / "state2"), str(tmp_path / "missing.img")]) as server:
         assert [f["path"] for f in client.status(server.control)["failed"]] == [str(tmp_path / "missing.img")]
+
+
+@pytest.mark.timeout(60)
+def test_a_deleted_volume_leaves_the_set(tmp_path: Path) -> None:
+    one = _volume(tmp_path / "vols" / "one.img")
+    two = _volume(tmp_path / "vols" / "two.img")
+    state_dir = tmp_path / "state"
+    with ServerProcess([one, two], tmp_path / "d", extra_args=["--state-dir", str(state_dir)]) as server:
+        code, _, err = _ctl(server, "delete", "two", "--force")
+        assert code == 0, err
+        assert not two.exists()
+        saved = json.loads((state_dir / "served.json").read_text())
+        assert [v["path"] for v in saved["volumes"]] == [str(one)]

@@ -119,6 +119,10 @@ class RuntimeVolumes:
                                    f"the volume, not served: {exc.strerror or exc}") from None
         self.volumes.on_change()
         log.info("%s: added (%s), socket %s", served.volume.name, options.describe(), served.socket_path)
+        if self.volumes.process_watcher is not None:
+            # An owner recorded in the header that exited while nobody served the volume: its
+            # exit event is long gone (the engine watcher finds it at its next reconcile).
+            await self.volumes.process_watcher.check_alive("add")
         return {"volume": served.volume.name, "path": str(key), "socket": str(served.socket_path),
                 "options": options.to_dict(), "read_only": served.read_only,
                 "remembered": self.served_set is not None}
