@@ -447,3 +447,20 @@ def test_a_deleted_volume_leaves_the_set(tmp_path: Path) -> None:
         assert not two.exists()
         saved = json.loads((state_dir / "served.json").read_text())
         assert [v["path"] for v in saved["volumes"]] == [str(one)]
+
+
+@pytest.mark.timeout(60)
+def test_a_command_line_alias_of_a_remembered_volume_is_the_same_volume(tmp_path: Path) -> None:
+    volume = _volume(tmp_path / "vols" / "vol.img")
+    alias = tmp_path / "by-id" / "vol.img"
+    alias.parent.mkdir()
+    alias.symlink_to(volume)
+    args = ["--state-dir", str(tmp_path / "state")]
+    with ServerProcess([], tmp_path / "d", extra_args=args) as server:
+        _add(server, volume, "--queues", "2")
+    # The same file through a symlink on the command line: served once, as remembered.
+    with ServerProcess([alias], tmp_path / "d", extra_args=args) as server:
+        (entry,) = client.status(server.control)["volumes"]
+        assert entry["path"] == str(volume) and entry["options"]["queues"] == 2
+    saved = json.loads((tmp_path / "state" / "served.json").read_text())
+    assert [v["path"] for v in saved["volumes"]] == [str(volume)]

@@ -55,7 +55,7 @@ class RuntimeVolumes:
         known = {entry.path for entry in plan}
         defaults = VolumeOptions.defaults(self.config)
         for path in self.config.volumes:
-            key = volume_key(path)
+            key = _known_as(volume_key(path), known)
             if key in known and self.served_set is not None:
                 remembered = self.served_set.get(key)
                 if remembered != defaults:
@@ -195,3 +195,18 @@ class RuntimeVolumes:
         assert self.served_set is not None
         async with self._save_lock:
             await asyncio.to_thread(self.served_set.save, self.served_set.snapshot())
+
+
+def _known_as(key: Path, known: set[Path]) -> Path:
+    """The set's name for a command-line volume: the same path, or another path to the same
+    file (a symlink, /dev/disk/by-id/...), which would otherwise be opened twice and stop the
+    start as a volume named twice."""
+    if key in known:
+        return key
+    for path in known:
+        try:
+            if os.path.samefile(path, key):
+                return path
+        except OSError:
+            continue  # either one missing: the open reports it
+    return key
