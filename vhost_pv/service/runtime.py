@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from vhost_pv.errors import InvalidRequest, VhostPvError, VolumeExists, VolumeNotFound
 from vhost_pv.service.options import VolumeOptions
 from vhost_pv.service.served_set import ServedEntry, ServedSet, volume_key
+from vhost_pv.service.volumes import RemoveResult
 
 if TYPE_CHECKING:
     from vhost_pv.config import DaemonConfig
@@ -168,8 +169,7 @@ class RuntimeVolumes:
             await self._forget(path)
             log.warning("%s: removed from the served set (it could not be opened: %s)", name,
                         failure["error"])
-            return {"volume": name, "removed": True, "path": str(path), "disconnected_pid": None,
-                    "was_failed": True}
+            return RemoveResult(volume=name, path=path, disconnected=None, failed=True).to_dict()
         result = await self.volumes.remove(name, force=force)
         await self._forget(result.path)
         return result.to_dict()

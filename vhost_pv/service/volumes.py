@@ -62,10 +62,10 @@ _SUMMED = frozenset({
     "coalesced_wakes", "async_ios", "direct_fallbacks", "polled_wakes", "guest_faults", "calls_saturated",
 })
 HEADER_REASON_LEN = 64
+"""Bytes of UTF-8 the volume header keeps of a dangling reason (char reason[64])."""
 END_CONNECTION_TIMEOUT_S = 10.0
 """How long a forced remove waits for the attached frontend's session to end by itself
 (its queue workers finishing what they have in flight) before it is cancelled."""
-"""Bytes of UTF-8 the volume header keeps of a dangling reason (char reason[64])."""
 
 
 @dataclasses.dataclass
@@ -205,7 +205,8 @@ class VolumeService:
         self.engine = engine
         self.describe_source = describe_source
         self.served: dict[str, ServedVolume] = {}
-        # Volumes named on the command line that could not be served: path and why.
+        # Volumes named on the command line or in the served set that could not be served:
+        # path, why, and the options they would be served with.
         self.failed: list[dict[str, Any]] = []
         self.on_change: Callable[[], None] = lambda: None
         """Called after a volume's state changed (the metadata store wakes its readers)."""
