@@ -57,7 +57,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 
 EPILOG = """commands by audience:
   serve                                         the daemon
-  status ls add remove ioctl reclaim bind      a running daemon, through its control socket
+  status ls add remove ioctl reclaim bind       a running daemon, through its control socket
   delete alerts ring-ctl meta meta-relay
   create inspect ring verify                    volume files, no daemon needed
   loadgen demo                                  tools: load generator, end-to-end demo
