@@ -99,11 +99,26 @@ struct vpv_ctl_meta {
 
 #define VPV_CTL_ADD_READ_ONLY 1
 #define VPV_CTL_ADD_DIRECT 2
-/* VOLUME_ADD: path is absolute; queues 0 takes the daemon's --queues. */
+#define VPV_CTL_ADD_CREATE 4
+/* VOLUME_ADD: path is absolute; queues 0 takes the daemon's --queues. The fields after path
+ * are read with VPV_CTL_ADD_CREATE only (the file is created first, as `vhost-pv create`;
+ * ring_size 0: the default; uid_count 0: the requester's uid). */
 struct vpv_ctl_volume_add {
     uint32_t flags;
     uint32_t queues;
     char path[4096];
+    uint64_t size;
+    uint64_t ring_size;
+    uint64_t ttl_seconds;
+    uint8_t read_policy;
+    uint8_t ring_full_policy;
+    uint8_t ttl_action;
+    uint8_t uid_count;
+    uint8_t gid_count;
+    uint8_t pad[3];
+    uint32_t allowed_uids[8];
+    uint32_t allowed_gids[8];
+    char owner[128];
 } __attribute__((packed));
 
 #define VPV_IOC_STATUS _IOC(_IOC_READ, 'v', 0x01, 0)

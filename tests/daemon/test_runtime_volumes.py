@@ -464,3 +464,60 @@ def test_a_command_line_alias_of_a_remembered_volume_is_the_same_volume(tmp_path
         assert entry["path"] == str(volume) and entry["options"]["queues"] == 2
     saved = json.loads((tmp_path / "state" / "served.json").read_text())
     assert [v["path"] for v in saved["volumes"]] == [str(volume)]
+
+
+@pytest.mark.timeout(120)
+def test_add_create_makes_the_volume_as_create_would_and_serves_it(tmp_path: Path) -> None:
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    state_dir = tmp_path / "state"
+    with ServerProcess([], tmp_path / "d", extra_args=["--state-dir", str(state_dir)]) as server:
+        reply = _add(server, vols / "new.img", "--create", "--size", "8M", "--ring-size", "2M",
+                     "--owner", "web-1", "--read-policy", "zeros", "--ttl", "3600", "--ttl-action", "delete",
+                     "--allow-uids", "0,1234", "--queues", "2")
+        assert reply["created"] is True
+        assert reply["options"] == {"queues": 2, "read_only": False, "direct": False}
+        header = read_header(vols / "new.img")
+        assert (header.capacity, header.ring_size, header.owner) == (8 * MiB, 2 * MiB, "web-1")
+        assert header.read_policy.name == "ZEROS" and header.ttl_seconds == 3600
+        assert header.ttl_action.name == "DELETE" and header.allowed_uids == (0, 1234)
+        guest = Guest(server.socket_for(vols / "new.img"))
+        try:
+            guest.round_trip(0, pattern(4096, 21))
+        finally:
+            guest.close()
+        # No uids named: the requester's, as `vhost-pv create` does.
+        _add(server, vols / "mine.img", "--create", "--size", "4M", "--ring-size", "1M", "--read-only")
+        mine = read_header(vols / "mine.img")
+        assert mine.allowed_uids == (os.getuid(),) and mine.read_only
+        assert volume_entry(server.control, "mine")["read_only"] is True
+        saved = json.loads((state_dir / "served.json").read_text())
+        assert [v["path"] for v in saved["volumes"]] == [str(vols / "new.img"), str(vols / "mine.img")]
+
+        # Never over an existing file (served or not); the file is untouched.
+        code, _, err = _ctl(server, "add", str(vols / "new.img"), "--create", "--size", "4M")
+        assert code == 1 and "already served here as new" in err
+        existing = _volume(vols / "existing.img")
+        digest = _sha(existing)
+        code, _, err = _ctl(server, "add", str(existing), "--create", "--size", "8M")
+        assert code == 1 and "exists; refusing to overwrite" in err and "(File exists)" in err
+        assert _sha(existing) == digest and _lock_is_free(existing)
+        # Refused before creating anything: a name that is taken, a size create refuses.
+        (tmp_path / "other").mkdir()
+        code, _, err = _ctl(server, "add", str(tmp_path / "other" / "new.img"), "--create", "--size", "4M")
+        assert code == 1 and "a volume named new is already served" in err
+        assert not (tmp_path / "other" / "new.img").exists()
+        code, _, err = _ctl(server, "add", str(vols / "odd.img"), "--create", "--size", "1000")
+        assert code == 1 and "must be a positive multiple of 512" in err
+        assert not (vols / "odd.img").exists()
+        # Created, then its socket cannot be served: the file it created goes again.
+        (server.socket_dir / "blocked.sock").write_text("not a socket")
+        code, _, err = _ctl(server, "add", str(vols / "blocked.img"), "--create", "--size", "4M")
+        assert code == 1 and "exists and is not a socket" in err
+        assert not (vols / "blocked.img").exists() and _lock_is_free(vols / "new.img") is False
+        assert sorted(_served_names(server)) == ["mine", "new"]
+        # Options of a new volume without --create: a usage error, nothing sent.
+        code, _, err = _ctl(server, "add", str(vols / "x.img"), "--size", "4M")
+        assert code == 2 and "give --create too" in err
+        code, _, err = _ctl(server, "add", str(vols / "x.img"), "--create")
+        assert code == 2 and "needs --size" in err

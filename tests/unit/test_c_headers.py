@@ -42,7 +42,11 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
     "vpv_ctl_alerts": (wire.AlertsRequest, ["flags", "pad", "since_seq"]),
     "vpv_ctl_bind": (wire.BindRequest, ["volume", "container", "pid", "pad"]),
     "vpv_ctl_meta": (wire.MetaRequest, ["op", "value_len", "vm", "key"]),
-    "vpv_ctl_volume_add": (wire.VolumeAddRequest, ["flags", "queues", "path"]),
+    "vpv_ctl_volume_add": (
+        wire.VolumeAddRequest,
+        ["flags", "queues", "path", "size", "ring_size", "ttl_seconds", "read_policy", "ring_full_policy",
+         "ttl_action", "uid_count", "gid_count", "pad", "allowed_uids", "allowed_gids", "owner"],
+    ),
     "vpv_ring_super": (
         ring.RingSuper,
         ["magic", "version", "align", "area_offset", "area_size", "head", "tail", "next_seq",
@@ -111,6 +115,7 @@ CONSTANTS = {
     "VPV_CTL_REMOVE_FORCE": wire.REMOVE_FORCE,
     "VPV_CTL_ADD_READ_ONLY": wire.ADD_READ_ONLY,
     "VPV_CTL_ADD_DIRECT": wire.ADD_DIRECT,
+    "VPV_CTL_ADD_CREATE": wire.ADD_CREATE,
     "VPV_RECLAIM_REPLAY": wire.ReclaimMode.REPLAY,
     "VPV_RECLAIM_DISCARD": wire.ReclaimMode.DISCARD,
     "VPV_RING_DISCARD": wire.RingOp.DISCARD,

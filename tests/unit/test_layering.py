@@ -61,10 +61,11 @@ def test_client_commands_do_not_load_the_data_path(tmp_path: Path) -> None:
         ["meta", "ls", "--control", control, "vm0"],
         ["delete", "--control", control, "vol0"],
         ["add", "--control", control, "vol0.img", "--queues", "2", "--direct"],
+        ["add", "--control", control, "vol0.img", "--create", "--size", "1G", "--ttl", "60"],
         ["remove", "--control", control, "vol0", "--force"],
     )
     # Help exits 0; every client reports the missing daemon with exit 1.
-    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 11
+    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 12
     assert result["loaded"] == []
 
 

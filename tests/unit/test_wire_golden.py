@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from vhost_pv.control.wire import (
+    ADD_CREATE,
     ADD_DIRECT,
     ADD_READ_ONLY,
     CONTROL_MAGIC,
@@ -344,14 +345,30 @@ def test_status_command_number() -> None:
 
 @pytest.mark.timeout(60)
 def test_volume_add_golden() -> None:
-    # struct vpv_ctl_volume_add { u32 flags; u32 queues; char path[4096]; }
-    value = {"flags": ADD_READ_ONLY | ADD_DIRECT, "queues": 4, "path": "/var/lib/vhost-pv/vol1.img"}
-    golden = bytes.fromhex("03000000" "04000000") + b"/var/lib/vhost-pv/vol1.img" + bytes(4096 - 26)
-    assert VolumeAddRequest.sizeof() == 4104
+    # struct vpv_ctl_volume_add { u32 flags; u32 queues; char path[4096]; u64 size; u64 ring_size;
+    # u64 ttl_seconds; u8 read_policy, ring_full_policy, ttl_action, uid_count, gid_count, pad[3];
+    # u32 allowed_uids[8]; u32 allowed_gids[8]; char owner[128]; }
+    value = {"flags": ADD_READ_ONLY | ADD_DIRECT | ADD_CREATE, "queues": 4,
+             "path": "/var/lib/vhost-pv/vol1.img", "size": 10 << 30, "ring_size": 64 << 20,
+             "ttl_seconds": 3600, "read_policy": 1, "ring_full_policy": 1, "ttl_action": 1,
+             "uid_count": 2, "gid_count": 1, "allowed_uids": [0, 1000, 0, 0, 0, 0, 0, 0],
+             "allowed_gids": [100, 0, 0, 0, 0, 0, 0, 0], "owner": "web-1"}
+    golden = (
+        bytes.fromhex("07000000" "04000000")
+        + b"/var/lib/vhost-pv/vol1.img" + bytes(4096 - 26)
+        + bytes.fromhex("0000008002000000")  # size 10 GiB
+        + bytes.fromhex("0000000400000000")  # ring_size 64 MiB
+        + bytes.fromhex("100e000000000000")  # ttl_seconds 3600
+        + bytes.fromhex("01" "01" "01" "02" "01" "000000")
+        + bytes.fromhex("00000000" "e8030000") + bytes(24)
+        + bytes.fromhex("64000000") + bytes(28)
+        + b"web-1" + bytes(123)
+    )
+    assert VolumeAddRequest.sizeof() == 4328
     assert VolumeAddRequest.build(value) == golden
     assert _plain(VolumeAddRequest.parse(golden)) == value
-    # _IOWR('v', 0x17, struct vpv_ctl_volume_add): 4104 = 0x1008 in the size field.
-    assert int(Command.VOLUME_ADD) == 0xD0087617
+    # _IOWR('v', 0x17, struct vpv_ctl_volume_add): 4328 = 0x10e8 in the size field.
+    assert int(Command.VOLUME_ADD) == 0xD0E87617
 
 
 @pytest.mark.timeout(60)

@@ -16,6 +16,7 @@ from typing import Any
 
 from vhost_pv.control.server import Handler, Send
 from vhost_pv.control.wire import (
+    ADD_CREATE,
     ADD_DIRECT,
     ADD_READ_ONLY,
     ALERTS_FOLLOW,
@@ -43,6 +44,8 @@ from vhost_pv.service.options import VolumeOptions
 from vhost_pv.service.runtime import RuntimeVolumes
 from vhost_pv.service.volumes import HEADER_REASON_LEN, VolumeService, owner_fields
 from vhost_pv.sockfile import PeerCredentials
+from vhost_pv.volume.header import ReadPolicy, RingFullPolicy, TtlAction
+from vhost_pv.volume.volume import DEFAULT_RING_SIZE, CreateOptions
 
 # The daemon's log name, whichever module writes: operators (and tests) match on it.
 log = logging.getLogger("vhost_pv.daemon")
@@ -131,15 +134,40 @@ async def delete(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send
 
 async def volume_add(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
     request = VolumeAddRequest.parse(payload)
-    if request.flags & ~(ADD_READ_ONLY | ADD_DIRECT):
+    if request.flags & ~(ADD_READ_ONLY | ADD_DIRECT | ADD_CREATE):
         raise InvalidRequest(f"unknown VOLUME_ADD flags {request.flags:#x}")
     runtime = ctx.volume_set()
     options = VolumeOptions(queues=request.queues or runtime.config.queues,
                             read_only=bool(request.flags & ADD_READ_ONLY),
                             direct=bool(request.flags & ADD_DIRECT))
-    log.info("control: add %s (%s) by pid=%d uid=%d", request.path, options.describe(), peer.pid, peer.uid)
-    result = await runtime.add(Path(request.path), options)
+    create = _create_options(request, peer) if request.flags & ADD_CREATE else None
+    log.info("control: add %s%s (%s) by pid=%d uid=%d", request.path,
+             f" created with {create.size >> 20} MiB" if create else "", options.describe(),
+             peer.pid, peer.uid)
+    result = await runtime.add(Path(request.path), options, create=create)
     return json.dumps(result).encode()
+
+
+def _create_options(request: Any, peer: PeerCredentials) -> CreateOptions:
+    """`vhost-pv create`'s options from a VOLUME_ADD request with ADD_CREATE; the requester's
+    uid may attach unless uids are named (create's "default: yours")."""
+    if request.uid_count > len(request.allowed_uids) or request.gid_count > len(request.allowed_gids):
+        raise InvalidRequest(f"at most {len(request.allowed_uids)} uids and gids")
+    try:
+        return CreateOptions(
+            size=request.size,
+            ring_size=request.ring_size or DEFAULT_RING_SIZE,
+            owner=request.owner,
+            read_only=bool(request.flags & ADD_READ_ONLY),
+            read_policy=ReadPolicy(request.read_policy),
+            ring_full_policy=RingFullPolicy(request.ring_full_policy),
+            ttl_seconds=request.ttl_seconds,
+            ttl_action=TtlAction(request.ttl_action),
+            allowed_uids=tuple(request.allowed_uids[:request.uid_count]) or (peer.uid,),
+            allowed_gids=tuple(request.allowed_gids[:request.gid_count]),
+        )
+    except ValueError as exc:  # a policy number no enum member has
+        raise InvalidRequest(str(exc)) from None
 
 
 async def volume_remove(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from construct import Const, Int16ul, Int32sl, Int32ul, Int64ul, PaddedString, Padding, Struct
+from construct import Array, Const, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, PaddedString, Padding, Struct
 
 CONTROL_MAGIC = b"VPVC"
 CONTROL_VERSION = 1
@@ -107,16 +107,37 @@ DELETE_FORCE = 1
 REMOVE_FORCE = 1
 
 PATH_LEN = 4096
+CREATE_IDS = 8
+"""uids (and gids) a created volume's header can list (volume/header.py MAX_ALLOWED_IDS)."""
 VolumeAddRequest = Struct(
     "flags" / Int32ul,
     "queues" / Int32ul,
     "path" / PaddedString(PATH_LEN, "utf8"),
+    "size" / Int64ul,
+    "ring_size" / Int64ul,
+    "ttl_seconds" / Int64ul,
+    "read_policy" / Int8ul,
+    "ring_full_policy" / Int8ul,
+    "ttl_action" / Int8ul,
+    "uid_count" / Int8ul,
+    "gid_count" / Int8ul,
+    Padding(3),
+    "allowed_uids" / Array(CREATE_IDS, Int32ul),
+    "allowed_gids" / Array(CREATE_IDS, Int32ul),
+    "owner" / PaddedString(OWNER_LEN, "utf8"),
 )
-"""C: struct vpv_ctl_volume_add { u32 flags; u32 queues; char path[4096]; } (4104 bytes):
-serve one more volume file (an absolute path). flags: ADD_READ_ONLY, ADD_DIRECT; queues 0:
-the daemon's --queues. Reply: JSON (name, socket, options)."""
+"""C: struct vpv_ctl_volume_add { u32 flags; u32 queues; char path[4096]; u64 size;
+u64 ring_size; u64 ttl_seconds; u8 read_policy; u8 ring_full_policy; u8 ttl_action;
+u8 uid_count; u8 gid_count; u8 pad[3]; u32 allowed_uids[8]; u32 allowed_gids[8];
+char owner[128]; } (4328 bytes): serve one more volume file (an absolute path). flags:
+ADD_READ_ONLY, ADD_DIRECT; queues 0: the daemon's --queues. With ADD_CREATE the daemon first
+creates the file (refused if it exists) from the fields after path, as `vhost-pv create`:
+ring_size 0 is the default ring, uid_count 0 allows the requester's uid, ADD_READ_ONLY
+also marks the header read-only; without it they are ignored. Reply: JSON (name, socket,
+options)."""
 ADD_READ_ONLY = 1
 ADD_DIRECT = 2
+ADD_CREATE = 4
 
 AlertsRequest = Struct(
     "flags" / Int32ul,

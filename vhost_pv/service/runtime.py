@@ -11,6 +11,7 @@ Nothing here touches another volume: each volume has its own lock, socket, guard
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from vhost_pv.config import DaemonConfig
     from vhost_pv.service.frontends import FrontendService
     from vhost_pv.service.volumes import VolumeService
+    from vhost_pv.volume.volume import CreateOptions
 
 # The daemon's log name, whichever module writes: operators (and tests) match on it.
 log = logging.getLogger("vhost_pv.daemon")
@@ -85,10 +87,11 @@ class RuntimeVolumes:
 
     # -- add --------------------------------------------------------------------------------
 
-    async def add(self, path: Path, options: VolumeOptions) -> dict[str, Any]:
-        """Serve one more volume file; refused with the reason (and nothing left behind: no
-        socket file, no lock) if it cannot be. A volume of the set that failed at start is
-        tried again (its disk came back)."""
+    async def add(self, path: Path, options: VolumeOptions, *,
+                  create: CreateOptions | None = None) -> dict[str, Any]:
+        """Serve one more volume file (created first, given create); refused with the reason
+        (and nothing left behind: no socket file, no lock, no file it created) if it cannot
+        be. A volume of the set that failed at start is tried again (its disk came back)."""
         if not path.is_absolute():
             raise InvalidRequest(f"{path}: the daemon needs an absolute path")
         try:
@@ -97,6 +100,34 @@ class RuntimeVolumes:
             raise InvalidRequest(str(exc)) from None
         key = volume_key(path)
         self._refuse_duplicate(key)
+        if create is not None:
+            await self._create(key, create)
+        try:
+            return await self._serve_added(key, options, created=create is not None)
+        except BaseException:
+            if create is not None:
+                with contextlib.suppress(OSError):
+                    key.unlink()
+            raise
+
+    @staticmethod
+    async def _create(key: Path, create: CreateOptions) -> None:
+        from vhost_pv.volume.header import HeaderError
+        from vhost_pv.volume.volume import create_volume
+
+        try:
+            await asyncio.to_thread(create_volume, key, create)
+        except FileExistsError:
+            raise VolumeExists(f"{key} exists; refusing to overwrite a volume (add it without "
+                               "--create to serve it)") from None
+        except (ValueError, HeaderError) as exc:
+            raise InvalidRequest(f"{key}: {exc}") from None
+        except OSError as exc:
+            raise VhostPvError(exc.errno or errno.EIO, f"{key}: cannot create it: "
+                               f"{exc.strerror or exc}") from None
+        log.info("%s: created (%d MiB data, %d MiB ring)", key, create.size >> 20, create.ring_size >> 20)
+
+    async def _serve_added(self, key: Path, options: VolumeOptions, *, created: bool) -> dict[str, Any]:
         retrying = self._failed_entry(key)
         served = self.volumes.add(key, options, strict=True)
         assert served is not None  # strict: a volume that cannot be served raised
@@ -125,7 +156,7 @@ class RuntimeVolumes:
             # exit event is long gone (the engine watcher finds it at its next reconcile).
             await self.volumes.process_watcher.check_alive("add")
         return {"volume": served.volume.name, "path": str(key), "socket": str(served.socket_path),
-                "options": options.to_dict(), "read_only": served.read_only,
+                "options": options.to_dict(), "read_only": served.read_only, "created": created,
                 "remembered": self.served_set is not None}
 
     def _refuse_duplicate(self, key: Path) -> None:
