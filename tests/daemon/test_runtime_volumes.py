@@ -349,6 +349,8 @@ def test_command_line_volumes_join_the_set_and_keep_remembered_options(tmp_path:
     with ServerProcess([], tmp_path / "d", extra_args=args) as server:
         assert sorted(_served_names(server)) == ["one", "two"]
         assert client.status(server.control)["served_set"]["file"] == str(state_dir / "served.json")
+        code, out, _ = _ctl(server, "status")
+        assert code == 0 and f"served set kept in {state_dir / 'served.json'}" in out
 
 
 @pytest.mark.timeout(120)

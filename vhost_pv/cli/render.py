@@ -120,6 +120,9 @@ def status(state: Mapping[str, Any], *, use_json: bool, control: object = None) 
         return
     now_ns = time.time_ns()
     print(f"daemon pid {state['pid']}")
+    served_set = state.get("served_set")
+    if served_set:
+        print(f"  served set kept in {served_set['file']} (served again after a restart)")
     for failure in state.get("failed", []):
         print(f"  not served: {failure['path']}: {failure['error']}")
     for volume in state["volumes"]:
