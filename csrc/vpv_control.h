@@ -62,6 +62,8 @@ struct vpv_ctl_ring {
 } __attribute__((packed));
 
 #define VPV_CTL_DELETE_FORCE 1
+#define VPV_CTL_REMOVE_FORCE 1
+/* DELETE and VOLUME_REMOVE. */
 struct vpv_ctl_volume {
     char volume[64];
     uint32_t flags;
@@ -120,6 +122,30 @@ struct vpv_ctl_volume_set {
     uint32_t pad2;
 } __attribute__((packed));
 
+#define VPV_CTL_ADD_READ_ONLY 1
+#define VPV_CTL_ADD_DIRECT 2
+#define VPV_CTL_ADD_CREATE 4
+/* VOLUME_ADD: path is absolute; queues 0 takes the daemon's --queues. The fields after path
+ * are read with VPV_CTL_ADD_CREATE only (the file is created first, as `vhost-pv create`;
+ * ring_size 0: the default; uid_count 0: the requester's uid). */
+struct vpv_ctl_volume_add {
+    uint32_t flags;
+    uint32_t queues;
+    char path[4096];
+    uint64_t size;
+    uint64_t ring_size;
+    uint64_t ttl_seconds;
+    uint8_t read_policy;
+    uint8_t ring_full_policy;
+    uint8_t ttl_action;
+    uint8_t uid_count;
+    uint8_t gid_count;
+    uint8_t pad[3];
+    uint32_t allowed_uids[8];
+    uint32_t allowed_gids[8];
+    char owner[128];
+} __attribute__((packed));
+
 #define VPV_IOC_STATUS _IOC(_IOC_READ, 'v', 0x01, 0)
 #define VPV_IOC_PERSISTENT_DISK_DANGLING _IOWR('v', 0x10, struct vpv_ctl_dangling)
 #define VPV_IOC_RECLAIM _IOWR('v', 0x11, struct vpv_ctl_reclaim)
@@ -128,6 +154,8 @@ struct vpv_ctl_volume_set {
 #define VPV_IOC_ALERTS _IOWR('v', 0x14, struct vpv_ctl_alerts)
 #define VPV_IOC_BIND _IOWR('v', 0x15, struct vpv_ctl_bind)
 #define VPV_IOC_META _IOWR('v', 0x16, struct vpv_ctl_meta)
+#define VPV_IOC_VOLUME_ADD _IOWR('v', 0x17, struct vpv_ctl_volume_add)
+#define VPV_IOC_VOLUME_REMOVE _IOWR('v', 0x18, struct vpv_ctl_volume)
 #define VPV_IOC_VOLUME_SET _IOWR('v', 0x1a, struct vpv_ctl_volume_set)
 
 #endif

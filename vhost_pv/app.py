@@ -19,6 +19,7 @@ from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.guard.containers import EngineWatcher, ProcessWatcher
 from vhost_pv.meta.store import MetadataStore
 from vhost_pv.service.frontends import FrontendService, MetadataFsFrontend
+from vhost_pv.service.runtime import RuntimeVolumes
 from vhost_pv.service.volumes import VolumeService
 from vhost_pv.sockfile import raise_fd_limit, watch_task
 from vhost_pv.supervision import Supervision
@@ -61,10 +62,12 @@ class App:
             if config.proc_events else None
         )
         self.volumes.process_watcher = self.process_watcher
+        self.runtime = RuntimeVolumes(config, self.volumes, self.frontends)
         self.control = ControlServer(
             config.control_path,
             config.control_access,
-            handlers.table(handlers.Context(self.volumes, self.alerts, self.metadata, self.status)),
+            handlers.table(handlers.Context(self.volumes, self.alerts, self.metadata, self.status,
+                                            runtime=self.runtime)),
             timeout=config.peer_timeout,
         )
         self.supervision = Supervision(self.volumes, stuck_after=config.worker_stuck_after)
@@ -127,12 +130,11 @@ class App:
 
     async def _start(self) -> None:
         self.config.socket_dir.mkdir(parents=True, exist_ok=True)
-        for path in self.config.volumes:
-            served = self.volumes.add(path)
-            if served is not None:
-                self.frontends.serve(served)
-        if self.volumes.failed and not self.volumes.served:
-            # Nothing at all to serve: a daemon that only reports errors helps nobody.
+        self.runtime.start()
+        if self.volumes.failed and not self.volumes.served and self.config.state_dir is None:
+            # Volumes were named and none can be served: a mistake on the command line, said
+            # at once. With --state-dir the daemon is a service whose set is managed at runtime
+            # (the disk may come back, the admin removes or adds): it starts regardless.
             raise ValueError("no volume can be served: " + "; ".join(
                 f"{failure['path']}: {failure['error']}" for failure in self.volumes.failed))
         if self.config.meta_http is not None:
@@ -178,6 +180,7 @@ class App:
             await self._meta_frontend.close()
         await self.control.close()
         await self.volumes.close()
+        self.runtime.close()
         self.alerts.close()
         log.info("stopped")
 
@@ -187,6 +190,7 @@ class App:
             "started_at": self.started_at,
             "volumes": self.volumes.status(),
             "failed": list(self.volumes.failed),
+            "served_set": self.runtime.describe(),
             "alerts": {"by_kind": dict(self.alerts.counts), "subscribers": self.alerts.subscriber_count,
                        "webhook_failures": self.alerts.webhook_failures},
             "metadata": {

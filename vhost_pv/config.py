@@ -73,6 +73,9 @@ class DaemonConfig:
     worker_stuck_after: float = 30.0
     """A queue worker inside one request for longer than this is stuck: logged, and the
     service watchdog's ping is withheld (vhost_pv/supervision.py)."""
+    state_dir: Path | None = None
+    """Where the served set is kept (service/served_set.py): the volumes served, with their
+    options, written on every change and served again at the next start."""
 
     def validate(self) -> None:
         """Raise ConfigError for the first value out of range."""

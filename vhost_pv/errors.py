@@ -72,3 +72,10 @@ class InvalidRequest(VhostPvError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EINVAL, message)
+
+
+class VolumeExists(VhostPvError):
+    """The volume (or another of the same name, whose socket would clash) is served already."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EEXIST, message)

@@ -4,7 +4,20 @@ run about a dangling volume. Standard library only, so the guard (alert texts) a
 
 from __future__ import annotations
 
+import re
 import shlex
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096' -> bytes (binary units). Here, not beside the volume code (which
+    loads the C data path), so that a control client (`vhost-pv add --create`) can take sizes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 4G)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 def duration(seconds: float) -> str:

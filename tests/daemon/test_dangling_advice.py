@@ -89,14 +89,14 @@ def test_dangling_alerts_and_status_tell_the_admin_what_to_do(tmp_path: Path) ->
             assert listing.returncode == 0, listing.stderr
             assert not RAW_NUMBER.search(listing.stdout), listing.stdout
             lines = listing.stdout.splitlines()
-            assert lines[0].split() == ["NAME", "STATE", "AGE", "RING", "TTL", "FRONTEND"]
+            assert lines[0].split() == ["NAME", "STATE", "AGE", "RING", "TTL", "OPTIONS", "FRONTEND"]
             rows = {line.split()[0]: line for line in lines[1:]}
             assert list(rows) == ["gone", "kept", "live"]
-            assert re.search(r"dangling +\d+s +4\.\d KiB of 2 MiB, 1 record +deletes in 9m5\ds +attached$",
-                             rows["gone"]), rows["gone"]
-            assert re.search(r"dangling +\d+s .* time limit passed \d+s ago \(alert sent\) +none$",
+            assert re.search(r"dangling +\d+s +4\.\d KiB of 2 MiB, 1 record +deletes in 9m5\ds"
+                             r" +q1 +attached$", rows["gone"]), rows["gone"]
+            assert re.search(r"dangling +\d+s .* time limit passed \d+s ago \(alert sent\) +q1 +none$",
                              rows["kept"]), rows["kept"]
-            assert re.search(r"attached +- +0 B of [\d.]+ [KM]iB, 0 records +no time limit +none$",
+            assert re.search(r"attached +- +0 B of [\d.]+ [KM]iB, 0 records +no time limit +q1 +none$",
                              rows["live"]), rows["live"]
 
             # --json keeps the raw values: nanoseconds and bytes.

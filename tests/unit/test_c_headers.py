@@ -47,6 +47,11 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
         ["volume", "mask", "read_policy", "ring_full_policy", "ttl_action", None, "ttl_seconds",
          "allowed_uids", "allowed_gids", "owner", "owner_pid", None],
     ),
+    "vpv_ctl_volume_add": (
+        wire.VolumeAddRequest,
+        ["flags", "queues", "path", "size", "ring_size", "ttl_seconds", "read_policy", "ring_full_policy",
+         "ttl_action", "uid_count", "gid_count", "pad", "allowed_uids", "allowed_gids", "owner"],
+    ),
     "vpv_ring_super": (
         ring.RingSuper,
         ["magic", "version", "align", "area_offset", "area_size", "head", "tail", "next_seq",
@@ -95,6 +100,8 @@ COMMANDS = {
     "VPV_IOC_BIND": wire.Command.BIND,
     "VPV_IOC_META": wire.Command.META,
     "VPV_IOC_VOLUME_SET": wire.Command.VOLUME_SET,
+    "VPV_IOC_VOLUME_ADD": wire.Command.VOLUME_ADD,
+    "VPV_IOC_VOLUME_REMOVE": wire.Command.VOLUME_REMOVE,
 }
 
 CONSTANTS = {
@@ -111,6 +118,10 @@ CONSTANTS = {
     "VPV_CTL_DANGLING_CLEAR": wire.DANGLING_CLEAR,
     "VPV_CTL_DELETE_FORCE": wire.DELETE_FORCE,
     "VPV_CTL_ALERTS_FOLLOW": wire.ALERTS_FOLLOW,
+    "VPV_CTL_REMOVE_FORCE": wire.REMOVE_FORCE,
+    "VPV_CTL_ADD_READ_ONLY": wire.ADD_READ_ONLY,
+    "VPV_CTL_ADD_DIRECT": wire.ADD_DIRECT,
+    "VPV_CTL_ADD_CREATE": wire.ADD_CREATE,
     "VPV_RECLAIM_REPLAY": wire.ReclaimMode.REPLAY,
     "VPV_RECLAIM_DISCARD": wire.ReclaimMode.DISCARD,
     "VPV_RING_DISCARD": wire.RingOp.DISCARD,

@@ -63,9 +63,12 @@ def test_client_commands_do_not_load_the_data_path(tmp_path: Path) -> None:
         ["set", "--help"],
         ["set", "--control", control, "vol0", "--ttl", "1h", "--read-policy", "zeros", "--uids", "0"],
         ["set", "--control", control, "vol0", "--no-owner", "--json"],
+        ["add", "--control", control, "vol0.img", "--queues", "2", "--direct"],
+        ["add", "--control", control, "vol0.img", "--create", "--size", "1G", "--ttl", "60"],
+        ["remove", "--control", control, "vol0", "--force"],
     )
     # Help exits 0; every client reports the missing daemon with exit 1.
-    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 9 + [0] + [cli.EXIT_FAILED] * 2
+    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 9 + [0] + [cli.EXIT_FAILED] * 5
     assert result["loaded"] == []
 
 

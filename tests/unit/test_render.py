@@ -90,11 +90,27 @@ def test_status_json_keeps_the_raw_values(capsys: pytest.CaptureFixture[str]) ->
 def test_ls_one_line_per_volume(capsys: pytest.CaptureFixture[str]) -> None:
     render.volume_list(_state(time.time_ns()), use_json=False)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "STATE", "AGE", "RING", "TTL", "FRONTEND"]
+    assert lines[0].split() == ["NAME", "STATE", "AGE", "RING", "TTL", "OPTIONS", "FRONTEND"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert list(rows) == ["gone", "kept", "live", "nolimit"]
-    assert re.search(r"dangling +3m12s +1\.2 MiB of 16 MiB, 42 records +deletes in 6m47s +none$",
+    assert re.search(r"dangling +3m12s +1\.2 MiB of 16 MiB, 42 records +deletes in 6m47s +- +none$",
                      rows["gone"])
-    assert re.search(r"attached +- +.* +deletes 10m00s after dangling +attached$", rows["live"])
+    assert re.search(r"attached +- +.* +deletes 10m00s after dangling +- +attached$", rows["live"])
     assert "no time limit" in rows["nolimit"]
     assert not any(re.search(r"\d{10,}", line) for line in lines)
+
+
+def test_ls_shows_each_volumes_options_and_the_failed_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    fast = {**_volume("fast", dangling=False), "read_only": False,
+            "options": {"queues": 4, "read_only": False, "direct": True}}
+    # Read-only by its header though not asked for: served read-only, shown so.
+    golden = {**_volume("golden", dangling=False), "read_only": True,
+              "options": {"queues": 1, "read_only": False, "direct": False}}
+    state = {"pid": 1, "volumes": [fast, golden], "failed": [
+        {"path": "/var/lib/vhost-pv/gone.img", "error": "No such file or directory",
+         "options": {"queues": 2, "read_only": True, "direct": False}}]}
+    render.volume_list(state, use_json=False)
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert re.search(r" q4,direct +none$", rows["fast"])
+    assert re.search(r" q1,ro +none$", rows["golden"])
+    assert re.search(r"^gone +failed +- +- +- +q2,ro +No such file or directory$", rows["gone"])

@@ -16,10 +16,14 @@ from typing import Any
 import pytest
 
 from vhost_pv.control.wire import (
+    ADD_CREATE,
+    ADD_DIRECT,
+    ADD_READ_ONLY,
     CLEAR_OWNER,
     CONTROL_MAGIC,
     CONTROL_VERSION,
     FLAG_REPLY,
+    REMOVE_FORCE,
     SET_ALLOWED_GIDS,
     SET_ALLOWED_UIDS,
     SET_IDS,
@@ -31,6 +35,8 @@ from vhost_pv.control.wire import (
     Command,
     ControlHeader,
     ReplyStatus,
+    VolumeAddRequest,
+    VolumeRequest,
     VolumeSetRequest,
     ioc,
 )
@@ -346,6 +352,45 @@ def test_status_command_number() -> None:
     assert (int(Command.STATUS) >> 8) & 0xFF == ord("v")
     assert int(Command.STATUS) & 0xFF == 0x01
     assert (int(Command.STATUS) >> 16) & 0x3FFF == 0
+
+
+@pytest.mark.timeout(60)
+def test_volume_add_golden() -> None:
+    # struct vpv_ctl_volume_add { u32 flags; u32 queues; char path[4096]; u64 size; u64 ring_size;
+    # u64 ttl_seconds; u8 read_policy, ring_full_policy, ttl_action, uid_count, gid_count, pad[3];
+    # u32 allowed_uids[8]; u32 allowed_gids[8]; char owner[128]; }
+    value = {"flags": ADD_READ_ONLY | ADD_DIRECT | ADD_CREATE, "queues": 4,
+             "path": "/var/lib/vhost-pv/vol1.img", "size": 10 << 30, "ring_size": 64 << 20,
+             "ttl_seconds": 3600, "read_policy": 1, "ring_full_policy": 1, "ttl_action": 1,
+             "uid_count": 2, "gid_count": 1, "allowed_uids": [0, 1000, 0, 0, 0, 0, 0, 0],
+             "allowed_gids": [100, 0, 0, 0, 0, 0, 0, 0], "owner": "web-1"}
+    golden = (
+        bytes.fromhex("07000000" "04000000")
+        + b"/var/lib/vhost-pv/vol1.img" + bytes(4096 - 26)
+        + bytes.fromhex("0000008002000000")  # size 10 GiB
+        + bytes.fromhex("0000000400000000")  # ring_size 64 MiB
+        + bytes.fromhex("100e000000000000")  # ttl_seconds 3600
+        + bytes.fromhex("01" "01" "01" "02" "01" "000000")
+        + bytes.fromhex("00000000" "e8030000") + bytes(24)
+        + bytes.fromhex("64000000") + bytes(28)
+        + b"web-1" + bytes(123)
+    )
+    assert VolumeAddRequest.sizeof() == 4328
+    assert VolumeAddRequest.build(value) == golden
+    assert _plain(VolumeAddRequest.parse(golden)) == value
+    # _IOWR('v', 0x17, struct vpv_ctl_volume_add): 4328 = 0x10e8 in the size field.
+    assert int(Command.VOLUME_ADD) == 0xD0E87617
+
+
+@pytest.mark.timeout(60)
+def test_volume_remove_golden() -> None:
+    # struct vpv_ctl_volume { char volume[64]; u32 flags; u32 pad; }, shared with DELETE.
+    value = {"volume": "vol1", "flags": REMOVE_FORCE}
+    golden = b"vol1" + bytes(60) + bytes.fromhex("01000000" "00000000")
+    assert VolumeRequest.build(value) == golden
+    assert _plain(VolumeRequest.parse(golden)) == value
+    # _IOWR('v', 0x18, struct vpv_ctl_volume): 72 = 0x48.
+    assert int(Command.VOLUME_REMOVE) == 0xC0487618
 
 
 # -- volume header slot ----------------------------------------------------------------------

@@ -38,6 +38,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("serve", "serve", "serve volumes to vhost-user-blk frontends"),
     ("status", "admin", "ask a running daemon for its state"),
     ("ls", "admin", "one line per served volume: state, dangling age, ring, time limit"),
+    ("add", "admin", "serve one more volume file, with its own options"),
+    ("remove", "admin", "stop serving a volume (its file is kept)"),
     ("ioctl", "admin", "flip a served volume to dangling (or back)"),
     ("reclaim", "admin", "give a dangling volume to a new owner"),
     ("bind", "admin", "record a volume's owner container"),
@@ -58,8 +60,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 
 EPILOG = """commands by audience:
   serve                                         the daemon
-  status ls ioctl reclaim bind delete alerts    a running daemon, through its control socket
-  ring-ctl meta meta-relay set
+  status ls add remove ioctl reclaim bind set   a running daemon, through its control socket
+  delete alerts ring-ctl meta meta-relay
   create inspect ring verify set-file           volume files, no daemon needed
   loadgen demo                                  tools: load generator, end-to-end demo
 

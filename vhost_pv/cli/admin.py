@@ -1,12 +1,14 @@
 """Admin client commands: they talk to a running daemon over its control socket.
 
 status, ls, ioctl, reclaim, bind, set, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
+status, ls, add, remove, ioctl, reclaim, bind, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
 runs to reach the metadata HTTP server. None of them loads the daemon or its C data path.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -15,18 +17,21 @@ from typing import Any
 
 from vhost_pv import layout
 from vhost_pv.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, render, settings
-from vhost_pv.cli.argtypes import PID_MAX, host_port, int_in, socket_path, text
+from vhost_pv.cli.argtypes import MAX_TTL, PID_MAX, choices, host_port, ids, int_in, size, socket_path, text
 from vhost_pv.control import client
 from vhost_pv.control.wire import (
     MAX_CONTROL_PAYLOAD,
     META_KEY_LEN,
     NAME_LEN,
     OWNER_LEN,
+    PATH_LEN,
     MetaOp,
     MetaRequest,
     ReclaimMode,
     RingOp,
 )
+from vhost_pv.service.options import MAX_QUEUES
+from vhost_pv.volume.header import ReadPolicy, RingFullPolicy, TtlAction
 
 # The volume header keeps 64 bytes of reason (vhost_pv/volume/header.py, char reason[64]);
 # the control request carries up to 128 (wire.REASON_LEN). The smaller one decides: a longer
@@ -87,6 +92,39 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     render.volume_list(state, use_json=args.json)
     return EXIT_OK
+
+
+# `add` options that describe a volume to create: only with --create.
+_CREATE_OPTIONS = ("size", "ring_size", "owner", "read_policy", "ring_full", "ttl", "ttl_action",
+                   "allow_uids", "allow_gids")
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    control = Path(args.control)
+    create = None
+    if args.create:
+        if args.size is None:
+            render.error("add --create needs --size")
+            return EXIT_USAGE
+        create = client.VolumeCreate(
+            size=args.size, ring_size=args.ring_size or 0, owner=args.owner or "",
+            read_policy=int(ReadPolicy[(args.read_policy or "deny").upper()]),
+            ring_full_policy=int(RingFullPolicy[(args.ring_full or "reject").upper()]),
+            ttl_seconds=args.ttl or 0, ttl_action=int(TtlAction[(args.ttl_action or "alert").upper()]),
+            allowed_uids=args.allow_uids or (), allowed_gids=args.allow_gids or ())
+    else:
+        given = [name for name in _CREATE_OPTIONS if getattr(args, name) is not None]
+        if given:
+            render.error(f"--{given[0].replace('_', '-')} describes a new volume: give --create too")
+            return EXIT_USAGE
+    return _control_call(args, lambda: client.volume_add(
+        control, args.volume_file, queues=args.queues or 0, read_only=args.read_only, direct=args.direct,
+        create=create))
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    control = Path(args.control)
+    return _control_call(args, lambda: client.volume_remove(control, args.volume, force=args.force))
 
 
 def cmd_ioctl(args: argparse.Namespace) -> int:
@@ -199,6 +237,74 @@ def _ls(p: argparse.ArgumentParser) -> None:
     _control(p)
     _json(p, "the volumes part of the status as JSON (raw nanoseconds and bytes)")
     p.set_defaults(func=cmd_ls)
+
+
+def _volume_file(value: str) -> Path:
+    """An argparse type: a volume file's path, made absolute (the daemon's working directory
+    is not ours), that fits the request's path field."""
+    absolute = os.path.abspath(value)
+    text(PATH_LEN, "the volume file's absolute path")(absolute)
+    return Path(absolute)
+
+
+def _add(p: argparse.ArgumentParser) -> None:
+    p.description = ("Serve one more volume file (`vhost-pv create`) without touching the others: "
+                     "its socket appears as <socket dir>/<file stem>.sock. Options not given are the "
+                     "daemon's (`serve --queues`); read-only and O_DIRECT are off unless asked for. "
+                     "With --create the daemon creates the file first, as `vhost-pv create` would "
+                     "(never over an existing file; the file is removed again if it cannot be served). "
+                     "With `serve --state-dir` the daemon serves it again after a restart.")
+    p.epilog = """examples:
+  vhost-pv add --control /run/vhost-pv/control.sock /var/lib/vhost-pv/vol1.img
+  vhost-pv add --control /run/vhost-pv/control.sock /var/lib/vhost-pv/vol2.img --queues 4 --direct
+  vhost-pv add --control /run/vhost-pv/control.sock /srv/golden.img --read-only --json
+  vhost-pv add --control /run/vhost-pv/control.sock /var/lib/vhost-pv/vol3.img --create --size 10G \\
+      --owner web-1 --ttl 3600 --ttl-action delete --allow-uids 107"""
+    _control(p)
+    p.add_argument("volume_file", type=_volume_file, metavar="VOLUME_FILE",
+                   help="the volume file to serve")
+    p.add_argument("--queues", type=int_in(1, MAX_QUEUES), metavar="N",
+                   help=f"virtqueues offered (1..{MAX_QUEUES}; default: the daemon's --queues)")
+    p.add_argument("--read-only", action="store_true", help="serve it read-only")
+    p.add_argument("--direct", action="store_true",
+                   help="bypass the host page cache for its data (O_DIRECT)")
+    new = p.add_argument_group("a new volume (with --create; as `vhost-pv create`)")
+    new.add_argument("--create", action="store_true",
+                     help="the daemon creates VOLUME_FILE first (refused if it exists); --read-only "
+                     "then also marks its header read-only")
+    new.add_argument("--size", type=size, help="data region size, e.g. 10G (needed with --create)")
+    new.add_argument("--ring-size", type=size, help="quarantine ring size (default 16M)")
+    new.add_argument("--owner", type=text(OWNER_LEN, "--owner"), help="owning container id or name")
+    new.add_argument("--read-policy", choices=choices(ReadPolicy), help="reads while dangling (default deny)")
+    new.add_argument("--ring-full", choices=choices(RingFullPolicy),
+                     help="writes while dangling when the ring is full (default reject)")
+    new.add_argument("--ttl", type=int_in(0, MAX_TTL), metavar="S",
+                     help="seconds dangling before the TTL action (default 0: never)")
+    new.add_argument("--ttl-action", choices=choices(TtlAction),
+                     help="what the TTL does when it runs out (default alert)")
+    new.add_argument("--allow-uids", type=ids, metavar="U,..",
+                     help="uids whose frontends may attach (default: yours)")
+    new.add_argument("--allow-gids", type=ids, metavar="G,..", help="gids whose frontends may attach")
+    _json(p)
+    p.set_defaults(func=cmd_add)
+
+
+def _remove(p: argparse.ArgumentParser) -> None:
+    p.description = ("Stop serving a volume and keep its file as it is (to wipe it, `vhost-pv "
+                     "delete`): its socket goes, the other volumes are not touched. Refused while a "
+                     "frontend is attached unless --force, which ends that connection cleanly "
+                     "(requests in flight complete first). A volume that could not be opened is "
+                     "dropped from the served set.")
+    p.epilog = """examples:
+  vhost-pv remove --control /run/vhost-pv/control.sock vol1
+  vhost-pv remove --control /run/vhost-pv/control.sock vol1 --force"""
+    _control(p)
+    _volume(p)
+    p.add_argument("--force", action="store_true",
+                   help="also with a frontend attached: its connection ends (its guest sees the "
+                   "disk stall until the volume is served again)")
+    _json(p)
+    p.set_defaults(func=cmd_remove)
 
 
 def _ioctl(p: argparse.ArgumentParser) -> None:
@@ -337,6 +443,8 @@ def _meta_relay(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "status": _status,
     "ls": _ls,
+    "add": _add,
+    "remove": _remove,
     "ioctl": _ioctl,
     "reclaim": _reclaim,
     "bind": _bind,

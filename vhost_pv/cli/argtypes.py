@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from vhost_pv.humanize import parse_size
 from vhost_pv.volume.header import MAX_ALLOWED_IDS, ReadPolicy, RingFullPolicy, TtlAction
 
 MAX_SIZE = 1 << 60
@@ -24,10 +25,6 @@ MAX_TTL = ((1 << 63) - 1) // 1_000_000_000
 
 def size(text: str) -> int:
     """An argparse type: a size such as 4096, 4k, 16M or 1G, at most 1 EiB."""
-    # parse_size lives beside the volume code, which loads the C data path: import it only
-    # when a command with a size option is actually parsed.
-    from vhost_pv.volume.volume import parse_size
-
     try:
         value = parse_size(text)
     except ValueError as exc:

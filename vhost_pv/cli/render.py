@@ -120,6 +120,9 @@ def status(state: Mapping[str, Any], *, use_json: bool, control: object = None) 
         return
     now_ns = time.time_ns()
     print(f"daemon pid {state['pid']}")
+    served_set = state.get("served_set")
+    if served_set:
+        print(f"  served set kept in {served_set['file']} (served again after a restart)")
     for failure in state.get("failed", []):
         print(f"  not served: {failure['path']}: {failure['error']}")
     for volume in state["volumes"]:
@@ -146,6 +149,19 @@ def status(state: Mapping[str, Any], *, use_json: bool, control: object = None) 
                   f"{queue['bad_requests']} bad, broken={bool(queue['broken'])}")
 
 
+def volume_options(options: Mapping[str, Any] | None, *, read_only: bool = False) -> str:
+    """A volume's own serving options, short: "q2,ro,direct" ("ro" also when its header is
+    read-only); "-" from a daemon that does not report them."""
+    if options is None:
+        return "-"
+    parts = [f"q{options['queues']}"]
+    if options["read_only"] or read_only:
+        parts.append("ro")
+    if options["direct"]:
+        parts.append("direct")
+    return ",".join(parts)
+
+
 def volume_list(state: Mapping[str, Any], *, use_json: bool) -> None:
     """`vhost-pv ls`: one line per served volume (name, state, dangling age, ring use, time
     limit, frontend); --json is the volumes part of the status, raw."""
@@ -153,14 +169,16 @@ def volume_list(state: Mapping[str, Any], *, use_json: bool) -> None:
         as_json(state["volumes"])
         return
     now_ns = time.time_ns()
-    rows = [("NAME", "STATE", "AGE", "RING", "TTL", "FRONTEND")]
+    rows = [("NAME", "STATE", "AGE", "RING", "TTL", "OPTIONS", "FRONTEND")]
     for volume in state["volumes"]:
         header = volume["header"]
         rows.append((volume["name"], header["state"], dangling_age(header, now_ns),
                      ring_use(volume["ring"]), ttl_left(volume, now_ns),
+                     volume_options(volume.get("options"), read_only=volume.get("read_only", False)),
                      "attached" if volume["connection"] is not None else "none"))
     for failure in state.get("failed", []):
-        rows.append((Path(failure["path"]).stem, "failed", "-", "-", "-", failure["error"]))
+        rows.append((Path(failure["path"]).stem, "failed", "-", "-", "-",
+                     volume_options(failure.get("options")), failure["error"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:-1])) + "  " + row[-1])

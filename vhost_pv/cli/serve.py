@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         meta_policy=Path(args.meta_policy) if args.meta_policy else None,
         peer_timeout=args.peer_timeout,
         worker_stuck_after=args.worker_stuck_after,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
     )
     try:
         config.validate()
@@ -111,18 +112,26 @@ def _serve(p: argparse.ArgumentParser) -> None:
   vhost-pv serve --socket-dir /run/vhost-pv --control /run/vhost-pv/control.sock /var/lib/vhost-pv/vol0.img
   vhost-pv serve --socket-dir /run/vhost-pv --control /run/vhost-pv/control.sock --direct --queues 4 \\
       --engine unix:///run/podman/podman.sock --proc-events /var/lib/vhost-pv/*.img
+  vhost-pv serve --socket-dir /run/vhost-pv --control /run/vhost-pv/control.sock --state-dir /var/lib/vhost-pv
   vhost-pv serve ... --vm vm7 --meta-http 127.0.0.1:8169 --meta-socket /run/vhost-pv/vm7-meta.sock vol0.img"""
-    p.add_argument("volumes", nargs="+", metavar="VOLUME", help="volume files (`vhost-pv create`)")
+    p.add_argument("volumes", nargs="*", metavar="VOLUME",
+                   help="volume files (`vhost-pv create`), served with the options below; none: "
+                   "start empty, volumes come with `vhost-pv add` (and from --state-dir)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="remember the served volumes and their options in DIR/served.json "
+                   "(written on every add and remove) and serve them again at the next start; "
+                   "the VOLUMEs given are added to that set")
     p.add_argument("--socket-dir", default=str(layout.RUN_DIR), metavar="DIR",
                    help="where DIR/<volume>.sock are created (mode 0600; default %(default)s)")
     p.add_argument("--control", default=layout.control_path(), type=socket_path, metavar="PATH",
                    help="control socket path (for status, ioctl, reclaim, ...; "
                    f"default ${layout.CONTROL_ENV}, else {layout.DEFAULT_CONTROL})")
     p.add_argument("--queues", type=integer, default=_default("queues"),
-                   help="virtqueues offered per volume (default %(default)s)")
-    p.add_argument("--read-only", action="store_true", help="serve every volume read-only")
-    p.add_argument("--direct", action="store_true", help="bypass the host page cache for data "
-                   "(O_DIRECT, requests in flight together on an io_uring per queue)")
+                   help="virtqueues offered per volume (default %(default)s; also the default of "
+                   "`vhost-pv add`)")
+    p.add_argument("--read-only", action="store_true", help="serve the VOLUMEs given here read-only")
+    p.add_argument("--direct", action="store_true", help="bypass the host page cache for the "
+                   "VOLUMEs given here (O_DIRECT, requests in flight together on an io_uring per queue)")
     p.add_argument("--control-uids", type=ids, metavar="U,..",
                    help="more uids allowed on the control socket (yours always is)")
     p.add_argument("--control-gids", type=ids, metavar="G,..", help="gids allowed on the control socket")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -12,12 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from vhost_pv.control.wire import (
+    ADD_CREATE,
+    ADD_DIRECT,
+    ADD_READ_ONLY,
     ALERTS_FOLLOW,
     CLEAR_OWNER,
     CONTROL_VERSION,
+    CREATE_IDS,
     DANGLING_CLEAR,
     DELETE_FORCE,
     NO_SET_ID,
+    REMOVE_FORCE,
     SET_ALLOWED_GIDS,
     SET_ALLOWED_UIDS,
     SET_IDS,
@@ -39,6 +45,7 @@ from vhost_pv.control.wire import (
     ReplyStatus,
     RingOp,
     RingRequest,
+    VolumeAddRequest,
     VolumeRequest,
     VolumeSetRequest,
 )
@@ -143,6 +150,52 @@ def ring(path: Path, volume: str, op: RingOp) -> dict[str, Any]:
 def delete(path: Path, volume: str, *, force: bool = False) -> dict[str, Any]:
     request = VolumeRequest.build({"volume": volume, "flags": DELETE_FORCE if force else 0})
     result: dict[str, Any] = json.loads(call(path, Command.DELETE, request))
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeCreate:
+    """What `vhost-pv create` would write, for a volume the daemon creates (add --create).
+    Policies as their header numbers; no uids: the requester's."""
+
+    size: int
+    ring_size: int = 0
+    owner: str = ""
+    read_policy: int = 0
+    ring_full_policy: int = 0
+    ttl_seconds: int = 0
+    ttl_action: int = 0
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+
+    def fields(self) -> dict[str, Any]:
+        def padded(ids: tuple[int, ...]) -> list[int]:
+            return list(ids) + [0] * (CREATE_IDS - len(ids))
+
+        return {"size": self.size, "ring_size": self.ring_size, "ttl_seconds": self.ttl_seconds,
+                "read_policy": self.read_policy, "ring_full_policy": self.ring_full_policy,
+                "ttl_action": self.ttl_action, "uid_count": len(self.allowed_uids),
+                "gid_count": len(self.allowed_gids), "allowed_uids": padded(self.allowed_uids),
+                "allowed_gids": padded(self.allowed_gids), "owner": self.owner}
+
+
+def volume_add(path: Path, volume_file: Path, *, queues: int = 0, read_only: bool = False,
+               direct: bool = False, create: VolumeCreate | None = None) -> dict[str, Any]:
+    """Serve one more volume file (made absolute here: the daemon's working directory is not
+    ours); queues 0: the daemon's --queues; with create, the daemon creates it first. Reply:
+    its name, socket and options."""
+    flags = ((ADD_READ_ONLY if read_only else 0) | (ADD_DIRECT if direct else 0)
+             | (ADD_CREATE if create else 0))
+    request = VolumeAddRequest.build({"flags": flags, "queues": queues, "path": os.path.abspath(volume_file),
+                                      **(create or VolumeCreate(size=0)).fields()})
+    result: dict[str, Any] = json.loads(call(path, Command.VOLUME_ADD, request))
+    return result
+
+
+def volume_remove(path: Path, volume: str, *, force: bool = False) -> dict[str, Any]:
+    """Stop serving a volume (its file stays); force: also with a frontend attached."""
+    request = VolumeRequest.build({"volume": volume, "flags": REMOVE_FORCE if force else 0})
+    result: dict[str, Any] = json.loads(call(path, Command.VOLUME_REMOVE, request))
     return result
 
 

@@ -11,15 +11,20 @@ import functools
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vhost_pv.control.server import Handler, Send
 from vhost_pv.control.wire import (
+    ADD_CREATE,
+    ADD_DIRECT,
+    ADD_READ_ONLY,
     ALERTS_FOLLOW,
     CLEAR_OWNER,
     DANGLING_CLEAR,
     DELETE_FORCE,
     NO_SET_ID,
+    REMOVE_FORCE,
     SET_ALL,
     SET_ALLOWED_GIDS,
     SET_ALLOWED_UIDS,
@@ -39,16 +44,20 @@ from vhost_pv.control.wire import (
     ReclaimRequest,
     RingOp,
     RingRequest,
+    VolumeAddRequest,
     VolumeRequest,
     VolumeSetRequest,
 )
 from vhost_pv.errors import InvalidRequest, VhostPvError
 from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.meta.store import MetadataError, MetadataStore
+from vhost_pv.service.options import VolumeOptions
+from vhost_pv.service.runtime import RuntimeVolumes
 from vhost_pv.service.volumes import HEADER_REASON_LEN, VolumeService, owner_fields
 from vhost_pv.sockfile import PeerCredentials
 from vhost_pv.volume.header import ReadPolicy, RingFullPolicy, TtlAction
 from vhost_pv.volume.settings import NO_OWNER, SettingsChange, SettingsError
+from vhost_pv.volume.volume import DEFAULT_RING_SIZE, CreateOptions
 
 # The daemon's log name, whichever module writes: operators (and tests) match on it.
 log = logging.getLogger("vhost_pv.daemon")
@@ -64,6 +73,13 @@ class Context:
     alerts: AlertHub
     metadata: MetadataStore
     status: Callable[[], dict[str, Any]]
+    runtime: RuntimeVolumes | None = None
+    """Adds and removes volumes (None: a daemon that does not)."""
+
+    def volume_set(self) -> RuntimeVolumes:
+        if self.runtime is None:
+            raise VhostPvError(errno.EOPNOTSUPP, "this daemon does not add or remove volumes")
+        return self.runtime
 
 
 async def status(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
@@ -186,6 +202,53 @@ async def delete(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send
     return json.dumps(result.to_dict()).encode()
 
 
+async def volume_add(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+    request = VolumeAddRequest.parse(payload)
+    if request.flags & ~(ADD_READ_ONLY | ADD_DIRECT | ADD_CREATE):
+        raise InvalidRequest(f"unknown VOLUME_ADD flags {request.flags:#x}")
+    runtime = ctx.volume_set()
+    options = VolumeOptions(queues=request.queues or runtime.config.queues,
+                            read_only=bool(request.flags & ADD_READ_ONLY),
+                            direct=bool(request.flags & ADD_DIRECT))
+    create = _create_options(request, peer) if request.flags & ADD_CREATE else None
+    log.info("control: add %s%s (%s) by pid=%d uid=%d", request.path,
+             f" created with {create.size >> 20} MiB" if create else "", options.describe(),
+             peer.pid, peer.uid)
+    result = await runtime.add(Path(request.path), options, create=create)
+    return json.dumps(result).encode()
+
+
+def _create_options(request: Any, peer: PeerCredentials) -> CreateOptions:
+    """`vhost-pv create`'s options from a VOLUME_ADD request with ADD_CREATE; the requester's
+    uid may attach unless uids are named (create's "default: yours")."""
+    if request.uid_count > len(request.allowed_uids) or request.gid_count > len(request.allowed_gids):
+        raise InvalidRequest(f"at most {len(request.allowed_uids)} uids and gids")
+    try:
+        return CreateOptions(
+            size=request.size,
+            ring_size=request.ring_size or DEFAULT_RING_SIZE,
+            owner=request.owner,
+            read_only=bool(request.flags & ADD_READ_ONLY),
+            read_policy=ReadPolicy(request.read_policy),
+            ring_full_policy=RingFullPolicy(request.ring_full_policy),
+            ttl_seconds=request.ttl_seconds,
+            ttl_action=TtlAction(request.ttl_action),
+            allowed_uids=tuple(request.allowed_uids[:request.uid_count]) or (peer.uid,),
+            allowed_gids=tuple(request.allowed_gids[:request.gid_count]),
+        )
+    except ValueError as exc:  # a policy number no enum member has
+        raise InvalidRequest(str(exc)) from None
+
+
+async def volume_remove(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+    request = VolumeRequest.parse(payload)
+    force = bool(request.flags & REMOVE_FORCE)
+    log.warning("control: remove %s%s by pid=%d uid=%d", request.volume, " (force)" if force else "",
+                peer.pid, peer.uid)
+    result = await ctx.volume_set().remove(request.volume, force=force)
+    return json.dumps(result).encode()
+
+
 async def alerts(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes | None:
     request = AlertsRequest.parse(payload)
     backlog = ctx.alerts.history(request.since_seq)
@@ -260,5 +323,7 @@ def table(ctx: Context) -> dict[Command, Handler]:
         Command.BIND: bind,
         Command.META: meta,
         Command.VOLUME_SET: volume_set,
+        Command.VOLUME_ADD: volume_add,
+        Command.VOLUME_REMOVE: volume_remove,
     }
     return {command: functools.partial(handler, ctx) for command, handler in commands.items()}

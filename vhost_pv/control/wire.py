@@ -111,9 +111,44 @@ VolumeRequest = Struct(
     "flags" / Int32ul,
     Padding(4),
 )
-"""C: struct vpv_ctl_volume { char volume[64]; u32 flags; u32 pad; } (72 bytes), for DELETE.
-flags: DELETE_FORCE deletes a volume that is not dangling."""
+"""C: struct vpv_ctl_volume { char volume[64]; u32 flags; u32 pad; } (72 bytes), for DELETE
+and VOLUME_REMOVE. flags: DELETE_FORCE deletes a volume that is not dangling; REMOVE_FORCE
+removes a volume with a frontend attached (its connection ends)."""
 DELETE_FORCE = 1
+REMOVE_FORCE = 1
+
+PATH_LEN = 4096
+CREATE_IDS = 8
+"""uids (and gids) a created volume's header can list (volume/header.py MAX_ALLOWED_IDS)."""
+VolumeAddRequest = Struct(
+    "flags" / Int32ul,
+    "queues" / Int32ul,
+    "path" / PaddedString(PATH_LEN, "utf8"),
+    "size" / Int64ul,
+    "ring_size" / Int64ul,
+    "ttl_seconds" / Int64ul,
+    "read_policy" / Int8ul,
+    "ring_full_policy" / Int8ul,
+    "ttl_action" / Int8ul,
+    "uid_count" / Int8ul,
+    "gid_count" / Int8ul,
+    Padding(3),
+    "allowed_uids" / Array(CREATE_IDS, Int32ul),
+    "allowed_gids" / Array(CREATE_IDS, Int32ul),
+    "owner" / PaddedString(OWNER_LEN, "utf8"),
+)
+"""C: struct vpv_ctl_volume_add { u32 flags; u32 queues; char path[4096]; u64 size;
+u64 ring_size; u64 ttl_seconds; u8 read_policy; u8 ring_full_policy; u8 ttl_action;
+u8 uid_count; u8 gid_count; u8 pad[3]; u32 allowed_uids[8]; u32 allowed_gids[8];
+char owner[128]; } (4328 bytes): serve one more volume file (an absolute path). flags:
+ADD_READ_ONLY, ADD_DIRECT; queues 0: the daemon's --queues. With ADD_CREATE the daemon first
+creates the file (refused if it exists) from the fields after path, as `vhost-pv create`:
+ring_size 0 is the default ring, uid_count 0 allows the requester's uid, ADD_READ_ONLY
+also marks the header read-only; without it they are ignored. Reply: JSON (name, socket,
+options)."""
+ADD_READ_ONLY = 1
+ADD_DIRECT = 2
+ADD_CREATE = 4
 
 AlertsRequest = Struct(
     "flags" / Int32ul,
@@ -204,6 +239,8 @@ class Command(enum.IntEnum):
     ALERTS = ioc(_IOC_READ | _IOC_WRITE, "v", 0x14, AlertsRequest.sizeof())
     BIND = ioc(_IOC_READ | _IOC_WRITE, "v", 0x15, BindRequest.sizeof())
     META = ioc(_IOC_READ | _IOC_WRITE, "v", 0x16, MetaRequest.sizeof())
+    VOLUME_ADD = ioc(_IOC_READ | _IOC_WRITE, "v", 0x17, VolumeAddRequest.sizeof())
+    VOLUME_REMOVE = ioc(_IOC_READ | _IOC_WRITE, "v", 0x18, VolumeRequest.sizeof())
     VOLUME_SET = ioc(_IOC_READ | _IOC_WRITE, "v", 0x1A, VolumeSetRequest.sizeof())
 
 
@@ -217,6 +254,8 @@ REQUEST_LAYOUTS = {
     Command.BIND: BindRequest,
     Command.META: MetaRequest,
     Command.VOLUME_SET: VolumeSetRequest,
+    Command.VOLUME_ADD: VolumeAddRequest,
+    Command.VOLUME_REMOVE: VolumeRequest,
 }
 
 # Commands whose fixed layout is followed by a variable part (its length is in the layout).

@@ -99,7 +99,7 @@ class FrontendService:
         log.info(
             "serving %s (%d MiB%s%s) on %s",
             volume.path, volume.header.capacity >> 20, ", read-only" if served.read_only else "",
-            ", O_DIRECT" if self.config.direct else "", served.socket_path,
+            ", O_DIRECT" if served.options.direct else "", served.socket_path,
         )
 
     async def _accept_loop(self, served: ServedVolume) -> None:
@@ -142,7 +142,7 @@ class FrontendService:
                 continue
             source = self.sources.next_id()
             try:
-                device = BlkDevice(served.volume, self.config.queues, read_only=served.read_only,
+                device = BlkDevice(served.volume, served.options.queues, read_only=served.read_only,
                                    source=source)
             except OSError as exc:
                 log.error("%s: cannot attach frontend: %s", name, exc)

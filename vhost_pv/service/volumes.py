@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from vhost_pv.guard.containers import OwnedVolume, OwnerBinding
 from vhost_pv.guard.engine_events import EngineError
 from vhost_pv.guard.guard import VolumeGuard
 from vhost_pv.guard.processes import pid_start_ticks
+from vhost_pv.service.options import VolumeOptions
 from vhost_pv.sockfile import AlreadyServed, SocketClaim, lock_volume
 from vhost_pv.volume import ring as ring_format
 from vhost_pv.volume.header import HeaderError, VolumeState
@@ -63,6 +64,9 @@ _SUMMED = frozenset({
 })
 HEADER_REASON_LEN = 64
 """Bytes of UTF-8 the volume header keeps of a dangling reason (char reason[64])."""
+END_CONNECTION_TIMEOUT_S = 10.0
+"""How long a forced remove waits for the attached frontend's session to end by itself
+(its queue workers finishing what they have in flight) before it is cancelled."""
 
 
 @dataclasses.dataclass
@@ -88,6 +92,8 @@ class ServedVolume:
     dangling_attaches: int = 0
     # A reclaim is settling the volume: a frontend attaching meanwhile starts no queue.
     reclaiming: bool = False
+    # How it is served (queues, read-only asked for, O_DIRECT): its own, not the daemon's.
+    options: VolumeOptions = dataclasses.field(default_factory=VolumeOptions)
 
     def totals(self) -> dict[str, int]:
         totals = dict(self.finished)
@@ -164,6 +170,20 @@ class DeleteResult:
         return {"volume": self.volume, "deleted": True, "path": str(self.path)}
 
 
+@dataclasses.dataclass(frozen=True)
+class RemoveResult:
+    volume: str
+    path: Path
+    disconnected: int | None
+    """The pid of the frontend whose connection a forced remove ended, if any."""
+    failed: bool = False
+    """It was a volume that could not be opened (only its entry went)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"volume": self.volume, "removed": True, "path": str(self.path),
+                "disconnected_pid": self.disconnected, "was_failed": self.failed}
+
+
 def owner_fields(owner: OwnerBinding) -> dict[str, Any]:
     """The header fields that record a volume's owner."""
     return {"owner": owner.container, "owner_name": owner.name, "owner_image": owner.image,
@@ -186,30 +206,46 @@ class VolumeService:
         self.engine = engine
         self.describe_source = describe_source
         self.served: dict[str, ServedVolume] = {}
-        # Volumes named on the command line that could not be served: path and why.
-        self.failed: list[dict[str, str]] = []
+        # Volumes named on the command line or in the served set that could not be served:
+        # path, why, and the options they would be served with.
+        self.failed: list[dict[str, Any]] = []
         self.on_change: Callable[[], None] = lambda: None
         """Called after a volume's state changed (the metadata store wakes its readers)."""
         self.process_watcher: ProcessWatcher | None = None
         """Told to look at the owners' pids again after a bind."""
+        self.on_removed: Callable[[Path], Awaitable[None]] | None = None
+        """Awaited after a volume stopped being served for good (deleted, its time limit's
+        delete): the served set forgets it."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- serving and retiring ---------------------------------------------------------------
 
-    def _open_volume(self, path: Path) -> tuple[Volume, int] | None:
+    def _open_volume(self, path: Path, options: VolumeOptions, *,
+                     strict: bool = False) -> tuple[Volume, int] | None:
         """Lock and open one volume; a volume that cannot be served is logged, alerted and
-        listed in status (None), the others are served. Another daemon serving it is fatal."""
+        listed in status (None), the others are served. Another daemon serving it is fatal.
+        strict (a volume added at runtime): the requester hears why instead (VhostPvError),
+        nothing is listed."""
         lock_fd = -1
         try:
             lock_fd = lock_volume(path)
-            volume = Volume(path, direct=self.config.direct)
-        except AlreadyServed:
+            volume = Volume(path, direct=options.direct)
+        except AlreadyServed as exc:
+            if strict:
+                raise VolumeBusy(str(exc)) from None
             raise
         except (HeaderError, ring_format.RingError, OSError, ValueError) as exc:
             if lock_fd >= 0:
                 os.close(lock_fd)
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self.failed.append({"path": str(path), "error": why})
+            if strict:
+                if isinstance(exc, OSError) and exc.errno:
+                    # The client adds strerror(errno): say the reason only if it is another.
+                    plain = why == os.strerror(exc.errno)
+                    raise VhostPvError(exc.errno, f"{path} cannot be opened" if plain
+                                       else f"{path}: {why}") from None
+                raise InvalidRequest(f"{path} is not a usable volume: {why}") from None
+            self.failed.append({"path": str(path), "error": why, "options": options.to_dict()})
             log.error("%s: cannot serve this volume: %s", path, why)
             self.alerts.raise_alert("volume-failed", path.stem, f"{path} cannot be served: {why}",
                                     severity="critical", path=str(path), error=why)
@@ -235,11 +271,15 @@ class VolumeService:
                     severity="warning", path=str(path), **detail)
         return volume, lock_fd
 
-    def add(self, path: Path) -> ServedVolume | None:
+    def add(self, path: Path, options: VolumeOptions | None = None, *,
+            strict: bool = False) -> ServedVolume | None:
         """Open a volume and start its guard; None if it cannot be served (see _open_volume).
-        Its vhost-user socket is the frontends' business (FrontendService.serve)."""
+        Its vhost-user socket is the frontends' business (FrontendService.serve). Without
+        options, the daemon-wide ones."""
         self._loop = asyncio.get_running_loop()
-        opened = self._open_volume(path)
+        if options is None:
+            options = VolumeOptions.defaults(self.config)
+        opened = self._open_volume(path, options, strict=strict)
         if opened is None:
             return None
         volume, lock_fd = opened
@@ -254,9 +294,10 @@ class VolumeService:
         served = ServedVolume(
             volume=volume,
             socket_path=self.config.socket_dir / f"{volume.name}.sock",
-            read_only=self.config.read_only or volume.read_only,
+            read_only=options.read_only or volume.read_only,
             guard=guard,
             lock_fd=lock_fd,
+            options=options,
         )
         self.served[volume.name] = served
         guard.start()
@@ -290,6 +331,73 @@ class VolumeService:
         if served.lock_fd >= 0:
             os.close(served.lock_fd)
             served.lock_fd = -1
+
+    async def remove(self, name: str, *, force: bool = False) -> RemoveResult:
+        """Stop serving a volume and leave its file as it is: listener closed, socket file
+        unlinked, guard stopped, lock released. Refused (VolumeBusy) while a frontend is
+        attached, unless forced: then that connection ends as on a disconnect (its queue
+        workers finish what they have in flight, so every write acknowledged is in the
+        file) after the listener is gone, so nothing attaches again meanwhile."""
+        served = self.get(name)
+        async with served.state_lock:
+            if self.served.get(name) is not served:
+                raise VolumeNotFound(f"{name} was removed meanwhile")
+            connection = served.connection
+            if connection is not None and not force:
+                raise VolumeBusy(f"{name} has a frontend attached (pid {connection.peer.pid}); "
+                                 "--force ends that connection")
+            self.served.pop(name)
+            self._stop_listening(served)
+            disconnected = connection.peer.pid if connection is not None else None
+            if connection is not None:
+                log.warning("%s: ending the connection of frontend pid=%d for its removal", name,
+                            connection.peer.pid)
+                await self._end_connection(served)
+            # Everything acknowledged is in the file now (the workers have stopped): make it
+            # durable before the volume leaves this daemon.
+            await asyncio.to_thread(os.fsync, served.volume.fd)
+            await self._retire(served)
+        log.warning("%s: no longer served (%s); the file is kept", name, served.volume.path)
+        self.alerts.raise_alert("volume-removed", name, f"{name} is no longer served "
+                                f"({served.volume.path} kept)", severity="info",
+                                path=str(served.volume.path), disconnected_pid=disconnected)
+        self.on_change()
+        return RemoveResult(volume=name, path=served.volume.path, disconnected=disconnected)
+
+    async def withdraw(self, name: str) -> None:
+        """Undo an add that could not be completed (its socket could not be served): stop
+        and forget the volume, with no alert."""
+        served = self.served.pop(name, None)
+        if served is not None:
+            await self._retire(served)
+
+    @staticmethod
+    def _stop_listening(served: ServedVolume) -> None:
+        if served.accept_task is not None:
+            served.accept_task.cancel()
+        if served.listener is not None:
+            served.listener.close()
+            served.listener = None
+        if served.claim is not None:
+            served.claim.release()
+            served.claim = None
+
+    @staticmethod
+    async def _end_connection(served: ServedVolume) -> None:
+        """End the attached frontend's connection cleanly: shutting its socket down ends the
+        session's read loop, which stops the queues (each worker finishing its in-flight
+        requests) and releases the frontend's memory, as when a frontend hangs up."""
+        connection = served.connection
+        if connection is None:
+            return
+        with contextlib.suppress(OSError):
+            connection.session.channel.sock.shutdown(socket.SHUT_RDWR)
+        done, _ = await asyncio.wait([connection.task], timeout=END_CONNECTION_TIMEOUT_S)
+        if not done:
+            log.error("%s: the session of frontend pid=%d did not end in %.0f s; cancelled",
+                      served.volume.name, connection.peer.pid, END_CONNECTION_TIMEOUT_S)
+            connection.task.cancel()
+            await asyncio.wait([connection.task])
 
     def _on_volume_events(self, served: ServedVolume) -> None:
         # Reset the eventfd here (level-triggered reader) and let the guard drain the queue.
@@ -573,6 +681,8 @@ class VolumeService:
         if not served.volume.header.dangling and not force:
             raise VolumeBusy(f"{name} is not dangling; use --force to delete it anyway")
         async with served.state_lock:
+            if self.served.get(name) is not served:
+                raise VolumeNotFound(f"{name} was removed meanwhile")
             self.served.pop(name, None)
             path = served.volume.path
             size = os.fstat(served.volume.fd).st_size
@@ -584,6 +694,8 @@ class VolumeService:
                 os.close(fd)
         self.alerts.raise_alert("volume-deleted", name, f"volume {name} deleted: {why}", severity="critical",
                                 path=str(path), why=why)
+        if self.on_removed is not None:
+            await self.on_removed(path)
         return DeleteResult(volume=name, path=path)
 
     # -- what the container watchers see (guard.containers.VolumeDirectory) ----------------
@@ -658,6 +770,7 @@ class VolumeService:
                 "path": str(served.volume.path),
                 "socket": str(served.socket_path),
                 "read_only": served.read_only,
+                "options": served.options.to_dict(),
                 "header": served.volume.header.to_dict(),
                 "connections_total": served.connections_total,
                 "refused_total": served.refused_total,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import stat
 import struct
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vhost_pv._native import ffi, lib
+from vhost_pv.humanize import parse_size as parse_size  # its home before; C-free in humanize
 from vhost_pv.volume.header import (
     DATA_OFFSET,
     SECTOR_SIZE,
@@ -35,16 +35,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RING_SIZE = 16 << 20
 MIN_RING_SIZE = 1 << 20
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'64M', '1G', '4096' -> bytes (binary units)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 4G)")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 @dataclasses.dataclass(frozen=True)
