@@ -95,6 +95,18 @@ struct vpv_ctl_meta {
     char key[192];
 } __attribute__((packed));
 
+#define VPV_CTL_BIND_VM_CLEAR 1
+/* Who may attach: every field that is set must match the connecting process (an all-zero
+ * vm_uuid, an empty string: any). The fields replace the volume's whole VM binding. */
+struct vpv_ctl_bind_vm {
+    char volume[64];
+    uint32_t flags;
+    uint32_t pad;
+    uint8_t vm_uuid[16];
+    char vm_name[64];
+    char vm_cgroup[128];
+} __attribute__((packed));
+
 #define VPV_IOC_STATUS _IOC(_IOC_READ, 'v', 0x01, 0)
 #define VPV_IOC_PERSISTENT_DISK_DANGLING _IOWR('v', 0x10, struct vpv_ctl_dangling)
 #define VPV_IOC_RECLAIM _IOWR('v', 0x11, struct vpv_ctl_reclaim)
@@ -103,5 +115,6 @@ struct vpv_ctl_meta {
 #define VPV_IOC_ALERTS _IOWR('v', 0x14, struct vpv_ctl_alerts)
 #define VPV_IOC_BIND _IOWR('v', 0x15, struct vpv_ctl_bind)
 #define VPV_IOC_META _IOWR('v', 0x16, struct vpv_ctl_meta)
+#define VPV_IOC_BIND_VM _IOWR('v', 0x1b, struct vpv_ctl_bind_vm)
 
 #endif

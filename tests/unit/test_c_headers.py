@@ -44,6 +44,7 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
     "vpv_ctl_alerts": (wire.AlertsRequest, ["flags", "pad", "since_seq"]),
     "vpv_ctl_bind": (wire.BindRequest, ["volume", "container", "pid", "pad"]),
     "vpv_ctl_meta": (wire.MetaRequest, ["op", "value_len", "vm", "key"]),
+    "vpv_ctl_bind_vm": (wire.BindVmRequest, ["volume", "flags", "pad", "vm_uuid", "vm_name", "vm_cgroup"]),
     "vpv_ring_super": (
         ring.RingSuper,
         ["magic", "version", "align", "area_offset", "area_size", "head", "tail", "next_seq",
@@ -105,6 +106,7 @@ COMMANDS = {
     "VPV_IOC_ALERTS": wire.Command.ALERTS,
     "VPV_IOC_BIND": wire.Command.BIND,
     "VPV_IOC_META": wire.Command.META,
+    "VPV_IOC_BIND_VM": wire.Command.BIND_VM,
 }
 
 CONSTANTS = {
@@ -131,6 +133,7 @@ CONSTANTS = {
     "VPV_RING_DISCARD": wire.RingOp.DISCARD,
     "VPV_META_SET": wire.MetaOp.SET,
     "VPV_META_BOOT": wire.MetaOp.BOOT,
+    "VPV_CTL_BIND_VM_CLEAR": wire.BIND_VM_CLEAR,
     "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP": virtio_blk.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     "VPV_MAX_DISCARD_SECTORS": virtio_blk.MAX_DISCARD_SECTORS,
     "VPV_MAX_DISCARD_SEGMENTS": virtio_blk.MAX_DISCARD_SEGMENTS,

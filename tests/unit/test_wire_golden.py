@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 
 from vhost_pv.control.wire import (
+    BIND_VM_CLEAR,
     CONTROL_MAGIC,
     CONTROL_VERSION,
     FLAG_REPLY,
+    BindVmRequest,
     Command,
     ControlHeader,
     ReplyStatus,
@@ -336,6 +338,24 @@ def test_status_command_number() -> None:
     assert (int(Command.STATUS) >> 8) & 0xFF == ord("v")
     assert int(Command.STATUS) & 0xFF == 0x01
     assert (int(Command.STATUS) >> 16) & 0x3FFF == 0
+
+
+@pytest.mark.timeout(60)
+def test_bind_vm_request_golden() -> None:
+    # struct vpv_ctl_bind_vm { char volume[64]; u32 flags; u32 pad; u8 vm_uuid[16];
+    # char vm_name[64]; char vm_cgroup[128]; }, _IOWR('v', 0x1b, ...)
+    value = {"volume": "vol0", "flags": BIND_VM_CLEAR, "vm_uuid": bytes(range(16)), "vm_name": "vm7",
+             "vm_cgroup": "/machine.slice"}
+    golden = (b"vol0" + bytes(60)  # 0   volume[64]
+              + bytes.fromhex("01000000" "00000000")  # 64  flags BIND_VM_CLEAR, pad
+              + bytes.fromhex("000102030405060708090a0b0c0d0e0f")  # 72  vm_uuid[16]
+              + b"vm7" + bytes(61)  # 88  vm_name[64]
+              + b"/machine.slice" + bytes(114))  # 152 vm_cgroup[128]
+    assert BindVmRequest.sizeof() == len(golden) == 280
+    assert BindVmRequest.build(value) == golden
+    assert _plain(BindVmRequest.parse(golden)) == value
+    assert int(Command.BIND_VM) == 0xC118761B  # _IOWR: dir 3, size 0x118, 'v', nr 0x1b
+    assert int(Command.BIND_VM) == _linux_ioc(3, ord("v"), 0x1B, 280)
 
 
 # -- volume header slot ----------------------------------------------------------------------

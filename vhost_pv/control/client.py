@@ -7,17 +7,20 @@ import itertools
 import json
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vhost_pv.control.wire import (
     ALERTS_FOLLOW,
+    BIND_VM_CLEAR,
     CONTROL_VERSION,
     DANGLING_CLEAR,
     DELETE_FORCE,
     AlertsRequest,
     BindRequest,
+    BindVmRequest,
     Command,
     ControlHeader,
     DanglingReply,
@@ -139,6 +142,18 @@ def bind(path: Path, volume: str, container: str, *, pid: int = 0) -> dict[str, 
     """Record a volume's owner container (and, without an engine, its init pid)."""
     request = BindRequest.build({"volume": volume, "container": container, "pid": pid})
     result: dict[str, Any] = json.loads(call(path, Command.BIND, request))
+    return result
+
+
+def bind_vm(path: Path, volume: str, *, vm_uuid: uuid.UUID | None = None, vm_name: str = "",
+            vm_cgroup: str = "", clear: bool = False) -> dict[str, Any]:
+    """Bind a volume to a VM (who may attach: vhost_pv.peer_identity), or clear the binding."""
+    request = BindVmRequest.build({
+        "volume": volume, "flags": BIND_VM_CLEAR if clear else 0,
+        "vm_uuid": vm_uuid.bytes if vm_uuid is not None else bytes(16),
+        "vm_name": vm_name, "vm_cgroup": vm_cgroup,
+    })
+    result: dict[str, Any] = json.loads(call(path, Command.BIND_VM, request))
     return result
 
 

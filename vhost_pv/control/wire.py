@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from construct import Const, Int16ul, Int32sl, Int32ul, Int64ul, PaddedString, Padding, Struct
+from construct import Bytes, Const, Int16ul, Int32sl, Int32ul, Int64ul, PaddedString, Padding, Struct
 
 CONTROL_MAGIC = b"VPVC"
 CONTROL_VERSION = 1
@@ -146,6 +146,25 @@ class MetaOp(enum.IntEnum):
     BOOT = 4  # a new boot of the VM: a new one-time token
 
 
+VM_NAME_LEN = 64
+VM_CGROUP_LEN = 128
+BindVmRequest = Struct(
+    "volume" / PaddedString(NAME_LEN, "utf8"),
+    "flags" / Int32ul,
+    Padding(4),
+    "vm_uuid" / Bytes(16),
+    "vm_name" / PaddedString(VM_NAME_LEN, "utf8"),
+    "vm_cgroup" / PaddedString(VM_CGROUP_LEN, "utf8"),
+)
+"""C: struct vpv_ctl_bind_vm { char volume[64]; u32 flags; u32 pad; u8 vm_uuid[16];
+char vm_name[64]; char vm_cgroup[128]; } (280 bytes). Binds the volume to a VM: only a
+frontend process whose identity matches every field that is set may attach (all-zero
+uuid, empty strings: any; the volume header's vm_* fields, vhost_pv.peer_identity). The
+fields replace the whole binding; BIND_VM_CLEAR (with empty fields) removes it. Reply:
+JSON (the binding recorded, and whether a frontend attached now matches it)."""
+BIND_VM_CLEAR = 1
+
+
 class Command(enum.IntEnum):
     """Control commands, numbered like Linux ioctls (_IOC(dir, 'v', nr, sizeof(request)))."""
 
@@ -157,6 +176,7 @@ class Command(enum.IntEnum):
     ALERTS = ioc(_IOC_READ | _IOC_WRITE, "v", 0x14, AlertsRequest.sizeof())
     BIND = ioc(_IOC_READ | _IOC_WRITE, "v", 0x15, BindRequest.sizeof())
     META = ioc(_IOC_READ | _IOC_WRITE, "v", 0x16, MetaRequest.sizeof())
+    BIND_VM = ioc(_IOC_READ | _IOC_WRITE, "v", 0x1B, BindVmRequest.sizeof())
 
 
 # Every fixed request layout by command, for the server's size check.
@@ -168,6 +188,7 @@ REQUEST_LAYOUTS = {
     Command.ALERTS: AlertsRequest,
     Command.BIND: BindRequest,
     Command.META: MetaRequest,
+    Command.BIND_VM: BindVmRequest,
 }
 
 # Commands whose fixed layout is followed by a variable part (its length is in the layout).

@@ -54,6 +54,7 @@ import enum
 import uuid
 import zlib
 from typing import Any
+from uuid import UUID
 
 from construct import (
     Array,
@@ -265,7 +266,8 @@ class VolumeHeader:
     owner_pid: int = 0
     """The owner's init pid, watched through kernel process events (0: none known)."""
     owner_pid_start: int = 0
-    vm_uuid: uuid.UUID | None = None
+    # UUID, not uuid.UUID: in the class body `uuid` is the field above.
+    vm_uuid: UUID | None = None
     """The VM whose QEMU may attach, by its -uuid (None: any; see VmBinding)."""
     vm_name: str = ""
     """... by its -name guest name ("": any)."""
