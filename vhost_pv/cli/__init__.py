@@ -40,6 +40,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("ioctl", "admin", "flip a served volume to dangling (or back)"),
     ("reclaim", "admin", "give a dangling volume to a new owner"),
     ("bind", "admin", "record a volume's owner container"),
+    ("bind-vm", "admin", "bind a volume to the VM whose QEMU may attach"),
     ("delete", "admin", "wipe and remove a (dangling) volume"),
     ("alerts", "admin", "show (and follow) the daemon's alerts"),
     ("ring-ctl", "admin", "ring list/dump/replay/discard through a running daemon"),
@@ -56,7 +57,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 EPILOG = """commands by audience:
   serve                                         the daemon
   status ls ioctl reclaim bind delete alerts    a running daemon, through its control socket
-  ring-ctl meta meta-relay
+  ring-ctl meta meta-relay bind-vm
   create inspect ring verify                    volume files, no daemon needed
   loadgen demo                                  tools: load generator, end-to-end demo
 
