@@ -153,3 +153,20 @@ def test_bind_vm_through_the_daemon(tmp_path: Path) -> None:
     assert read_header(path).vm_name == "vm7"
     shown = run_cli("inspect", str(path), "--json")
     assert json.loads(shown.stdout)["vm_name"] == "vm7"
+
+
+@pytest.mark.timeout(60)
+def test_create_binds_offline_and_inspect_shows_it(tmp_path: Path) -> None:
+    path = tmp_path / "vol9.img"
+    scope = "machine-qemu\\x2d*\\x2dvm7.scope"
+    done = run_cli("create", str(path), "--size", "4M", "--ring-size", "1M", "--vm-name", "vm7",
+                   "--vm-uuid", str(VM7), "--vm-cgroup", scope)
+    assert done.returncode == 0, done.stderr
+    header = read_header(path)
+    assert (header.vm_name, header.vm_uuid, header.vm_cgroup) == ("vm7", VM7, scope)
+    shown = run_cli("inspect", str(path))
+    fields = (line.partition(" ") for line in shown.stdout.splitlines())
+    lines = {key: value.strip() for key, _, value in fields}
+    assert (lines["vm_name"], lines["vm_uuid"], lines["vm_cgroup"]) == ("vm7", str(VM7), scope)
+    bad = run_cli("create", str(tmp_path / "x.img"), "--size", "4M", "--vm-name", "n" * 65)
+    assert bad.returncode == 2 and "at most 64 fit" in bad.stderr
