@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +173,57 @@ def test_create_binds_offline_and_inspect_shows_it(tmp_path: Path) -> None:
     assert (lines["vm_name"], lines["vm_uuid"], lines["vm_cgroup"]) == ("vm7", str(VM7), scope)
     bad = run_cli("create", str(tmp_path / "x.img"), "--size", "4M", "--vm-name", "n" * 65)
     assert bad.returncode == 2 and "at most 64 fit" in bad.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_daemon_that_cannot_see_the_peers_pid_refuses_it_when_bound(tmp_path: Path) -> None:
+    """The daemon in a pid namespace of its own (as in a container): the frontend's pid is
+    0 to it (SO_PEERCRED, SO_PEERPIDFD's fdinfo), so its identity cannot be read. A bound
+    volume refuses it; an unbound one serves it as before, with no identity in status."""
+    bound, free = tmp_path / "bound.img", tmp_path / "free.img"
+    create_volume(bound, CreateOptions(size=4 << 20, ring_size=1 << 20, vm_name="vm7"))
+    create_volume(free, CreateOptions(size=4 << 20, ring_size=1 << 20))
+    sockets, control, log_path = tmp_path / "sockets", tmp_path / "control.sock", tmp_path / "log"
+    sockets.mkdir()
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-m",
+             "vhost_pv.cli", "serve", "--socket-dir", str(sockets), "--control", str(control),
+             str(bound), str(free)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: control.exists() and (sockets / "free.sock").exists(), what="daemon start",
+                   log=log_path.read_text)
+        wait_until(lambda: _answers(control), what="control socket", log=log_path.read_text)
+        outcome = fake_qemu.run(sockets / "bound.sock", name="vm7")
+        assert outcome["attached"] is False, outcome
+        text = log_path.read_text()
+        assert ("bound: refused frontend pid=0 uid=0 gid=0: not the VM the volume is bound to (name vm7): "
+                "the connecting process is in another pid namespace") in text, text
+        held = fake_qemu.start(sockets / "free.sock", name="vm7", hold=True)
+        try:
+            assert fake_qemu.result(held) == {"attached": True}
+            connection = volume_entry(control, "free")["connection"]
+            assert connection["pid"] == 0 and connection["identity"] is None
+        finally:
+            held.communicate(timeout=30)
+    finally:
+        # unshare blocks SIGTERM while it waits: stop the daemon (its child) itself.
+        # Should that fail, killing unshare kills the daemon too (--kill-child).
+        children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGTERM)
+        try:
+            code = daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+            raise
+    assert code == 0, log_path.read_text()
+
+
+def _answers(control: Path) -> bool:
+    try:
+        client.status(control)
+    except OSError:
+        return False
+    return True
