@@ -66,6 +66,9 @@ class DaemonConfig:
     peer_timeout: float = 5.0
     """Seconds a peer may take for its first message, for each message from its first byte,
     and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
+    worker_stuck_after: float = 30.0
+    """A queue worker inside one request for longer than this is stuck: logged, and the
+    service watchdog's ping is withheld (vhost_pv/supervision.py)."""
 
     def validate(self) -> None:
         """Raise ConfigError for the first value out of range."""
@@ -74,6 +77,7 @@ class DaemonConfig:
                               value=self.queues, limit=lib.VPV_MAX_QUEUES)
         _positive_seconds("reconcile_interval", self.reconcile_interval)
         _positive_seconds("peer_timeout", self.peer_timeout)
+        _positive_seconds("worker_stuck_after", self.worker_stuck_after)
         try:
             vm_bytes = len(self.vm.encode())
         except UnicodeEncodeError:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -31,7 +31,11 @@ class ServerProcess:
         queues: int = 1,
         extra_args: Sequence[str] = (),
         start_timeout: float = 15.0,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """env: variables set for the daemon on top of ours (NOTIFY_SOCKET, ...); prefix: a
+        command the daemon runs under (e.g. setpriv, to drop privileges)."""
         self.volumes = [Path(v) for v in volumes]
         self.socket_dir = workdir / "sockets"
         self.control = workdir / "control.sock"
@@ -39,6 +43,8 @@ class ServerProcess:
         self.queues = queues
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
+        self.env = dict(env or {})
+        self.prefix = list(prefix)
         self.process: subprocess.Popen[bytes] | None = None
 
     def socket_for(self, volume: Path | str) -> Path:
@@ -47,6 +53,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
+            *self.prefix,
             sys.executable, "-m", "vhost_pv.cli", "serve",
             "--socket-dir", str(self.socket_dir),
             "--control", str(self.control),
@@ -55,7 +62,8 @@ class ServerProcess:
             *map(str, self.volumes),
         ]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **self.env} if self.env else None)
         wanted = [self.control, *(self.socket_for(v) for v in self.volumes)]
         deadline = time.monotonic() + self.start_timeout
         while not (all(p.exists() for p in wanted) and self._control_listening()):

@@ -45,6 +45,11 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
     "vpv_ctl_bind": (wire.BindRequest, ["volume", "container", "pid", "pad"]),
     "vpv_ctl_meta": (wire.MetaRequest, ["op", "value_len", "vm", "key"]),
     "vpv_ctl_bind_vm": (wire.BindVmRequest, ["volume", "flags", "pad", "vm_uuid", "vm_name", "vm_cgroup"]),
+    "vpv_ctl_volume_set": (
+        wire.VolumeSetRequest,
+        ["volume", "mask", "read_policy", "ring_full_policy", "ttl_action", None, "ttl_seconds",
+         "allowed_uids", "allowed_gids", "owner", "owner_pid", None],
+    ),
     "vpv_ring_super": (
         ring.RingSuper,
         ["magic", "version", "align", "area_offset", "area_size", "head", "tail", "next_seq",
@@ -107,6 +112,7 @@ COMMANDS = {
     "VPV_IOC_BIND": wire.Command.BIND,
     "VPV_IOC_META": wire.Command.META,
     "VPV_IOC_BIND_VM": wire.Command.BIND_VM,
+    "VPV_IOC_VOLUME_SET": wire.Command.VOLUME_SET,
 }
 
 CONSTANTS = {
@@ -134,6 +140,14 @@ CONSTANTS = {
     "VPV_META_SET": wire.MetaOp.SET,
     "VPV_META_BOOT": wire.MetaOp.BOOT,
     "VPV_CTL_BIND_VM_CLEAR": wire.BIND_VM_CLEAR,
+    "VPV_CTL_SET_TTL": wire.SET_TTL,
+    "VPV_CTL_SET_TTL_ACTION": wire.SET_TTL_ACTION,
+    "VPV_CTL_SET_READ_POLICY": wire.SET_READ_POLICY,
+    "VPV_CTL_SET_RING_FULL_POLICY": wire.SET_RING_FULL_POLICY,
+    "VPV_CTL_SET_ALLOWED_UIDS": wire.SET_ALLOWED_UIDS,
+    "VPV_CTL_SET_ALLOWED_GIDS": wire.SET_ALLOWED_GIDS,
+    "VPV_CTL_SET_OWNER": wire.SET_OWNER,
+    "VPV_CTL_CLEAR_OWNER": wire.CLEAR_OWNER,
     "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP": virtio_blk.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     "VPV_MAX_DISCARD_SECTORS": virtio_blk.MAX_DISCARD_SECTORS,
     "VPV_MAX_DISCARD_SEGMENTS": virtio_blk.MAX_DISCARD_SEGMENTS,

@@ -1,6 +1,6 @@
 """Admin client commands: they talk to a running daemon over its control socket.
 
-status, ls, ioctl, reclaim, bind, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
+status, ls, ioctl, reclaim, bind, set, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
 runs to reach the metadata HTTP server. None of them loads the daemon or its C data path.
 """
 
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import stat
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vhost_pv.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, render
+from vhost_pv import layout
+from vhost_pv.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, render, settings
 from vhost_pv.cli.argtypes import PID_MAX, host_port, int_in, socket_path, text, vm_cgroup, vm_uuid
 from vhost_pv.control import client
 from vhost_pv.control.wire import (
@@ -114,6 +116,24 @@ def cmd_bind_vm(args: argparse.Namespace) -> int:
     return _control_call(args, lambda: client.bind_vm(
         control, args.volume, vm_uuid=args.uuid, vm_name=args.name or "", vm_cgroup=args.cgroup or "",
         clear=args.clear))
+def cmd_set(args: argparse.Namespace) -> int:
+    if not settings.given(args):
+        render.error("nothing to change: give at least one of --ttl, --ttl-action, --read-policy, "
+                     "--ring-full-policy, --uids, --gids, --owner, --no-owner")
+        return EXIT_USAGE
+    if args.pid and args.owner is None:
+        render.error("--pid goes with --owner")
+        return EXIT_USAGE
+    control = Path(args.control)
+    try:
+        result = client.volume_set(
+            control, args.volume, ttl_seconds=args.ttl, **settings.enums(args), allowed_uids=args.uids,
+            allowed_gids=args.gids, owner=args.owner, owner_pid=args.pid, clear_owner=args.no_owner)
+    except (OSError, client.ControlError) as exc:
+        render.error(control_problem(control, exc))
+        return EXIT_FAILED
+    settings.render_result(result, use_json=args.json, now_ns=time.time_ns())
+    return EXIT_OK
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -156,8 +176,9 @@ def cmd_meta_relay(args: argparse.Namespace) -> int:
 
 
 def _control(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control", required=True, type=socket_path, metavar="PATH",
-                   help="the daemon's control socket (what `vhost-pv serve --control` was given)")
+    p.add_argument("--control", default=layout.control_path(), type=socket_path, metavar="PATH",
+                   help="the daemon's control socket (what `vhost-pv serve --control` was given; "
+                   f"default ${layout.CONTROL_ENV}, else {layout.DEFAULT_CONTROL})")
 
 
 def _json(p: argparse.ArgumentParser, what: str = "the reply as JSON") -> None:
@@ -259,6 +280,23 @@ def _bind_vm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clear", action="store_true", help="remove the binding: any VM may attach")
     _json(p)
     p.set_defaults(func=cmd_bind_vm)
+def _set(p: argparse.ArgumentParser) -> None:
+    p.description = ("Change a served volume's settings live: time limit and its action, read and "
+                     "ring-full policies, who may attach, owner. Only what is given changes; the "
+                     "header is updated crash-safely and the next request follows it. The output "
+                     "shows old → new.")
+    p.epilog = """examples:
+  vhost-pv set --control /run/vhost-pv/control.sock vol0 --ttl 1h --ttl-action delete
+  vhost-pv set --control /run/vhost-pv/control.sock vol0 --read-policy zeros --ring-full-policy overwrite
+  vhost-pv set --control /run/vhost-pv/control.sock vol0 --uids 0,107 --gids 107
+  vhost-pv set --control /run/vhost-pv/control.sock vol0 --owner web-1   # or --no-owner"""
+    _control(p)
+    _volume(p)
+    settings.add_options(p, owner_help="record this container as the owner (id, id prefix or name, "
+                                       "resolved by the engine, as `vhost-pv bind`)")
+    p.add_argument("--pid", type=int_in(0, PID_MAX), default=0,
+                   help="with --owner: the owner's init pid, for --proc-events without an engine")
+    p.set_defaults(func=cmd_set)
 
 
 def _delete(p: argparse.ArgumentParser) -> None:
@@ -335,6 +373,7 @@ COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "bind": _bind,
     "bind-vm": _bind_vm,
     "delete": _delete,
+    "set": _set,
     "alerts": _alerts,
     "ring-ctl": _ring_ctl,
     "meta": _meta,

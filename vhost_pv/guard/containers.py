@@ -313,7 +313,8 @@ class EngineWatcher:
             return
         refusal = self._policy_refusal(target, info)
         if refusal:
-            log.warning("engine: %s may not reclaim %s: %s", who, volume, refusal)
+            log.warning("engine: %s may not reclaim %s: %s", who, volume, refusal,
+                        extra={"volume": volume, "source": "engine", "reason": "reclaim-refused"})
             self.directory.alert("reclaim-refused", volume, f"{who} may not reclaim {volume}: {refusal}",
                                  container=info.id, policy=self.reclaim_policy.value)
             return
@@ -362,7 +363,15 @@ class ProcessWatcher:
         self._loop = asyncio.get_running_loop()
         from vhost_pv.guard.procevents import open_exit_socket
 
-        self._socket = await open_exit_socket()
+        try:
+            self._socket = await open_exit_socket()
+        except PermissionError as exc:
+            # Linux before 6.6 lets only CAP_NET_ADMIN listen to the process connector; the
+            # service unit grants it (AmbientCapabilities=CAP_NET_ADMIN).
+            raise PermissionError(
+                exc.errno, "the kernel refused the process connector: listening to process "
+                "events needs CAP_NET_ADMIN (on Linux before 6.6); run the daemon with it, or "
+                f"without --proc-events ({exc.strerror or exc})", "--proc-events") from exc
         self._loop.add_reader(self._socket.fileno(), self._readable)
         log.info("process events: watching owner init pids %s", sorted(self.watched()) or "(none yet)")
         await self.check_alive("start")

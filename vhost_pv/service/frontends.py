@@ -126,7 +126,7 @@ class FrontendService:
                 served.refused_total += 1
                 log.warning(
                     "%s: refused frontend pid=%d uid=%d gid=%d: not allowed to attach",
-                    name, peer.pid, peer.uid, peer.gid,
+                    name, peer.pid, peer.uid, peer.gid, extra={"volume": name, "reason": "not-allowed"},
                 )
                 self._alert_refused(served, peer, None, [f"uid {peer.uid} / gid {peer.gid} not allowed"])
                 sock.close()
@@ -153,6 +153,7 @@ class FrontendService:
                 log.warning(
                     "%s: refused frontend pid=%d: volume already attached to pid %d",
                     name, peer.pid, served.connection.peer.pid,
+                    extra={"volume": name, "reason": "already-attached"},
                 )
                 sock.close()
                 continue
@@ -173,7 +174,8 @@ class FrontendService:
             served.connection = Connection(source, peer, time.time(), device, session, task, identity)
             served.connections_total += 1
             self.sources.record(source, name, peer, identity)
-            log.info("%s: frontend attached (pid=%d uid=%d)", name, peer.pid, peer.uid)
+            log.info("%s: frontend attached (pid=%d uid=%d)", name, peer.pid, peer.uid,
+                     extra={"volume": name, "source": f"connection {source}"})
 
     def _check_vm(self, served: ServedVolume, sock: socket.socket,
                   peer: PeerCredentials) -> tuple[bool, PeerIdentity | None]:
@@ -199,7 +201,7 @@ class FrontendService:
                    binding: BoundVm, problems: list[str]) -> None:
         log.warning("%s: refused frontend pid=%d uid=%d gid=%d: not the VM the volume is bound to "
                     "(%s): %s", served.volume.name, peer.pid, peer.uid, peer.gid, binding.describe(),
-                    "; ".join(problems))
+                    "; ".join(problems), extra={"volume": served.volume.name, "reason": "not-the-bound-vm"})
         self._alert_refused(served, peer, identity, problems)
 
     def _alert_refused(self, served: ServedVolume, peer: PeerCredentials, identity: PeerIdentity | None,
@@ -232,6 +234,7 @@ class FrontendService:
             "%s: frontend pid=%d uid=%d attached to a dangling volume (%s): writes go to the "
             "quarantine ring, reads follow the read policy",
             name, peer.pid, peer.uid, served.volume.header.reason,
+            extra={"volume": name, "reason": served.volume.header.reason},
         )
         now = time.monotonic()
         if now - served.dangling_attach_alerted < DANGLING_ATTACH_ALERT_S:
