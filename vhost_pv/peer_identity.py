@@ -243,8 +243,17 @@ def _peer_pidfd(sock: socket.socket) -> int | None:
 
 def peer_identity(sock: socket.socket, peer: PeerCredentials) -> PeerIdentity:
     """The identity of the process that connected `sock` (whose SO_PEERCRED is `peer`),
-    pinned by a pidfd and verified; IdentityUnavailable when it cannot be established.
-    Call it right after accept (the pidfd_open fallback compares start times with now)."""
+    pinned by a pidfd and verified; IdentityUnavailable when it cannot be established, for
+    whatever reason (/proc hidden by hidepid, an odd /proc/PID/stat): the accept loop that
+    asks must never die of it. Call it right after accept (the pidfd_open fallback compares
+    start times with now)."""
+    try:
+        return _peer_identity(sock, peer)
+    except (OSError, ValueError, IndexError) as exc:
+        raise IdentityUnavailable(f"cannot read the connecting process (pid {peer.pid}): {exc}") from None
+
+
+def _peer_identity(sock: socket.socket, peer: PeerCredentials) -> PeerIdentity:
     pidfd = _peer_pidfd(sock)
     pinned_by = "SO_PEERPIDFD"
     if pidfd is None:

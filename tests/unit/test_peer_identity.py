@@ -260,3 +260,21 @@ def test_a_peer_in_another_pid_namespace_has_no_identity(listener: socket.socket
     monkeypatch.setattr(peer_identity, "_peer_pidfd", lambda sock: None)
     with pytest.raises(IdentityUnavailable, match="another pid namespace"):
         peer_identity.peer_identity(listener, PeerCredentials(0, 0, 0))
+
+
+def test_an_unreadable_proc_is_no_identity_not_an_error(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/proc mounted hidepid (or any other read failure) must not end the accept loop: it is
+    an identity that cannot be established (a bound volume refuses, an unbound one serves)."""
+    def hidden(pid: int) -> int:
+        raise PermissionError(13, "Permission denied", f"/proc/{pid}/stat")
+
+    monkeypatch.setattr(peer_identity, "pid_start_ticks", hidden)
+    process = _connector(listener, "-name", "guest=vm7")
+    try:
+        conn, _ = listener.accept()
+        with conn, pytest.raises(IdentityUnavailable, match="Permission denied"):
+            peer_identity.peer_identity(conn, peer_credentials(conn))
+    finally:
+        _end(process)
