@@ -41,6 +41,16 @@ copies alike, e.g. never updated) can be cut between its writes too: the newer c
 flag, the older not, so the newer is served even if it is an interrupted clear. It is a
 complete record of an update under way, the outcome any crash may give.
 
+The record grew by appending (FORMAT_VERSION): version 2 added the owner binding, version 3
+the VM binding. Older records read with the bindings they lack empty, and the next update
+writes version 3 records to both copies as any update does, so the cases above hold for that
+upgrade too: a tear in its first write leaves the torn copy failing its CRC (a version 3 CRC
+sits past the end of the older body, where the older slot has zeros) and the untouched older
+copy is served, with the damaged-copy rule for its state field; between the writes both copies
+are valid and carry FLAG_BOTH_COPIES, the version 3 one is newer and wins; during the second
+write the first copy is complete. A version 2 and a version 3 copy of the same record (the VM
+binding empty) are the same header. tests/unit/test_header.py tears that upgrade at every byte.
+
 The header area also holds the *live state word* that the C hot path reads on every
 request (see csrc/vhost_pv.h, VPV_STATE_*). It mirrors the durable state while a daemon
 serves the volume and is rewritten from the slots each time the volume is opened, so a
@@ -83,13 +93,9 @@ from vhost_pv.virtio.blk import SECTOR_SIZE as SECTOR_SIZE
 MAGIC = b"VHOSTPV\x01"
 # Version 2 added the owner binding (container name, image, init pid); version 3 the VM
 # binding (which QEMU may attach: vm_uuid, vm_name, vm_cgroup). Older headers still read
-# (the bindings they lack are empty) and become version 3 at their next update. That
-# update is an ordinary two-copy update (module docstring): a tear in its first write
-# damages that copy (its CRC no longer matches, at whichever offset the version 3 CRC or
-# the old one is looked for) and the untouched old copy is served; between the writes both
-# copies are valid, carry FLAG_BOTH_COPIES and the newer one wins; a version 2 and a
-# version 3 copy of the same record (empty VM binding) are the same header. A build that
-# reads only versions 1 and 2 refuses a version 3 header ("unsupported format version").
+# (the bindings they lack are empty) and become version 3 at their next update, crash-safely
+# (module docstring). A build that reads only versions 1 and 2 refuses a version 3 header
+# ("unsupported format version 3"): a downgrade needs the volume recreated or rewritten.
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 SLOT_SIZE = 4096
