@@ -53,10 +53,13 @@ class App:
         self._meta_frontend: MetadataFsFrontend | None = None
         self.engine_watcher = (
             EngineWatcher(self.engine, self.volumes, reconcile_interval=config.reconcile_interval,
-                          reclaim_policy=config.reclaim_policy)
+                          reclaim_policy=config.reclaim_policy, stop_poll=config.stop_poll)
             if self.engine is not None else None
         )
-        self.process_watcher = ProcessWatcher(self.volumes) if config.proc_events else None
+        self.process_watcher = (
+            ProcessWatcher(self.volumes, arbiter=self.engine_watcher, grace=config.engine_grace)
+            if config.proc_events else None
+        )
         self.volumes.process_watcher = self.process_watcher
         self.control = ControlServer(
             config.control_path,

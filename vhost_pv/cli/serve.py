@@ -57,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_url=args.engine,
         proc_events=args.proc_events,
         reconcile_interval=args.reconcile_interval,
+        engine_grace=args.engine_grace,
+        stop_poll=args.stop_poll,
         reclaim_policy=ReclaimPolicy(args.reclaim_policy),
         direct=args.direct,
         vm=args.vm,
@@ -134,6 +136,12 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconcile-interval", type=number, default=_default("reconcile_interval"),
                    metavar="S",
                    help="look every owner up through the engine this often (default %(default)g)")
+    p.add_argument("--engine-grace", type=number, default=_default("engine_grace"), metavar="S",
+                   help="with --engine and --proc-events, how long an owner's process exit waits for "
+                   "the engine to say whether it was a stop, a removal or a crash (default %(default)g)")
+    p.add_argument("--stop-poll", type=number, default=_default("stop_poll"), metavar="S",
+                   help="sample the running owners' state this often, so that a stop Podman reports "
+                   "in no event is not taken for a crash; 0: never (default %(default)g)")
     p.add_argument("--reclaim-policy", choices=[p.value for p in ReclaimPolicy],
                    default=_default("reclaim_policy").value,
                    help="which containers labelled vhost-pv.reclaim=VOLUME may reclaim it on start "

@@ -629,8 +629,10 @@ class VolumeService:
         except VolumeNotFound:
             return  # deleted meanwhile
         if result.changed:
+            # What the watchers made of the owner's end: "crashed (exit 137, killed by SIGKILL)".
+            why = f"{reason}: {detail['classification']}" if detail.get("classification") else reason
             self.alerts.raise_alert(
-                "owner-gone", volume, f"the owner of {volume} is gone ({reason}, seen by {source})",
+                "owner-gone", volume, f"the owner of {volume} is gone ({why}, seen by {source})",
                 severity="warning", reason=reason, source=source, **detail,
             )
 
