@@ -167,7 +167,9 @@ def qemu_vm(argv: Sequence[str]) -> tuple[str, uuid.UUID | None]:
 
 
 def _boottime_ticks() -> int:
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS)
+    """Now in the clock ticks of /proc/PID/stat's start time (rounded down like it, in integers:
+    a process that started before now never reads as later)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) * CLOCK_TICKS // 1_000_000_000
 
 
 def _pidfd_alive(pidfd: int) -> bool:
