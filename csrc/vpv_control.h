@@ -97,6 +97,18 @@ struct vpv_ctl_meta {
     char key[192];
 } __attribute__((packed));
 
+#define VPV_CTL_BIND_VM_CLEAR 1
+/* Who may attach: every field that is set must match the connecting process (an all-zero
+ * vm_uuid, an empty string: any). The fields replace the volume's whole VM binding. */
+struct vpv_ctl_bind_vm {
+    char volume[64];
+    uint32_t flags;
+    uint32_t pad;
+    uint8_t vm_uuid[16];
+    char vm_name[64];
+    char vm_cgroup[128];
+} __attribute__((packed));
+
 /* VOLUME_SET: only the fields whose VPV_CTL_SET_* bit is in mask change. An id list ends at
  * its first -1. Reply: JSON (old and new value of each changed field). */
 #define VPV_CTL_SET_TTL (1u << 0)
@@ -156,6 +168,7 @@ struct vpv_ctl_volume_add {
 #define VPV_IOC_META _IOWR('v', 0x16, struct vpv_ctl_meta)
 #define VPV_IOC_VOLUME_ADD _IOWR('v', 0x17, struct vpv_ctl_volume_add)
 #define VPV_IOC_VOLUME_REMOVE _IOWR('v', 0x18, struct vpv_ctl_volume)
+#define VPV_IOC_BIND_VM _IOWR('v', 0x1b, struct vpv_ctl_bind_vm)
 #define VPV_IOC_VOLUME_SET _IOWR('v', 0x1a, struct vpv_ctl_volume_set)
 
 #endif

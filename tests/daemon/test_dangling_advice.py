@@ -93,7 +93,7 @@ def test_dangling_alerts_and_status_tell_the_admin_what_to_do(tmp_path: Path) ->
             rows = {line.split()[0]: line for line in lines[1:]}
             assert list(rows) == ["gone", "kept", "live"]
             assert re.search(r"dangling +\d+s +4\.\d KiB of 2 MiB, 1 record +deletes in 9m5\ds"
-                             r" +q1 +attached$", rows["gone"]), rows["gone"]
+                             r" +q1 +attached by pid \d+$", rows["gone"]), rows["gone"]
             assert re.search(r"dangling +\d+s .* time limit passed \d+s ago \(alert sent\) +q1 +none$",
                              rows["kept"]), rows["kept"]
             assert re.search(r"attached +- +0 B of [\d.]+ [KM]iB, 0 records +no time limit +q1 +none$",

@@ -2,10 +2,11 @@
 
 csrc/vpv_control.h mirrors the control messages (vhost_pv/control/wire.py),
 csrc/vpv_ring.h the quarantine ring on disk (vhost_pv/volume/ring.py), csrc/virtio_blk.h and
-csrc/vring.h the virtio facts (vhost_pv/virtio/), and csrc/vhost_pv.h the volume states and
-policies (vhost_pv/volume/header.py). A small C program is compiled against them and prints
-every struct size, field offset and constant; every #define of a mirrored family must have
-its Python member, and the other way round.
+csrc/vring.h the virtio facts (vhost_pv/virtio/), csrc/vhost_pv.h the volume states and
+policies and csrc/vpv_header.h the volume header record (vhost_pv/volume/header.py). A
+small C program is compiled against them and prints every struct size, field offset and
+constant; every #define of a mirrored family must have its Python member, and the other
+way round.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vhost_pv.control import wire
 from vhost_pv.guard.guard import OUTCOME_NAMES
 from vhost_pv.virtio import blk as virtio_blk
 from vhost_pv.virtio import ring as virtio_ring
+from vhost_pv.volume import header as volume_header
 from vhost_pv.volume import ring
 from vhost_pv.volume.header import ReadPolicy, RingFullPolicy, VolumeState
 
@@ -42,6 +44,7 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
     "vpv_ctl_alerts": (wire.AlertsRequest, ["flags", "pad", "since_seq"]),
     "vpv_ctl_bind": (wire.BindRequest, ["volume", "container", "pid", "pad"]),
     "vpv_ctl_meta": (wire.MetaRequest, ["op", "value_len", "vm", "key"]),
+    "vpv_ctl_bind_vm": (wire.BindVmRequest, ["volume", "flags", "pad", "vm_uuid", "vm_name", "vm_cgroup"]),
     "vpv_ctl_volume_set": (
         wire.VolumeSetRequest,
         ["volume", "mask", "read_policy", "ring_full_policy", "ttl_action", None, "ttl_seconds",
@@ -70,6 +73,18 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
          "max_write_zeroes_sectors", "max_write_zeroes_seg", "write_zeroes_may_unmap", None],
     ),
     "blk_req_header": (virtio_blk.RequestHeader, ["type", "reserved", "sector"]),
+    # The volume header: each part of the body as it grew, version by version.
+    "vpv_header_body": (
+        volume_header.HeaderBodyV1,
+        ["magic", "version", None, "flags", "generation", "uuid", "created_ns", "data_offset",
+         "capacity", "ring_offset", "ring_size", "state", "read_policy", "ring_full_policy",
+         "ttl_action", None, "ttl_seconds", "dangling_since_ns", "reason", "owner", "allowed_uids",
+         "allowed_gids", "dangling_source"],
+    ),
+    "vpv_owner_binding": (
+        volume_header.OwnerBinding, ["owner_name", "owner_image", "owner_pid", "pad", "owner_pid_start"]
+    ),
+    "vpv_vm_binding": (volume_header.VmBinding, ["vm_uuid", "vm_name", "vm_cgroup"]),
     "blk_discard_segment": (virtio_blk.DiscardSegment, ["sector", "num_sectors", "flags"]),
 }
 
@@ -77,6 +92,8 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
 SIZES = {
     "vring_desc": virtio_ring.DESC_SIZE,
     "vring_used_elem": virtio_ring.USED_ELEM_SIZE,
+    "vpv_header_body_v3": volume_header.HeaderBody.sizeof(),
+    "vpv_header_slot": volume_header.HeaderSlot.sizeof(),
 }
 
 # Families of #defines that a Python enum mirrors member for member: (header, prefix, enum).
@@ -99,6 +116,7 @@ COMMANDS = {
     "VPV_IOC_ALERTS": wire.Command.ALERTS,
     "VPV_IOC_BIND": wire.Command.BIND,
     "VPV_IOC_META": wire.Command.META,
+    "VPV_IOC_BIND_VM": wire.Command.BIND_VM,
     "VPV_IOC_VOLUME_SET": wire.Command.VOLUME_SET,
     "VPV_IOC_VOLUME_ADD": wire.Command.VOLUME_ADD,
     "VPV_IOC_VOLUME_REMOVE": wire.Command.VOLUME_REMOVE,
@@ -106,6 +124,11 @@ COMMANDS = {
 
 CONSTANTS = {
     "VPV_RING_SUPER_SIZE": ring.SUPER_SIZE,
+    "VPV_HEADER_VERSION": volume_header.FORMAT_VERSION,
+    "VPV_HEADER_SLOT_SIZE": volume_header.SLOT_SIZE,
+    "VPV_HEADER_FLAG_READ_ONLY": volume_header.FLAG_READ_ONLY,
+    "VPV_HEADER_FLAG_BOTH_COPIES": volume_header.FLAG_BOTH_COPIES,
+    "VPV_HEADER_MAX_IDS": volume_header.MAX_ALLOWED_IDS,
     "VPV_RING_ALIGN": ring.ALIGN,
     "VPV_RECORD_HEADER_SIZE": ring.RECORD_HEADER_SIZE,
     "VPV_RECORD_MAGIC": ring.RECORD_MAGIC,
@@ -127,6 +150,7 @@ CONSTANTS = {
     "VPV_RING_DISCARD": wire.RingOp.DISCARD,
     "VPV_META_SET": wire.MetaOp.SET,
     "VPV_META_BOOT": wire.MetaOp.BOOT,
+    "VPV_CTL_BIND_VM_CLEAR": wire.BIND_VM_CLEAR,
     "VPV_CTL_SET_TTL": wire.SET_TTL,
     "VPV_CTL_SET_TTL_ACTION": wire.SET_TTL_ACTION,
     "VPV_CTL_SET_READ_POLICY": wire.SET_READ_POLICY,
@@ -177,6 +201,7 @@ def c_program() -> str:
         '#include "vpv_ring.h"',
         '#include "virtio_blk.h"',
         '#include "vring.h"',
+        '#include "vpv_header.h"',
         "int main(void) {",
     ]
     for struct, (_, fields) in LAYOUTS.items():
@@ -192,6 +217,7 @@ def c_program() -> str:
     for name in (*COMMANDS, *CONSTANTS, *sorted(MIRRORED), *EVENTS):
         lines.append(f'    printf("const {name} %llu\\n", (unsigned long long)({name}));')
     lines.append('    printf("magic %s %s\\n", VPV_RING_MAGIC, VPV_CTL_MAGIC);')
+    lines.append('    printf("header_magic %s\\n", VPV_HEADER_MAGIC);')
     lines += ["    return 0;", "}"]
     return "\n".join(lines) + "\n"
 
@@ -218,6 +244,8 @@ def c_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         elif kind == "const":
             name, value = rest.split()
             facts[f"const:{name}"] = int(value)
+        elif kind == "header_magic":
+            facts["header_magic"] = rest.encode("latin-1")
         else:
             facts["magic"] = rest.split()
     return facts
@@ -252,6 +280,7 @@ def test_constants_match(c_facts: dict[str, Any]) -> None:
     for name, value in CONSTANTS.items():
         assert c_facts[f"const:{name}"] == int(value), name
     assert c_facts["magic"] == [ring.RING_MAGIC.decode(), wire.CONTROL_MAGIC.decode()]
+    assert c_facts["header_magic"] == volume_header.MAGIC
 
 
 @pytest.mark.timeout(60)

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import struct
+import uuid
 import zlib
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from vhost_pv.volume.header import (
     STATE_FIELD_OFFSET,
     STATE_WORD_OFFSET,
     HeaderBodyV1,
+    HeaderBodyV2,
     HeaderError,
     HeaderSlot,
     VolumeHeader,
@@ -152,8 +154,8 @@ def test_refuses_short_file(tmp_path: Path) -> None:
 def test_refuses_unsupported_version(tmp_path: Path) -> None:
     path, _ = _create(tmp_path)
     for offset in SLOT_OFFSETS:
-        _pwrite(path, struct.pack("<H", 3), offset + 8)
-    with pytest.raises(HeaderError, match="unsupported format version 3"):
+        _pwrite(path, struct.pack("<H", 4), offset + 8)
+    with pytest.raises(HeaderError, match="unsupported format version 4"):
         read_header(path)
     with pytest.raises(HeaderError, match="version"):
         Volume(path)
@@ -163,10 +165,7 @@ def test_refuses_unsupported_version(tmp_path: Path) -> None:
 def test_version_1_volume_reads_and_upgrades_on_update(tmp_path: Path) -> None:
     # Both slots rewritten as a volume from before the owner binding (392-byte body).
     path, created = _create(tmp_path, owner="old-owner")
-    v2 = encode_slot(created)
-    body = bytearray(v2[:HeaderBodyV1.sizeof()])
-    body[8:10] = struct.pack("<H", 1)
-    v1 = (bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))).ljust(SLOT_SIZE, b"\0")
+    v1 = older_slot(created, 1)
     for offset in SLOT_OFFSETS:
         _pwrite(path, v1, offset)
     assert read_header(path) == created
@@ -174,7 +173,7 @@ def test_version_1_volume_reads_and_upgrades_on_update(tmp_path: Path) -> None:
         volume.update(owner="full-id", owner_name="web", owner_pid=42, owner_pid_start=7)
     with open(path, "rb") as f:
         versions = {struct.unpack("<H", os.pread(f.fileno(), 2, o + 8))[0] for o in SLOT_OFFSETS}
-    assert versions == {2}  # an update rewrites both copies, in the new format
+    assert versions == {3}  # an update rewrites both copies, in the new format
     header = read_header(path)
     assert (header.owner, header.owner_name, header.owner_pid, header.owner_pid_start) == (
         "full-id", "web", 42, 7)
@@ -281,6 +280,14 @@ def test_damaged_ring_superblock_is_refused(tmp_path: Path) -> None:
         Volume(path)
 
 
+def older_slot(header: VolumeHeader, version: int) -> bytes:
+    """The slot an older build wrote for header: the body of that version, its CRC."""
+    size = {1: HeaderBodyV1.sizeof(), 2: HeaderBodyV2.sizeof()}[version]
+    body = bytearray(encode_slot(header)[:size])
+    body[8:10] = struct.pack("<H", version)
+    return (bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))).ljust(SLOT_SIZE, b"\0")
+
+
 # -- crash safety: a torn slot write at every byte ---------------------------------------------
 
 
@@ -363,6 +370,31 @@ def test_torn_update_every_byte(tmp_path: Path) -> None:
         assert not second.dangling
         assert _state_word(path) == VolumeState.ATTACHED
     assert read_header(path) == second
+
+
+@pytest.mark.timeout(120)
+def test_upgrade_to_version_3_torn_at_every_byte(tmp_path: Path) -> None:
+    """The first update of a version 2 volume writes version 3 records (the VM binding
+    appended): a crash at any byte of either write reads the old record, the new one, or
+    (with a dangling state in play) conservatively dangling; never an error. The old
+    copies carry FLAG_BOTH_COPIES (written by the two-copy writer), as the build before this
+    one wrote them. (Version 1 bodies are shorter still: the same CRC argument holds.)"""
+    version = 2
+    path, created = _create(tmp_path, owner="pre-v3")
+    for offset in SLOT_OFFSETS:
+        _pwrite(path, older_slot(created, version), offset)
+    assert read_header(path) == created and not created.vm_bound
+    with Volume(path) as volume:
+        bound = _torn_write_check(
+            path, volume, vm_uuid=uuid.UUID("6b9c1a2e-0000-4000-8000-0000000000a7"), vm_name="vm7",
+            vm_cgroup="/machine.slice/machine-qemu\\x2d1\\x2dvm7.scope")
+        # A flip of a volume whose other copy is still the old version: the same guarantees.
+        for offset in SLOT_OFFSETS[:1]:
+            _pwrite(path, older_slot(bound, version), offset)
+        flipped = _torn_write_check(path, volume, state=VolumeState.DANGLING, reason="gone",
+                                    dangling_since_ns=5)
+    assert flipped.vm_name == "vm7" and flipped.dangling
+    assert read_header(path) == flipped
 
 
 @pytest.mark.timeout(60)

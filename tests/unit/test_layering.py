@@ -66,9 +66,10 @@ def test_client_commands_do_not_load_the_data_path(tmp_path: Path) -> None:
         ["add", "--control", control, "vol0.img", "--queues", "2", "--direct"],
         ["add", "--control", control, "vol0.img", "--create", "--size", "1G", "--ttl", "60"],
         ["remove", "--control", control, "vol0", "--force"],
+        ["bind-vm", "--control", control, "vol0", "--name", "vm7"],
     )
     # Help exits 0; every client reports the missing daemon with exit 1.
-    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 9 + [0] + [cli.EXIT_FAILED] * 5
+    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 9 + [0] + [cli.EXIT_FAILED] * 6
     assert result["loaded"] == []
 
 

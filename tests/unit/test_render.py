@@ -41,6 +41,12 @@ def test_suggested_commands_quote_the_control_path() -> None:
     assert delete == "vhost-pv delete --control '/run/my dir/control.sock' vol0"
 
 
+IDENTITY = {"pid": 7, "uid": 107, "gid": 108, "start_ticks": 1234, "vm_name": "vm7",
+            "vm_uuid": "6b9c1a2e-5f0d-4c1e-9a51-3a0f7e0c25a7", "exe": "/usr/bin/qemu-system-x86_64",
+            "cgroup": "/machine.slice/machine-qemu\\x2d1\\x2dvm7.scope/libvirt/emulator",
+            "pinned_by": "SO_PEERPIDFD"}
+
+
 def _volume(name: str, *, dangling: bool, since_ns: int = 0, ttl: int = 0, action: str = "delete",
             deadline_ns: int | None = None, expired: bool = False, attached: bool = False) -> dict[str, Any]:
     return {
@@ -48,11 +54,13 @@ def _volume(name: str, *, dangling: bool, since_ns: int = 0, ttl: int = 0, actio
         "socket": f"/run/vhost-pv/{name}.sock",
         "header": {"capacity": 64 * MiB, "state": "dangling" if dangling else "attached",
                    "dangling": dangling, "dangling_since_ns": since_ns, "reason": "container-deleted",
-                   "dangling_source": "ioctl", "ttl_seconds": ttl, "ttl_action": action},
+                   "dangling_source": "ioctl", "ttl_seconds": ttl, "ttl_action": action,
+                   "vm_name": "vm7" if attached else "", "vm_uuid": "", "vm_cgroup": ""},
         "ring": {"bytes_used": int(1.2 * MiB), "area_size": 16 * MiB, "records": 42},
         "guard": {"ttl_deadline_ns": deadline_ns, "ttl_expired": expired,
                   "suggested": humanize.suggested_commands("/run/c.sock", name) if dangling else []},
-        "connection": {"pid": 7, "uid": 0, "queues_running": True, "queues": []} if attached else None,
+        "connection": {"pid": 7, "uid": 107, "gid": 108, "queues_running": True, "queues": [],
+                       "since": time.time() - 192.5, "identity": IDENTITY} if attached else None,
     }
 
 
@@ -78,6 +86,12 @@ def test_status_text_is_in_human_units(capsys: pytest.CaptureFixture[str]) -> No
     assert "; no time limit" in out
     assert "to reclaim: vhost-pv reclaim --control /run/c.sock gone --owner NEW_OWNER --replay" in out
     assert "to delete: vhost-pv delete --control /run/c.sock gone" in out
+    # Who is attached, and since when.
+    assert ("frontend pid 7 uid 107 gid 108, VM vm7 (uuid 6b9c1a2e-5f0d-4c1e-9a51-3a0f7e0c25a7), "
+            "attached 3m12s ago") in out
+    assert ("cgroup /machine.slice/machine-qemu\\x2d1\\x2dvm7.scope/libvirt/emulator, "
+            "exe /usr/bin/qemu-system-x86_64") in out
+    assert "bound to VM name vm7" in out
     assert not re.search(r"\d{10,}", out), out
 
 
@@ -95,7 +109,8 @@ def test_ls_one_line_per_volume(capsys: pytest.CaptureFixture[str]) -> None:
     assert list(rows) == ["gone", "kept", "live", "nolimit"]
     assert re.search(r"dangling +3m12s +1\.2 MiB of 16 MiB, 42 records +deletes in 6m47s +- +none$",
                      rows["gone"])
-    assert re.search(r"attached +- +.* +deletes 10m00s after dangling +- +attached$", rows["live"])
+    assert re.search(r"attached +- +.* +deletes 10m00s after dangling +- +attached by vm7 pid 7$",
+                     rows["live"])
     assert "no time limit" in rows["nolimit"]
     assert not any(re.search(r"\d{10,}", line) for line in lines)
 

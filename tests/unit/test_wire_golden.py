@@ -19,6 +19,7 @@ from vhost_pv.control.wire import (
     ADD_CREATE,
     ADD_DIRECT,
     ADD_READ_ONLY,
+    BIND_VM_CLEAR,
     CLEAR_OWNER,
     CONTROL_MAGIC,
     CONTROL_VERSION,
@@ -32,6 +33,7 @@ from vhost_pv.control.wire import (
     SET_RING_FULL_POLICY,
     SET_TTL,
     SET_TTL_ACTION,
+    BindVmRequest,
     Command,
     ControlHeader,
     ReplyStatus,
@@ -63,6 +65,7 @@ from vhost_pv.volume.header import (
     SLOT_SIZE,
     HeaderBody,
     HeaderBodyV1,
+    HeaderBodyV2,
     HeaderError,
     HeaderSlot,
     ReadPolicy,
@@ -391,6 +394,21 @@ def test_volume_remove_golden() -> None:
     assert _plain(VolumeRequest.parse(golden)) == value
     # _IOWR('v', 0x18, struct vpv_ctl_volume): 72 = 0x48.
     assert int(Command.VOLUME_REMOVE) == 0xC0487618
+def test_bind_vm_request_golden() -> None:
+    # struct vpv_ctl_bind_vm { char volume[64]; u32 flags; u32 pad; u8 vm_uuid[16];
+    # char vm_name[64]; char vm_cgroup[128]; }, _IOWR('v', 0x1b, ...)
+    value = {"volume": "vol0", "flags": BIND_VM_CLEAR, "vm_uuid": bytes(range(16)), "vm_name": "vm7",
+             "vm_cgroup": "/machine.slice"}
+    golden = (b"vol0" + bytes(60)  # 0   volume[64]
+              + bytes.fromhex("01000000" "00000000")  # 64  flags BIND_VM_CLEAR, pad
+              + bytes.fromhex("000102030405060708090a0b0c0d0e0f")  # 72  vm_uuid[16]
+              + b"vm7" + bytes(61)  # 88  vm_name[64]
+              + b"/machine.slice" + bytes(114))  # 152 vm_cgroup[128]
+    assert BindVmRequest.sizeof() == len(golden) == 280
+    assert BindVmRequest.build(value) == golden
+    assert _plain(BindVmRequest.parse(golden)) == value
+    assert int(Command.BIND_VM) == 0xC118761B  # _IOWR: dir 3, size 0x118, 'v', nr 0x1b
+    assert int(Command.BIND_VM) == _linux_ioc(3, ord("v"), 0x1B, 280)
 
 
 # -- volume header slot ----------------------------------------------------------------------
@@ -419,12 +437,15 @@ FIXED_HEADER = VolumeHeader(
     owner_image="sha256:ab",
     owner_pid=0x1234,
     owner_pid_start=0x0A0B_0C0D,
+    vm_uuid=uuid.UUID("6b9c1a2e-0000-4000-8000-0000000000a7"),
+    vm_name="vm7",
+    vm_cgroup="/machine.slice/machine-qemu\\x2d1\\x2dvm7.scope",
 )
 
 FIXED_BODY_V1 = (
     bytes.fromhex(
         "56484f5354505601"  # 0   magic "VHOSTPV\x01"
-        "0200" "0000"  # 8   version 2, pad
+        "0300" "0000"  # 8   version 3, pad
         "03000000"  # 12  flags: read-only | both-copies (every record this build writes)
         "0300000000000000"  # 16  generation
         "00112233445566778899aabbccddeeff"  # 24  uuid
@@ -444,20 +465,35 @@ FIXED_BODY_V1 = (
     + bytes.fromhex("64000000" + "ffffffff" * 7)  # 328 allowed_gids[8]
     + b"ioctl" + bytes(27)  # 360 dangling_source[32]
 )
-FIXED_BODY = (
+FIXED_BODY_V2 = (
     FIXED_BODY_V1
     + b"web-1" + bytes(59)  # 392 owner_name[64]
     + b"sha256:ab" + bytes(71)  # 456 owner_image[80]
     + bytes.fromhex("34120000" "00000000")  # 536 owner_pid, pad
     + bytes.fromhex("0d0c0b0a00000000")  # 544 owner_pid_start
 )
+_CGROUP = b"/machine.slice/machine-qemu\\x2d1\\x2dvm7.scope"
+FIXED_BODY = (
+    FIXED_BODY_V2
+    + bytes.fromhex("6b9c1a2e0000400080000000000000a7")  # 552 vm_uuid[16]
+    + b"vm7" + bytes(61)  # 568 vm_name[64]
+    + _CGROUP + bytes(128 - len(_CGROUP))  # 632 vm_cgroup[128]
+)
+
+
+def _older_slot(body: bytes, version: int) -> bytes:
+    """A slot as an older build wrote it: a shorter body with its version, then its CRC."""
+    old = bytearray(body)
+    old[8:10] = struct.pack("<H", version)
+    return (bytes(old) + struct.pack("<I", zlib.crc32(bytes(old)))).ljust(SLOT_SIZE, b"\0")
 
 
 @pytest.mark.timeout(60)
 def test_header_body_layout_size() -> None:
     assert len(FIXED_BODY_V1) == HeaderBodyV1.sizeof() == 392
-    assert len(FIXED_BODY) == HeaderBody.sizeof() == 552
-    assert HeaderSlot.sizeof() == 556
+    assert len(FIXED_BODY_V2) == HeaderBodyV2.sizeof() == 552
+    assert len(FIXED_BODY) == HeaderBody.sizeof() == 760
+    assert HeaderSlot.sizeof() == 764
 
 
 @pytest.mark.timeout(60)
@@ -465,23 +501,42 @@ def test_encode_slot_golden() -> None:
     slot = encode_slot(FIXED_HEADER)
     assert len(slot) == SLOT_SIZE
     assert slot[:8] == MAGIC == b"VHOSTPV\x01"
-    assert struct.unpack_from("<H", slot, 8)[0] == FORMAT_VERSION == 2
-    assert slot[:552] == FIXED_BODY
-    crc = struct.unpack_from("<I", slot, 552)[0]
-    assert crc == zlib.crc32(slot[:552])
-    assert slot[556:] == bytes(SLOT_SIZE - 556)
+    assert struct.unpack_from("<H", slot, 8)[0] == FORMAT_VERSION == 3
+    assert slot[:760] == FIXED_BODY
+    crc = struct.unpack_from("<I", slot, 760)[0]
+    assert crc == zlib.crc32(slot[:760])
+    assert slot[764:] == bytes(SLOT_SIZE - 764)
     assert decode_slot(slot) == FIXED_HEADER
+
+
+@pytest.mark.timeout(60)
+def test_decode_version_2_slot() -> None:
+    # A volume written before the VM binding existed reads with an empty one (any VM).
+    header = decode_slot(_older_slot(FIXED_BODY_V2, 2))
+    assert header == dataclasses.replace(FIXED_HEADER, vm_uuid=None, vm_name="", vm_cgroup="")
+    assert not header.vm_bound and FIXED_HEADER.vm_bound
+    damaged = bytearray(_older_slot(FIXED_BODY_V2, 2))
+    damaged[500] ^= 0x10
+    with pytest.raises(HeaderError, match="checksum"):
+        decode_slot(bytes(damaged))
+
+
+@pytest.mark.timeout(60)
+def test_nil_vm_uuid_is_any_vm() -> None:
+    # QEMU without -uuid reports the nil UUID: stored as zero bytes, it binds to no VM.
+    header = dataclasses.replace(FIXED_HEADER, vm_uuid=uuid.UUID(int=0))
+    slot = encode_slot(header)
+    assert slot[552:568] == bytes(16)
+    assert decode_slot(slot).vm_uuid is None
 
 
 @pytest.mark.timeout(60)
 def test_decode_version_1_slot() -> None:
     # A volume written before the owner binding existed reads with an empty binding.
-    body = bytearray(FIXED_BODY_V1)
-    body[8:10] = b"\x01\x00"
-    raw = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
-    header = decode_slot(raw.ljust(SLOT_SIZE, b"\0"))
+    raw = _older_slot(FIXED_BODY_V1, 1)
+    header = decode_slot(raw)
     assert header == dataclasses.replace(FIXED_HEADER, owner_name="", owner_image="", owner_pid=0,
-                                         owner_pid_start=0)
+                                         owner_pid_start=0, vm_uuid=None, vm_name="", vm_cgroup="")
     # A damaged version 1 record is still named as such.
     damaged = bytearray(raw.ljust(SLOT_SIZE, b"\0"))
     damaged[200] ^= 0x10
@@ -527,9 +582,15 @@ def test_decode_flipped_magic_and_version() -> None:
     with pytest.raises(HeaderError, match="magic"):
         decode_slot(bytes(damaged))
     damaged = bytearray(slot)
-    damaged[8] ^= 0x01
-    with pytest.raises(HeaderError, match="version 3"):
+    damaged[8] ^= 0x04
+    with pytest.raises(HeaderError, match="version 7"):
         decode_slot(bytes(damaged))
+    # A flip to another readable version is caught by the CRC of that version's layout.
+    for version in (1, 2):
+        damaged = bytearray(slot)
+        damaged[8] = version
+        with pytest.raises(HeaderError, match="checksum"):
+            decode_slot(bytes(damaged))
 
 
 @pytest.mark.timeout(60)

@@ -43,6 +43,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("ioctl", "admin", "flip a served volume to dangling (or back)"),
     ("reclaim", "admin", "give a dangling volume to a new owner"),
     ("bind", "admin", "record a volume's owner container"),
+    ("bind-vm", "admin", "bind a volume to the VM whose QEMU may attach"),
     ("delete", "admin", "wipe and remove a (dangling) volume"),
     ("set", "admin", "change a served volume's settings (TTL, policies, uids/gids, owner)"),
     ("alerts", "admin", "show (and follow) the daemon's alerts"),
@@ -61,7 +62,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 EPILOG = """commands by audience:
   serve                                         the daemon
   status ls add remove ioctl reclaim bind set   a running daemon, through its control socket
-  delete alerts ring-ctl meta meta-relay
+  bind-vm delete alerts ring-ctl meta meta-relay
   create inspect ring verify set-file           volume files, no daemon needed
   loadgen demo                                  tools: load generator, end-to-end demo
 

@@ -17,7 +17,19 @@ from typing import Any
 
 from vhost_pv import layout
 from vhost_pv.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, render, settings
-from vhost_pv.cli.argtypes import MAX_TTL, PID_MAX, choices, host_port, ids, int_in, size, socket_path, text
+from vhost_pv.cli.argtypes import (
+    MAX_TTL,
+    PID_MAX,
+    choices,
+    host_port,
+    ids,
+    int_in,
+    size,
+    socket_path,
+    text,
+    vm_cgroup,
+    vm_uuid,
+)
 from vhost_pv.control import client
 from vhost_pv.control.wire import (
     MAX_CONTROL_PAYLOAD,
@@ -25,6 +37,7 @@ from vhost_pv.control.wire import (
     NAME_LEN,
     OWNER_LEN,
     PATH_LEN,
+    VM_NAME_LEN,
     MetaOp,
     MetaRequest,
     ReclaimMode,
@@ -144,6 +157,15 @@ def cmd_bind(args: argparse.Namespace) -> int:
     return _control_call(args, lambda: client.bind(control, args.volume, args.container, pid=args.pid))
 
 
+def cmd_bind_vm(args: argparse.Namespace) -> int:
+    given = args.uuid is not None or args.name is not None or args.cgroup is not None
+    if args.clear == given:
+        render.error("bind-vm needs --uuid, --name and/or --cgroup, or --clear alone")
+        return EXIT_USAGE
+    control = Path(args.control)
+    return _control_call(args, lambda: client.bind_vm(
+        control, args.volume, vm_uuid=args.uuid, vm_name=args.name or "", vm_cgroup=args.cgroup or "",
+        clear=args.clear))
 def cmd_set(args: argparse.Namespace) -> int:
     if not settings.given(args):
         render.error("nothing to change: give at least one of --ttl, --ttl-action, --read-policy, "
@@ -355,6 +377,27 @@ def _bind(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_bind)
 
 
+def _bind_vm(p: argparse.ArgumentParser) -> None:
+    p.description = ("Bind a served volume to a VM: from the next attach on, only a QEMU whose "
+                     "identity as the host sees it matches every option given may attach (besides "
+                     "the uid allow-list); others are refused, logged and alerted. The options "
+                     "replace the whole binding; --clear removes it.")
+    p.epilog = """examples:
+  vhost-pv bind-vm --control /run/vhost-pv/control.sock vol0 --name vm7
+  vhost-pv bind-vm --control /run/vhost-pv/control.sock vol0 --uuid 6b9c1a2e-5f0d-4c1e-9a51-3a0f7e0c25a7
+  vhost-pv bind-vm --control /run/vhost-pv/control.sock vol0 --cgroup 'machine-qemu\\x2d*\\x2dvm7.scope'
+  vhost-pv bind-vm --control /run/vhost-pv/control.sock vol0 --clear"""
+    _control(p)
+    _volume(p)
+    p.add_argument("--uuid", type=vm_uuid, help="the VM's UUID (QEMU's -uuid)")
+    p.add_argument("--name", type=text(VM_NAME_LEN, "--name"),
+                   help="the VM's guest name (QEMU's -name guest=NAME or -name NAME)")
+    p.add_argument("--cgroup", type=vm_cgroup, metavar="PATH_OR_UNIT",
+                   help="a cgroup path (that cgroup or below it, e.g. /machine.slice/machine-qemu"
+                        "\\x2d1\\x2dvm7.scope) or a unit name (glob allowed) in the QEMU's cgroup path")
+    p.add_argument("--clear", action="store_true", help="remove the binding: any VM may attach")
+    _json(p)
+    p.set_defaults(func=cmd_bind_vm)
 def _set(p: argparse.ArgumentParser) -> None:
     p.description = ("Change a served volume's settings live: time limit and its action, read and "
                      "ring-full policies, who may attach, owner. Only what is given changes; the "
@@ -448,6 +491,7 @@ COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "ioctl": _ioctl,
     "reclaim": _reclaim,
     "bind": _bind,
+    "bind-vm": _bind_vm,
     "delete": _delete,
     "set": _set,
     "alerts": _alerts,

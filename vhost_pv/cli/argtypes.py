@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from vhost_pv.humanize import parse_size
-from vhost_pv.volume.header import MAX_ALLOWED_IDS, ReadPolicy, RingFullPolicy, TtlAction
+from vhost_pv.volume.header import MAX_ALLOWED_IDS, VM_CGROUP_LEN, ReadPolicy, RingFullPolicy, TtlAction
 
 MAX_SIZE = 1 << 60
 """Sizes beyond an exbibyte are a typo, and offsets past 2**63 do not fit the file API."""
@@ -148,6 +149,25 @@ def choices(kind: type[ReadPolicy] | type[RingFullPolicy] | type[TtlAction]) -> 
     return [member.name.lower() for member in kind]
 
 
+def vm_uuid(value: str) -> uuid.UUID:
+    """A VM's UUID as QEMU's -uuid takes it; the nil UUID (what QEMU reports without -uuid)
+    would name no VM and is refused."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {value!r}") from None
+    if not parsed.int:
+        raise argparse.ArgumentTypeError("the nil UUID names no VM (QEMU reports it without -uuid)")
+    return parsed
+
+
+def vm_cgroup(value: str) -> str:
+    """A cgroup path ("/machine.slice/...": that cgroup or below) or a unit name (no "/",
+    glob allowed), at most VM_CGROUP_LEN bytes."""
+    checked = text(VM_CGROUP_LEN, "the cgroup")(value)
+    if not checked.startswith("/") and "/" in checked:
+        raise argparse.ArgumentTypeError(f"{value!r}: a cgroup path starts with '/', a unit name has no '/'")
+    return checked
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

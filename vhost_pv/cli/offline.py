@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vhost_pv.cli import EXIT_CHECK, EXIT_FAILED, EXIT_OK, EXIT_USAGE, render, settings
-from vhost_pv.cli.argtypes import MAX_TTL, choices, ids, int_in, size, text
+from vhost_pv.cli.argtypes import MAX_TTL, choices, ids, int_in, size, text, vm_cgroup, vm_uuid
 from vhost_pv.control.wire import OWNER_LEN
-from vhost_pv.volume.header import HeaderError, ReadPolicy, RingFullPolicy, TtlAction
+from vhost_pv.volume.header import VM_NAME_LEN, HeaderError, ReadPolicy, RingFullPolicy, TtlAction
 from vhost_pv.volume.ring import RingError, RingReader
 from vhost_pv.volume.seal import Progress, SealError, check_seal, read_seal
 from vhost_pv.volume.volume import (
@@ -42,6 +42,9 @@ def cmd_create(args: argparse.Namespace) -> int:
         ttl_action=TtlAction[args.ttl_action.upper()],
         allowed_uids=args.allow_uids if args.allow_uids is not None else (os.getuid(),),
         allowed_gids=args.allow_gids or (),
+        vm_uuid=args.vm_uuid,
+        vm_name=args.vm_name or "",
+        vm_cgroup=args.vm_cgroup or "",
     )
     try:
         header = create_volume(Path(args.path), options)
@@ -222,7 +225,8 @@ def _create(p: argparse.ArgumentParser) -> None:
                      "and the quarantine ring that takes the writes while it is dangling.")
     p.epilog = """examples:
   vhost-pv create /var/lib/vhost-pv/vol0.img --size 10G --owner my-container
-  vhost-pv create vol1.img --size 1G --ring-size 64M --read-policy zeros --ttl 3600 --ttl-action delete"""
+  vhost-pv create vol1.img --size 1G --ring-size 64M --read-policy zeros --ttl 3600 --ttl-action delete
+  vhost-pv create vol2.img --size 1G --vm-name vm7 --vm-uuid 6b9c1a2e-5f0d-4c1e-9a51-3a0f7e0c25a7"""
     p.add_argument("path", help="the new volume file (refused if it exists)")
     p.add_argument("--size", type=size, required=True, help="data region size, e.g. 1G")
     p.add_argument("--ring-size", type=size, default=DEFAULT_RING_SIZE,
@@ -240,6 +244,12 @@ def _create(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-uids", type=ids, metavar="U,..", help="uids whose frontends may attach "
                    "(default: yours)")
     p.add_argument("--allow-gids", type=ids, metavar="G,..", help="gids whose frontends may attach")
+    p.add_argument("--vm-uuid", type=vm_uuid, metavar="UUID",
+                   help="bind to a VM: only a QEMU started with this -uuid may attach")
+    p.add_argument("--vm-name", type=text(VM_NAME_LEN, "--vm-name"), metavar="NAME",
+                   help="bind to a VM: only a QEMU started with -name guest=NAME may attach")
+    p.add_argument("--vm-cgroup", type=vm_cgroup, metavar="PATH_OR_UNIT",
+                   help="bind to a VM: only a QEMU in this cgroup (or below) or unit may attach")
     p.set_defaults(func=cmd_create)
 
 

@@ -137,12 +137,18 @@ def status(state: Mapping[str, Any], *, use_json: bool, control: object = None) 
                 suggested_commands(control, volume["name"]) if control is not None else [])
             for command in commands:
                 print(f"    to {command.split()[1]}: {command}")
+        binding = vm_binding(header)
+        if binding:
+            print(f"    bound to VM {binding}")
         connection = volume["connection"]
         if connection is None:
             print("    no frontend attached")
             continue
-        print(f"    frontend pid {connection['pid']} uid {connection['uid']}, "
+        print(f"    frontend {frontend_identity(connection)}, attached {attached_for(connection)}, "
               f"queues running {connection['queues_running']}")
+        where = frontend_where(connection)
+        if where:
+            print(f"      {where}")
         for index, queue in enumerate(connection["queues"]):
             print(f"    q{index}: {queue['requests']} requests, {queue['reads']} reads, "
                   f"{queue['writes']} writes, {queue['io_errors']} errors, "
@@ -160,6 +166,42 @@ def volume_options(options: Mapping[str, Any] | None, *, read_only: bool = False
     if options["direct"]:
         parts.append("direct")
     return ",".join(parts)
+def vm_binding(header: Mapping[str, Any]) -> str:
+    """"name vm7, uuid ..., cgroup ..." of a volume's VM binding ("" when any VM may attach)."""
+    parts = [f"{label} {header.get(key)}" for key, label in
+             (("vm_name", "name"), ("vm_uuid", "uuid"), ("vm_cgroup", "cgroup")) if header.get(key)]
+    return ", ".join(parts)
+
+
+def frontend_identity(connection: Mapping[str, Any]) -> str:
+    """Who is attached: "pid 4242 uid 107 gid 107, VM vm7 (uuid ...)"."""
+    text = f"pid {connection['pid']} uid {connection['uid']} gid {connection.get('gid', '?')}"
+    identity = connection.get("identity") or {}
+    if identity.get("vm_name") or identity.get("vm_uuid"):
+        vm = identity.get("vm_name") or "(no name)"
+        text += f", VM {vm}" + (f" (uuid {identity['vm_uuid']})" if identity.get("vm_uuid") else "")
+    return text
+
+
+def frontend_where(connection: Mapping[str, Any]) -> str:
+    """"cgroup /machine.slice/..., exe /usr/bin/qemu-system-x86_64" ("" when unknown)."""
+    identity = connection.get("identity") or {}
+    parts = [f"{key} {identity[key]}" for key in ("cgroup", "exe") if identity.get(key)]
+    return ", ".join(parts)
+
+
+def attached_for(connection: Mapping[str, Any]) -> str:
+    """"3m12s ago" since the frontend attached."""
+    since = connection.get("since")
+    return f"{duration(max(0.0, time.time() - since))} ago" if since else "at an unknown time"
+
+
+def frontend_cell(connection: Mapping[str, Any] | None) -> str:
+    """`ls`'s FRONTEND column: "none", or who: "attached by vm7 pid 4242" / "attached by pid 4242"."""
+    if connection is None:
+        return "none"
+    vm = (connection.get("identity") or {}).get("vm_name")
+    return f"attached by {vm} pid {connection['pid']}" if vm else f"attached by pid {connection['pid']}"
 
 
 def volume_list(state: Mapping[str, Any], *, use_json: bool) -> None:
@@ -175,7 +217,7 @@ def volume_list(state: Mapping[str, Any], *, use_json: bool) -> None:
         rows.append((volume["name"], header["state"], dangling_age(header, now_ns),
                      ring_use(volume["ring"]), ttl_left(volume, now_ns),
                      volume_options(volume.get("options"), read_only=volume.get("read_only", False)),
-                     "attached" if volume["connection"] is not None else "none"))
+                     frontend_cell(volume["connection"])))
     for failure in state.get("failed", []):
         rows.append((Path(failure["path"]).stem, "failed", "-", "-", "-",
                      volume_options(failure.get("options")), failure["error"]))

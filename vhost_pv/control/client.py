@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import socket
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from vhost_pv.control.wire import (
     ADD_DIRECT,
     ADD_READ_ONLY,
     ALERTS_FOLLOW,
+    BIND_VM_CLEAR,
     CLEAR_OWNER,
     CONTROL_VERSION,
     CREATE_IDS,
@@ -34,6 +36,7 @@ from vhost_pv.control.wire import (
     SET_TTL_ACTION,
     AlertsRequest,
     BindRequest,
+    BindVmRequest,
     Command,
     ControlHeader,
     DanglingReply,
@@ -203,6 +206,18 @@ def bind(path: Path, volume: str, container: str, *, pid: int = 0) -> dict[str, 
     """Record a volume's owner container (and, without an engine, its init pid)."""
     request = BindRequest.build({"volume": volume, "container": container, "pid": pid})
     result: dict[str, Any] = json.loads(call(path, Command.BIND, request))
+    return result
+
+
+def bind_vm(path: Path, volume: str, *, vm_uuid: uuid.UUID | None = None, vm_name: str = "",
+            vm_cgroup: str = "", clear: bool = False) -> dict[str, Any]:
+    """Bind a volume to a VM (who may attach: vhost_pv.peer_identity), or clear the binding."""
+    request = BindVmRequest.build({
+        "volume": volume, "flags": BIND_VM_CLEAR if clear else 0,
+        "vm_uuid": vm_uuid.bytes if vm_uuid is not None else bytes(16),
+        "vm_name": vm_name, "vm_cgroup": vm_cgroup,
+    })
+    result: dict[str, Any] = json.loads(call(path, Command.BIND_VM, request))
     return result
 
 

@@ -10,6 +10,7 @@ import errno
 import functools
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from vhost_pv.control.wire import (
     ADD_DIRECT,
     ADD_READ_ONLY,
     ALERTS_FOLLOW,
+    BIND_VM_CLEAR,
     CLEAR_OWNER,
     DANGLING_CLEAR,
     DELETE_FORCE,
@@ -35,6 +37,7 @@ from vhost_pv.control.wire import (
     SET_TTL_ACTION,
     AlertsRequest,
     BindRequest,
+    BindVmRequest,
     Command,
     DanglingReply,
     DanglingRequest,
@@ -51,6 +54,7 @@ from vhost_pv.control.wire import (
 from vhost_pv.errors import InvalidRequest, VhostPvError
 from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.meta.store import MetadataError, MetadataStore
+from vhost_pv.peer_identity import BoundVm
 from vhost_pv.service.options import VolumeOptions
 from vhost_pv.service.runtime import RuntimeVolumes
 from vhost_pv.service.volumes import HEADER_REASON_LEN, VolumeService, owner_fields
@@ -120,6 +124,24 @@ async def bind(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) 
     log.info("control: %s bound to %s (name %s, pid %d) by pid=%d uid=%d", request.volume,
              owner.container, owner.name or "-", owner.pid, peer.pid, peer.uid)
     return json.dumps({"volume": request.volume, **owner_fields(owner)}).encode()
+
+
+async def bind_vm(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+    request = BindVmRequest.parse(payload)
+    raw_uuid = bytes(request.vm_uuid)
+    vm_uuid = uuid.UUID(bytes=raw_uuid) if any(raw_uuid) else None  # all zero: any VM
+    binding = BoundVm(vm_uuid, request.vm_name, request.vm_cgroup)
+    if request.flags & BIND_VM_CLEAR:
+        if binding.bound:
+            raise InvalidRequest("BIND_VM: clear takes no uuid, name or cgroup")
+    elif not binding.bound:
+        raise InvalidRequest("BIND_VM: give a uuid, a name or a cgroup (or clear the binding)")
+    if binding.vm_cgroup and not binding.vm_cgroup.startswith("/") and "/" in binding.vm_cgroup:
+        raise InvalidRequest(f"cgroup {binding.vm_cgroup!r}: a path starts with '/', a unit name has no '/'")
+    result = await ctx.volumes.bind_vm(request.volume, binding)
+    log.warning("control: %s bound to %s by pid=%d uid=%d", request.volume, binding.describe(),
+                peer.pid, peer.uid)
+    return json.dumps(result).encode()
 
 
 def _set_ids(array: Any, what: str) -> tuple[int, ...]:
@@ -322,6 +344,7 @@ def table(ctx: Context) -> dict[Command, Handler]:
         Command.ALERTS: alerts,
         Command.BIND: bind,
         Command.META: meta,
+        Command.BIND_VM: bind_vm,
         Command.VOLUME_SET: volume_set,
         Command.VOLUME_ADD: volume_add,
         Command.VOLUME_REMOVE: volume_remove,

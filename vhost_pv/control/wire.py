@@ -12,6 +12,7 @@ import enum
 
 from construct import (
     Array,
+    Bytes,
     Const,
     Int8ul,
     Int16ul,
@@ -192,6 +193,24 @@ class MetaOp(enum.IntEnum):
     BOOT = 4  # a new boot of the VM: a new one-time token
 
 
+VM_NAME_LEN = 64
+VM_CGROUP_LEN = 128
+BindVmRequest = Struct(
+    "volume" / PaddedString(NAME_LEN, "utf8"),
+    "flags" / Int32ul,
+    Padding(4),
+    "vm_uuid" / Bytes(16),
+    "vm_name" / PaddedString(VM_NAME_LEN, "utf8"),
+    "vm_cgroup" / PaddedString(VM_CGROUP_LEN, "utf8"),
+)
+"""C: struct vpv_ctl_bind_vm { char volume[64]; u32 flags; u32 pad; u8 vm_uuid[16];
+char vm_name[64]; char vm_cgroup[128]; } (280 bytes). Binds the volume to a VM: only a
+frontend process whose identity matches every field that is set may attach (all-zero
+uuid, empty strings: any; the volume header's vm_* fields, vhost_pv.peer_identity). The
+fields replace the whole binding; BIND_VM_CLEAR (with empty fields) removes it. Reply:
+JSON (the binding recorded, and whether a frontend attached now matches it)."""
+BIND_VM_CLEAR = 1
+
 SET_IDS = 8
 """uids/gids a VOLUME_SET request carries at most (the header's MAX_ALLOWED_IDS)."""
 
@@ -241,6 +260,7 @@ class Command(enum.IntEnum):
     META = ioc(_IOC_READ | _IOC_WRITE, "v", 0x16, MetaRequest.sizeof())
     VOLUME_ADD = ioc(_IOC_READ | _IOC_WRITE, "v", 0x17, VolumeAddRequest.sizeof())
     VOLUME_REMOVE = ioc(_IOC_READ | _IOC_WRITE, "v", 0x18, VolumeRequest.sizeof())
+    BIND_VM = ioc(_IOC_READ | _IOC_WRITE, "v", 0x1B, BindVmRequest.sizeof())
     VOLUME_SET = ioc(_IOC_READ | _IOC_WRITE, "v", 0x1A, VolumeSetRequest.sizeof())
 
 
@@ -253,6 +273,7 @@ REQUEST_LAYOUTS = {
     Command.ALERTS: AlertsRequest,
     Command.BIND: BindRequest,
     Command.META: MetaRequest,
+    Command.BIND_VM: BindVmRequest,
     Command.VOLUME_SET: VolumeSetRequest,
     Command.VOLUME_ADD: VolumeAddRequest,
     Command.VOLUME_REMOVE: VolumeRequest,

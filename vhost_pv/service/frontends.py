@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from vhost_pv.devices.blk import BlkDevice
 from vhost_pv.devices.fs import FsDevice
 from vhost_pv.guard.alerts import AlertHub
+from vhost_pv.peer_identity import AlertRateLimit, BoundVm, IdentityUnavailable, PeerIdentity, peer_identity
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
 from vhost_pv.service.volumes import ServedVolume, add_counters
@@ -44,6 +45,9 @@ log = logging.getLogger("vhost_pv.daemon")
 # A frontend attaching to a dangling volume is alerted at most this often per volume: QEMU
 # with reconnect=1 may come back every second (a crashed daemon, a restarted VM).
 DANGLING_ATTACH_ALERT_S = 60.0
+# A refused attach is alerted at most this often per volume, for the same reason: a QEMU
+# that is not the bound VM comes back with every reconnect.
+ATTACH_REFUSED_ALERT_S = 60.0
 SOURCE_HISTORY = 1024
 # How long a new frontend waits for the session of one that has hung up to end by itself
 # (it only has to read what is left in its socket) before that session is cancelled.
@@ -58,6 +62,8 @@ class Connection:
     device: BlkDevice
     session: VhostUserSession
     task: asyncio.Task[None]
+    identity: PeerIdentity | None = None
+    """Who the frontend is as the host sees it (vhost_pv.peer_identity); None if unknown."""
 
 
 class SourceRegistry:
@@ -71,9 +77,13 @@ class SourceRegistry:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def record(self, source: int, volume: str, peer: PeerCredentials) -> None:
+    def record(self, source: int, volume: str, peer: PeerCredentials,
+               identity: PeerIdentity | None = None) -> None:
         self.sources[source] = {"connection": source, "volume": volume, "pid": peer.pid, "uid": peer.uid,
                                 "gid": peer.gid, "since": time.time()}
+        if identity is not None:
+            self.sources[source].update(vm_name=identity.vm_name, cgroup=identity.cgroup,
+                                        vm_uuid=str(identity.vm_uuid or ""), exe=identity.exe)
         while len(self.sources) > SOURCE_HISTORY:
             self.sources.popitem(last=False)
 
@@ -88,6 +98,7 @@ class FrontendService:
         self.config = config
         self.alerts = alerts
         self.sources = SourceRegistry()
+        self.refusal_alerts = AlertRateLimit(ATTACH_REFUSED_ALERT_S)
 
     def serve(self, served: ServedVolume) -> None:
         """Claim the volume's socket and admit frontends on it from now on."""
@@ -117,6 +128,12 @@ class FrontendService:
                     "%s: refused frontend pid=%d uid=%d gid=%d: not allowed to attach",
                     name, peer.pid, peer.uid, peer.gid, extra={"volume": name, "reason": "not-allowed"},
                 )
+                self._alert_refused(served, peer, None, [f"uid {peer.uid} / gid {peer.gid} not allowed"])
+                sock.close()
+                continue
+            admitted, identity = self._check_vm(served, sock, peer)
+            if not admitted:
+                served.refused_total += 1
                 sock.close()
                 continue
             if served.connection is not None and _peer_gone(served.connection.session.channel.sock):
@@ -154,11 +171,53 @@ class FrontendService:
             if served.reclaiming:
                 session.hold()   # the reclaim releases it once the volume is settled
             task = asyncio.create_task(self._run_session(served, session))
-            served.connection = Connection(source, peer, time.time(), device, session, task)
+            served.connection = Connection(source, peer, time.time(), device, session, task, identity)
             served.connections_total += 1
-            self.sources.record(source, name, peer)
+            self.sources.record(source, name, peer, identity)
             log.info("%s: frontend attached (pid=%d uid=%d)", name, peer.pid, peer.uid,
                      extra={"volume": name, "source": f"connection {source}"})
+
+    def _check_vm(self, served: ServedVolume, sock: socket.socket,
+                  peer: PeerCredentials) -> tuple[bool, PeerIdentity | None]:
+        """The connecting process against the volume's VM binding: (admitted, identity).
+        Its identity is read for every frontend (status shows who is attached); a volume bound
+        to a VM refuses a process whose identity differs or cannot be established."""
+        binding = BoundVm.from_header(served.volume.header)
+        try:
+            identity = peer_identity(sock, peer)
+        except IdentityUnavailable as exc:
+            if not binding.bound:
+                log.debug("%s: identity of frontend pid=%d unknown: %s", served.volume.name, peer.pid, exc)
+                return True, None
+            self._refuse_vm(served, peer, None, binding, [str(exc)])
+            return False, None
+        problems = binding.mismatches(identity) if binding.bound else []
+        if problems:
+            self._refuse_vm(served, peer, identity, binding, problems)
+            return False, identity
+        return True, identity
+
+    def _refuse_vm(self, served: ServedVolume, peer: PeerCredentials, identity: PeerIdentity | None,
+                   binding: BoundVm, problems: list[str]) -> None:
+        log.warning("%s: refused frontend pid=%d uid=%d gid=%d: not the VM the volume is bound to "
+                    "(%s): %s", served.volume.name, peer.pid, peer.uid, peer.gid, binding.describe(),
+                    "; ".join(problems), extra={"volume": served.volume.name, "reason": "not-the-bound-vm"})
+        self._alert_refused(served, peer, identity, problems)
+
+    def _alert_refused(self, served: ServedVolume, peer: PeerCredentials, identity: PeerIdentity | None,
+                       problems: list[str]) -> None:
+        """The attach-refused alert, at most once per ATTACH_REFUSED_ALERT_S per volume."""
+        name = served.volume.name
+        suppressed = self.refusal_alerts.take(name)
+        if suppressed is None:
+            return
+        more = f" ({suppressed} more refusal(s) since the last alert)" if suppressed else ""
+        self.alerts.raise_alert(
+            "attach-refused", name,
+            f"a frontend (pid {peer.pid}, uid {peer.uid}) was refused {name}: {'; '.join(problems)}{more}",
+            pid=peer.pid, uid=peer.uid, gid=peer.gid, differs=problems, suppressed=suppressed,
+            identity=identity.to_dict() if identity is not None else None,
+        )
 
     def _dangling_attach(self, served: ServedVolume, peer: PeerCredentials) -> None:
         """A frontend attaching to a dangling volume is served, under the dangling rules.

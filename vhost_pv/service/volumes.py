@@ -38,6 +38,7 @@ from vhost_pv.guard.containers import OwnedVolume, OwnerBinding
 from vhost_pv.guard.engine_events import EngineError
 from vhost_pv.guard.guard import VolumeGuard
 from vhost_pv.guard.processes import pid_start_ticks
+from vhost_pv.peer_identity import BoundVm
 from vhost_pv.service.options import VolumeOptions
 from vhost_pv.sockfile import AlreadyServed, SocketClaim, lock_volume
 from vhost_pv.volume import ring as ring_format
@@ -487,6 +488,31 @@ class VolumeService:
         if self.process_watcher is not None:
             await self.process_watcher.check_alive("bind")
 
+    # -- the VM binding ---------------------------------------------------------------------
+
+    async def bind_vm(self, name: str, binding: BoundVm) -> dict[str, Any]:
+        """Record which VM's QEMU may attach to a volume (an empty binding: any VM), durably
+        in its header. It is checked at every attach from then on; a frontend attached now
+        stays attached, and the result says whether it is the bound VM ("attached_matches":
+        None without a frontend or when its identity is unknown)."""
+        served = self.get(name)
+        async with served.state_lock:
+            await asyncio.to_thread(served.volume.update, vm_uuid=binding.vm_uuid,
+                                    vm_name=binding.vm_name, vm_cgroup=binding.vm_cgroup)
+        matches: bool | None = None
+        connection = served.connection
+        if binding.bound and connection is not None and connection.identity is not None:
+            problems = binding.mismatches(connection.identity)
+            matches = not problems
+            if problems:
+                log.warning("%s: the attached frontend pid=%d is not the VM now bound (%s): %s; "
+                            "it stays attached until it disconnects", name, connection.peer.pid,
+                            binding.describe(), "; ".join(problems))
+        header = served.volume.header
+        return {"volume": name, "vm_uuid": header.to_dict()["vm_uuid"], "vm_name": header.vm_name,
+                "vm_cgroup": header.vm_cgroup, "generation": header.generation,
+                "attached_matches": matches}
+
     # -- settings ---------------------------------------------------------------------------
 
     async def update_settings(self, name: str, change: SettingsChange, *, source: str) -> SettingsResult:
@@ -787,6 +813,8 @@ class VolumeService:
                     "source": connection.source,
                     "pid": connection.peer.pid,
                     "uid": connection.peer.uid,
+                    "gid": connection.peer.gid,
+                    "identity": connection.identity.to_dict() if connection.identity is not None else None,
                     "since": connection.since,
                     **connection.session.describe(),
                     "queues": stats.queues,

@@ -41,6 +41,16 @@ copies alike, e.g. never updated) can be cut between its writes too: the newer c
 flag, the older not, so the newer is served even if it is an interrupted clear. It is a
 complete record of an update under way, the outcome any crash may give.
 
+The record grew by appending (FORMAT_VERSION): version 2 added the owner binding, version 3
+the VM binding. Older records read with the bindings they lack empty, and the next update
+writes version 3 records to both copies as any update does, so the cases above hold for that
+upgrade too: a tear in its first write leaves the torn copy failing its CRC (a version 3 CRC
+sits past the end of the older body, where the older slot has zeros) and the untouched older
+copy is served, with the damaged-copy rule for its state field; between the writes both copies
+are valid and carry FLAG_BOTH_COPIES, the version 3 one is newer and wins; during the second
+write the first copy is complete. A version 2 and a version 3 copy of the same record (the VM
+binding empty) are the same header. tests/unit/test_header.py tears that upgrade at every byte.
+
 The header area also holds the *live state word* that the C hot path reads on every
 request (see csrc/vhost_pv.h, VPV_STATE_*). It mirrors the durable state while a daemon
 serves the volume and is rewritten from the slots each time the volume is opened, so a
@@ -54,6 +64,7 @@ import enum
 import uuid
 import zlib
 from typing import Any
+from uuid import UUID
 
 from construct import (
     Array,
@@ -80,10 +91,13 @@ from construct import (
 from vhost_pv.virtio.blk import SECTOR_SIZE as SECTOR_SIZE
 
 MAGIC = b"VHOSTPV\x01"
-# Version 2 added the owner binding (container name, image, init pid). Version 1 headers
-# still read (the binding is empty) and become version 2 at their next update.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 2 added the owner binding (container name, image, init pid); version 3 the VM
+# binding (which QEMU may attach: vm_uuid, vm_name, vm_cgroup). Older headers still read
+# (the bindings they lack are empty) and become version 3 at their next update, crash-safely
+# (module docstring). A build that reads only versions 1 and 2 refuses a version 3 header
+# ("unsupported format version 3"): a downgrade needs the volume recreated or rewritten.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 SLOT_SIZE = 4096
 SLOT_OFFSETS = (0, SLOT_SIZE)
 # Offset of the live state word (uint32) read by the C hot path, on its own page.
@@ -177,22 +191,50 @@ u32 pad; u64 owner_pid_start; } (160 bytes), after the version 1 body. owner_pid
 the pid's start time in clock ticks since boot (/proc/PID/stat field 22): with it a pid
 that was reused by another process after the owner exited is never mistaken for the owner."""
 
-HeaderBody = HeaderBodyV1 + OwnerBinding
+HeaderBodyV2 = HeaderBodyV1 + OwnerBinding
 """C: struct vpv_header_body_v2 { struct vpv_header_body v1; struct vpv_owner_binding
-owner; } (552 bytes)."""
+owner; } (552 bytes). This is the whole body of a version 2 header."""
+
+VM_NAME_LEN = 64
+VM_CGROUP_LEN = 128
+
+VmBinding = Struct(
+    "vm_uuid" / Bytes(16),
+    "vm_name" / PaddedString(VM_NAME_LEN, "utf8"),
+    "vm_cgroup" / PaddedString(VM_CGROUP_LEN, "utf8"),
+)
+"""C: struct vpv_vm_binding { u8 vm_uuid[16]; char vm_name[64]; char vm_cgroup[128]; } (208
+bytes), after the owner binding. Which VM's QEMU may attach, by what the host sees of the
+connecting process (vhost_pv.peer_identity): its `-uuid` (all zero: any), its `-name`
+guest name ("": any) and its cgroup ("": any; a path starting with "/" matches that cgroup
+and those below it, anything else is a unit name, glob allowed, matched against each
+component of the process's cgroup path). Every field that is set must match."""
+
+HeaderBody = HeaderBodyV2 + VmBinding
+"""C: struct vpv_header_body_v3 { struct vpv_header_body v1; struct vpv_owner_binding
+owner; struct vpv_vm_binding vm; } (760 bytes)."""
 
 HeaderSlot = Struct(
     "body" / RawCopy(HeaderBody),
     "checksum" / Checksum(Int32ul, lambda data: zlib.crc32(data), this.body.data),
 )
-"""C: struct vpv_header_slot { struct vpv_header_body_v2 body; u32 crc32_of_body; }, stored
-at offsets 0 and 4096 of the volume, zero-padded to 4096 bytes."""
+"""C: struct vpv_header_slot { struct vpv_header_body_v3 body; u32 crc32_of_body; }, stored
+at offsets 0 and 4096 of the volume, zero-padded to 4096 bytes (csrc/vpv_header.h)."""
+
+HeaderSlotV2 = Struct(
+    "body" / RawCopy(HeaderBodyV2),
+    "checksum" / Checksum(Int32ul, lambda data: zlib.crc32(data), this.body.data),
+)
+"""A version 2 slot (552-byte body + CRC), read only."""
 
 HeaderSlotV1 = Struct(
     "body" / RawCopy(HeaderBodyV1),
     "checksum" / Checksum(Int32ul, lambda data: zlib.crc32(data), this.body.data),
 )
 """A version 1 slot (392-byte body + CRC), read only."""
+
+SLOT_LAYOUTS = {1: HeaderSlotV1, 2: HeaderSlotV2, 3: HeaderSlot}
+"""The slot layout of each readable format version."""
 
 
 class HeaderError(Exception):
@@ -230,6 +272,18 @@ class VolumeHeader:
     owner_pid: int = 0
     """The owner's init pid, watched through kernel process events (0: none known)."""
     owner_pid_start: int = 0
+    # UUID, not uuid.UUID: in the class body `uuid` is the field above.
+    vm_uuid: UUID | None = None
+    """The VM whose QEMU may attach, by its -uuid (None: any; see VmBinding)."""
+    vm_name: str = ""
+    """... by its -name guest name ("": any)."""
+    vm_cgroup: str = ""
+    """... by its cgroup: a path (that cgroup or below) or a unit name ("": any)."""
+
+    @property
+    def vm_bound(self) -> bool:
+        """Whether any VM binding field is set: attaches are then checked against it."""
+        return self.vm_uuid is not None or bool(self.vm_name) or bool(self.vm_cgroup)
 
     @property
     def dangling(self) -> bool:
@@ -260,6 +314,9 @@ class VolumeHeader:
             "owner_image": self.owner_image,
             "owner_pid": self.owner_pid,
             "owner_pid_start": self.owner_pid_start,
+            "vm_uuid": str(self.vm_uuid) if self.vm_uuid is not None else "",
+            "vm_name": self.vm_name,
+            "vm_cgroup": self.vm_cgroup,
             "read_only": self.read_only,
             "read_policy": self.read_policy.name.lower(),
             "ring_full_policy": self.ring_full_policy.name.lower(),
@@ -280,7 +337,8 @@ def _pad_ids(ids: tuple[int, ...], what: str) -> list[int]:
 def encode_slot(header: VolumeHeader) -> bytes:
     """The 4096-byte slot image of a header record."""
     for field, limit in (("reason", 64), ("owner", 128), ("dangling_source", 32),
-                         ("owner_name", OWNER_NAME_LEN), ("owner_image", OWNER_IMAGE_LEN)):
+                         ("owner_name", OWNER_NAME_LEN), ("owner_image", OWNER_IMAGE_LEN),
+                         ("vm_name", VM_NAME_LEN), ("vm_cgroup", VM_CGROUP_LEN)):
         if len(getattr(header, field).encode()) > limit:
             raise HeaderError(f"{field} is longer than {limit} bytes")
     body = {
@@ -308,6 +366,10 @@ def encode_slot(header: VolumeHeader) -> bytes:
         "owner_image": header.owner_image,
         "owner_pid": header.owner_pid,
         "owner_pid_start": header.owner_pid_start,
+        # The nil UUID is "any": QEMU started without -uuid reports it, so it names no VM.
+        "vm_uuid": header.vm_uuid.bytes if header.vm_uuid is not None else bytes(16),
+        "vm_name": header.vm_name,
+        "vm_cgroup": header.vm_cgroup,
     }
     raw: bytes = HeaderSlot.build({"body": {"value": body}})
     return raw.ljust(SLOT_SIZE, b"\0")
@@ -330,7 +392,7 @@ def decode_slot(raw: bytes) -> VolumeHeader:
     if version not in READABLE_VERSIONS:
         raise HeaderError(f"unsupported format version {version} (this build reads "
                           f"{', '.join(map(str, READABLE_VERSIONS))})")
-    slot_layout = HeaderSlot if version == FORMAT_VERSION else HeaderSlotV1
+    slot_layout = SLOT_LAYOUTS[version]
     if len(raw) < slot_layout.sizeof():
         raise HeaderError(f"truncated: {len(raw)} bytes, a header needs {slot_layout.sizeof()}")
     # Verify the CRC before decoding any field: a damaged record must be reported as such,
@@ -369,9 +431,17 @@ def decode_slot(raw: bytes) -> VolumeHeader:
         owner_image=body.get("owner_image", ""),
         owner_pid=body.get("owner_pid", 0),
         owner_pid_start=body.get("owner_pid_start", 0),
+        vm_uuid=_vm_uuid(bytes(body.get("vm_uuid", bytes(16)))),
+        vm_name=body.get("vm_name", ""),
+        vm_cgroup=body.get("vm_cgroup", ""),
     )
     check_geometry(header)
     return header
+
+
+def _vm_uuid(raw: bytes) -> uuid.UUID | None:
+    """The stored VM UUID; all zero bytes (the nil UUID) is "any VM"."""
+    return uuid.UUID(bytes=raw) if any(raw) else None
 
 
 def check_geometry(header: VolumeHeader) -> None:

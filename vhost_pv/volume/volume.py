@@ -49,6 +49,9 @@ class CreateOptions:
     ttl_action: TtlAction = TtlAction.ALERT
     allowed_uids: tuple[int, ...] = (0,)
     allowed_gids: tuple[int, ...] = ()
+    vm_uuid: uuid.UUID | None = None
+    vm_name: str = ""
+    vm_cgroup: str = ""
 
 
 def create_volume(path: Path, options: CreateOptions) -> VolumeHeader:
@@ -73,6 +76,9 @@ def create_volume(path: Path, options: CreateOptions) -> VolumeHeader:
         owner=options.owner,
         allowed_uids=options.allowed_uids,
         allowed_gids=options.allowed_gids,
+        vm_uuid=options.vm_uuid,
+        vm_name=options.vm_name,
+        vm_cgroup=options.vm_cgroup,
     )
     slot = encode_slot(header)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
