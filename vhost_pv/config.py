@@ -63,6 +63,8 @@ class DaemonConfig:
     """vhost-user socket of the metadata file system (virtio-fs), if any."""
     meta_policy: Path | None = None
     """TOML policy: which guest uids/gids may read or write which metadata paths."""
+    metrics: tuple[str, int] | None = None
+    """Address of the Prometheus metrics endpoint (GET /metrics), if any."""
     peer_timeout: float = 5.0
     """Seconds a peer may take for its first message, for each message from its first byte,
     and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
