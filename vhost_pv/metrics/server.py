@@ -74,6 +74,7 @@ class MetricsServer:
         self._connections: dict[asyncio.Transport, list[float]] = {}
 
     async def start(self) -> None:
+        loopback = ipaddress.ip_address(self.host).is_loopback  # ValueError before anything is set up
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.idle_timeout)
@@ -94,7 +95,7 @@ class MetricsServer:
         self.port = int(sock.getsockname()[1])  # ephemeral: learn what the kernel gave
         self._tasks = [watch_task(asyncio.create_task(self._accept_loop(), name="metrics-accept"), log),
                        watch_task(asyncio.create_task(self._expire_loop(), name="metrics-expire"), log)]
-        if not ipaddress.ip_address(self.host).is_loopback:
+        if not loopback:
             log.warning("metrics on http://%s:%d%s: not loopback, and the endpoint has no authentication",
                         self.host, self.port, PATH)
         log.info("metrics on http://%s:%d%s", self.host, self.port, PATH)
