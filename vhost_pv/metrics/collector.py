@@ -78,11 +78,21 @@ def latency_bounds() -> list[float]:
 
 def snapshot(app: App) -> dict[str, Any]:
     """What a scrape shows, taken on the event loop: App.status(), each volume with its
-    per-queue totals ("queue_totals"), and the version."""
+    per-queue totals ("queue_totals"), and the version. A queue no frontend has used yet
+    shows zeros: its series exist from the start, so rate() and alerts on them work at once."""
+    from vhost_pv._native import lib
+    from vhost_pv.devices.blk import LATENCY_OPS
+
     status = app.status()
     for entry in status["volumes"]:
         served = app.volumes.served.get(entry["name"])
-        entry["queue_totals"] = served.queue_totals() if served is not None else []
+        totals = served.queue_totals() if served is not None else []
+        totals += [{} for _ in range(app.config.queues - len(totals))]
+        for queue in totals:
+            latency = queue.setdefault("latency", {})
+            for op in LATENCY_OPS.values():
+                latency.setdefault(op, {"buckets": [0] * lib.VPV_LAT_BUCKETS, "sum_ns": 0})
+        entry["queue_totals"] = totals
     status["version"] = __version__
     return status
 
