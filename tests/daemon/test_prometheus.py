@@ -120,6 +120,9 @@ def test_prometheus_scrapes_the_daemon(daemon: ServerProcess, tmp_path: Path) ->
     try:
         prometheus.wait_up()
         prometheus.wait_value('vhost_pv_info{job="vhost-pv"}', 1)
+        # Before any frontend: the series exist, at zero.
+        prometheus.wait_value('sum(vhost_pv_requests_total{volume="vol0",op="write"})', 0)
+        prometheus.wait_value('vhost_pv_request_duration_seconds_count{volume="vol0",op="write"}', 0)
 
         # Two connections: the counters are the daemon's, not the connection's.
         writes = reads = 0
