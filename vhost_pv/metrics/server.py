@@ -5,7 +5,8 @@ reads state the loop owns and changes (the served volumes, their connections, th
 watchers' counters); read from another thread it would race those changes (a dict changing
 size under iteration) or need locks the loop would then wait on. On the loop, the snapshot is
 consistent and takes microseconds per volume (a few cffi calls per queue); only turning it
-into text, which reads no daemon state, goes to a worker thread, one scrape at a time. And
+into text, which reads no daemon state, goes to a thread of its own, one scrape at a time
+(not the loop's default executor, where a reclaim may wait for a seal for minutes). And
 prometheus_client's server (http.server, a thread per connection, no timeouts) would let any
 local process hold threads open forever; this one is built like the metadata server:
 
@@ -21,6 +22,7 @@ local process hold threads open forever; this one is built like the metadata ser
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import socket
@@ -67,6 +69,7 @@ class MetricsServer:
         self.dropped = 0
         self._bounds = latency_bounds()
         self._render_lock = asyncio.Lock()
+        self._renderer: concurrent.futures.ThreadPoolExecutor | None = None
         self._runner: web.AppRunner | None = None
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -93,6 +96,7 @@ class MetricsServer:
             raise
         self._listener = sock
         self.port = int(sock.getsockname()[1])  # ephemeral: learn what the kernel gave
+        self._renderer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
         self._tasks = [watch_task(asyncio.create_task(self._accept_loop(), name="metrics-accept"), log),
                        watch_task(asyncio.create_task(self._expire_loop(), name="metrics-expire"), log)]
         if not loopback:
@@ -114,6 +118,9 @@ class MetricsServer:
         for transport in self._connections:
             transport.abort()
         self._connections.clear()
+        if self._renderer is not None:
+            self._renderer.shutdown(wait=False, cancel_futures=True)
+            self._renderer = None
 
     async def _accept_loop(self) -> None:
         assert self._listener is not None and self._runner is not None
@@ -179,6 +186,7 @@ class MetricsServer:
         # One scrape renders at a time; the snapshot is taken when its turn comes.
         async with self._render_lock:
             state = self.snapshot()
-            body = await asyncio.to_thread(render, state, self._bounds)
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(self._renderer, render, state, self._bounds)
         self.scrapes += 1
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
