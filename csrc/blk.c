@@ -360,6 +360,29 @@ static uint8_t execute_dangling(struct vpv_queue *q, const struct blk_req_header
     }
 }
 
+/* The latency histogram a request type is counted in, or -1 (GET_ID, unsupported). */
+static int lat_op_of(uint32_t type)
+{
+    switch (type) {
+    case VIRTIO_BLK_T_IN:
+        return VPV_LAT_OP_READ;
+    case VIRTIO_BLK_T_OUT:
+        return VPV_LAT_OP_WRITE;
+    case VIRTIO_BLK_T_FLUSH:
+        return VPV_LAT_OP_FLUSH;
+    case VIRTIO_BLK_T_DISCARD:
+    case VIRTIO_BLK_T_WRITE_ZEROES:
+        return VPV_LAT_OP_DISCARD;
+    default:
+        return -1;
+    }
+}
+
+uint32_t vpv_lat_bucket(uint64_t ns)
+{
+    return lat_bucket(ns);
+}
+
 /* Execute one well-formed chain; returns the status byte and sets *data_written, or
  * STATUS_PENDING when the request is in flight on the io_uring (*slot_out: the caller
  * fills in where its completion goes). */
@@ -373,6 +396,7 @@ static uint8_t execute(struct vpv_queue *q, struct vpv_chain *c, uint32_t *data_
         STAT_ADD(q, bad_requests, 1);
         return VIRTIO_BLK_S_IOERR;
     }
+    q->lat_op = lat_op_of(hdr.type);
     /* Readable payload after the header, writable payload before the status byte. */
     uint32_t n_rd = c->n_in;
     struct iovec *rd = iov_skip(c->iov, &n_rd, sizeof(hdr));
@@ -475,6 +499,7 @@ static void publish_deferred(struct vpv_queue *q)
     for (uint32_t i = 0; i < n; i++) {
         struct deferred_push *d = &q->deferred[i];
         blk_complete(q, d->head, d->status_ptr, err ? VIRTIO_BLK_S_IOERR : d->status, 0);
+        lat_record(q, d->lat_op, q->round_ns);
     }
 }
 
@@ -490,6 +515,7 @@ int blk_process_ring(struct vpv_queue *q)
         /* A round under the flip lock: a flip lands between two rounds. */
         vpv_volume_begin_request(q->blk->vol);
         q->in_round = 1;
+        q->round_ns = 0;
         for (uint32_t round = 0; round < VPV_ASYNC_SLOTS; round++) {
             if (q->slots && q->free_slot == VPV_ASYNC_SLOTS) {
                 more = 0;   /* all slots busy: the rest waits for completions */
@@ -511,6 +537,8 @@ int blk_process_ring(struct vpv_queue *q)
             STAT_ADD(q, requests, 1);
             __atomic_store_n(&q->busy_since_ns, coarse_ns(), __ATOMIC_RELAXED);
             taken++;
+            if (q->round_ns == 0)
+                q->round_ns = blk_clock_ns();   /* the round's one clock read for its start */
             if (r == VPV_POP_BAD_CHAIN || !c->status_ok) {
                 /* No trustworthy status byte: complete it empty so the driver can reclaim it. */
                 STAT_ADD(q, bad_requests, 1);
@@ -530,20 +558,26 @@ int blk_process_ring(struct vpv_queue *q)
             } else {
                 q->quarantined = 0;
                 storage_enter(q);
+                q->lat_op = -1;
                 status = execute(q, c, &written, &slot);
                 storage_leave(q);
                 if (q->quarantined) {
-                    q->deferred[q->ndeferred++] =
-                        (struct deferred_push){.head = c->head, .status = status, .status_ptr = status_ptr};
+                    q->deferred[q->ndeferred++] = (struct deferred_push){
+                        .head = c->head, .status = status, .lat_op = (int8_t)q->lat_op,
+                        .status_ptr = status_ptr};
                     continue;
                 }
             }
             if (status == STATUS_PENDING) {
                 slot->head = c->head;
                 slot->status_ptr = status_ptr;
+                slot->lat_start_ns = q->round_ns;
+                slot->lat_op = q->lat_op;
                 continue;
             }
             blk_complete(q, c->head, status_ptr, status, written);
+            if (!c->bad)
+                lat_record(q, q->lat_op, q->round_ns);
         }
         /* Submitted inside the round: a write is counted in flight before a flip can run. */
         blk_async_submit(q);

@@ -34,6 +34,8 @@ struct async_slot {
     uint32_t niov;
     uint64_t off;
     uint64_t len;
+    uint64_t lat_start_ns;    /* latency histogram: when its round began, and its VPV_LAT_OP_* */
+    int lat_op;
     struct iovec iov[VPV_SLOT_IOV];
 };
 
@@ -67,6 +69,7 @@ struct vpv_queue {
     struct deferred_push {    /* quarantined requests of the round, acknowledged at its end */
         uint16_t head;
         uint8_t status;
+        int8_t lat_op;
         uint8_t *status_ptr;
     } deferred[VPV_ASYNC_SLOTS];
     uint8_t *bounce;          /* a write's payload copied out of guest memory (dangling) */
@@ -77,6 +80,8 @@ struct vpv_queue {
     uint64_t uring_progress_ns; /* coarse clock of the last completion (or first submission) */
     uint64_t storage_since_ns; /* coarse clock when the worker entered a request's storage
                                 * work (syscalls on the volume, the ring's mutex); 0 outside */
+    uint64_t round_ns;        /* when the current round took its first request (0: none yet) */
+    int lat_op;               /* execute(): the request's VPV_LAT_OP_*, or -1 (not measured) */
 };
 
 struct vpv_blk {
@@ -96,6 +101,35 @@ struct vpv_blk {
 };
 
 #define STAT_ADD(q, field, n) __atomic_fetch_add(&(q)->stats.field, (n), __ATOMIC_RELAXED)
+
+/* The latency histogram's bucket of a request that took ns. */
+static inline uint32_t lat_bucket(uint64_t ns)
+{
+    uint64_t units = ns >> VPV_LAT_SHIFT;
+    uint32_t bucket = units ? 64u - (uint32_t)__builtin_clzll(units) : 0u;
+    return bucket < VPV_LAT_BUCKETS ? bucket : VPV_LAT_BUCKETS - 1;
+}
+
+static inline uint64_t blk_clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Count a completed request in its queue's histogram: one clock read. Only the queue's worker
+ * (or the one thread processing it) writes these, so a plain load and store does, no locked
+ * instruction; readers (vpv_blk_queue_stats) load each word atomically. */
+static inline void lat_record(struct vpv_queue *q, int op, uint64_t start_ns)
+{
+    if (op < 0 || start_ns == 0)
+        return;
+    uint64_t ns = blk_clock_ns() - start_ns;
+    uint64_t *bucket = &q->stats.lat_buckets[op][lat_bucket(ns)];
+    __atomic_store_n(bucket, __atomic_load_n(bucket, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
+    uint64_t *sum = &q->stats.lat_sum_ns[op];
+    __atomic_store_n(sum, __atomic_load_n(sum, __ATOMIC_RELAXED) + ns, __ATOMIC_RELAXED);
+}
 
 /* The stop is waiting for the worker. A driver that posts requests as fast as they complete
  * would otherwise keep it in its passes (which only end when the ring is empty) forever, and

@@ -147,8 +147,11 @@ static void async_complete(struct vpv_queue *q, struct async_slot *slot, int res
     uint16_t head = slot->head;
     uint8_t *status_ptr = slot->status_ptr;
     uint32_t written = slot->write ? 0 : (uint32_t)slot->len;
+    int lat_op = slot->lat_op;
+    uint64_t lat_start_ns = slot->lat_start_ns;
     async_release(q, slot);
     blk_complete(q, head, status_ptr, status, written);
+    lat_record(q, lat_op, lat_start_ns);
 }
 
 static void async_release(struct vpv_queue *q, struct async_slot *slot)

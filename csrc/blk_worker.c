@@ -399,7 +399,9 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     int err = vpv_vring_init(&q->vr, &blk->mem, cfg);
     if (err)
         return err;
-    memset(&q->stats, 0, sizeof(q->stats));
+    /* The counters go on from the last start (a queue stopped and started again within the
+     * connection: a reclaim's hold, a driver reset): totals must never go backwards. */
+    q->stats.broken = 0;
     q->busy_since_ns = 0;
     q->uring_progress_ns = 0;
     q->storage_since_ns = 0;
@@ -523,6 +525,11 @@ int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_st
     out->_pad = 0;
     out->guest_faults = __atomic_load_n(&s->guest_faults, __ATOMIC_RELAXED);
     out->calls_saturated = __atomic_load_n(&s->calls_saturated, __ATOMIC_RELAXED);
+    for (uint32_t op = 0; op < VPV_LAT_OPS; op++) {
+        for (uint32_t b = 0; b < VPV_LAT_BUCKETS; b++)
+            out->lat_buckets[op][b] = __atomic_load_n(&s->lat_buckets[op][b], __ATOMIC_RELAXED);
+        out->lat_sum_ns[op] = __atomic_load_n(&s->lat_sum_ns[op], __ATOMIC_RELAXED);
+    }
     return 0;
 }
 

@@ -76,7 +76,21 @@ struct vpv_vring_config {
     uint64_t inflight_size;
 };
 
-/* Counters of one virtqueue, read by `vhost-pv status`. */
+/* Request latency histograms, one per queue and operation (the metrics endpoint): the time
+ * from the worker taking in the round a request came in to the request's completion. Fixed
+ * log2 buckets: bucket 0 counts latencies below 2^VPV_LAT_SHIFT ns (1.024 us), bucket i
+ * (0 < i < VPV_LAT_BUCKETS - 1) those in [2^(VPV_LAT_SHIFT + i - 1), 2^(VPV_LAT_SHIFT + i)) ns,
+ * the last one everything from 2^(VPV_LAT_SHIFT + VPV_LAT_BUCKETS - 2) ns (4.29 s) up. */
+#define VPV_LAT_SHIFT 10
+#define VPV_LAT_BUCKETS 24
+#define VPV_LAT_OPS 4
+#define VPV_LAT_OP_READ 0
+#define VPV_LAT_OP_WRITE 1
+#define VPV_LAT_OP_FLUSH 2
+#define VPV_LAT_OP_DISCARD 3    /* discard and write-zeroes */
+
+/* Counters of one virtqueue, read by `vhost-pv status` and the metrics endpoint. They count
+ * from the device's creation (one frontend connection): a queue restarted keeps them. */
 struct vpv_queue_stats {
     uint64_t requests;
     uint64_t reads;
@@ -106,6 +120,9 @@ struct vpv_queue_stats {
     uint16_t _pad;
     uint64_t guest_faults;    /* guest memory vanished under the queue (SIGBUS caught) */
     uint64_t calls_saturated; /* interrupts not sent: the call eventfd was full (one is pending) */
+    /* Latency histograms (VPV_LAT_*): requests per bucket, and the sum of their latencies. */
+    uint64_t lat_buckets[VPV_LAT_OPS][VPV_LAT_BUCKETS];
+    uint64_t lat_sum_ns[VPV_LAT_OPS];
 };
 
 /* Where a volume's regions are and how it behaves while dangling. */
@@ -216,6 +233,8 @@ struct vpv_queue_health {
     uint32_t _pad;
 };
 int vpv_blk_queue_health(struct vpv_blk *blk, uint32_t index, struct vpv_queue_health *out);
+/* The latency bucket (0 .. VPV_LAT_BUCKETS - 1) the data path counts a request of ns in. */
+uint32_t vpv_lat_bucket(uint64_t ns);
 /* An eventfd (non-blocking, owned by the device) that becomes readable when a queue breaks
  * (corrupt ring, guest memory gone): the control plane then ends the connection. */
 int vpv_blk_broken_fd(struct vpv_blk *blk);

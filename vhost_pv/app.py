@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from vhost_pv.guard.engine_api import EngineClient
     from vhost_pv.meta.fuse import FuseFileSystem
     from vhost_pv.meta.http_server import MetadataHttpServer
+    from vhost_pv.metrics.server import MetricsServer
 
 # The daemon's log name, whichever module writes: operators (and tests) match on it.
 log = logging.getLogger("vhost_pv.daemon")
@@ -50,6 +51,7 @@ class App:
         self.metadata = MetadataStore(config.vm, self.volumes.volume_metadata)
         self.volumes.on_change = self.metadata.touch
         self.meta_http: MetadataHttpServer | None = None
+        self.metrics: MetricsServer | None = None
         self.meta_fs: FuseFileSystem | None = None
         self._meta_frontend: MetadataFsFrontend | None = None
         self.engine_watcher = (
@@ -155,6 +157,8 @@ class App:
                 self.config.meta_socket, self.meta_fs, vm=self.config.vm,
                 access=self.config.control_access, peer_timeout=self.config.peer_timeout)
             self._meta_frontend.start()
+        if self.config.metrics is not None:
+            await self._start_metrics(*self.config.metrics)
         # The control socket comes last: once it answers, everything else is up.
         await self.control.start()
         if self.process_watcher is not None:
@@ -162,6 +166,15 @@ class App:
         if self.engine_watcher is not None:
             task = watch_task(asyncio.create_task(self.engine_watcher.run(), name="engine-watcher"), log)
             self._watcher_tasks.append(task)
+
+    async def _start_metrics(self, host: str, port: int) -> None:
+        from vhost_pv.metrics import collector  # prometheus_client: only when used
+        from vhost_pv.metrics.server import MetricsServer
+
+        metrics = MetricsServer(lambda: collector.snapshot(self), host, port,
+                                idle_timeout=self.config.peer_timeout)
+        await metrics.start()
+        self.metrics = metrics
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -176,6 +189,8 @@ class App:
             self.process_watcher.close()
         if self.meta_http is not None:
             await self.meta_http.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self._meta_frontend is not None:
             await self._meta_frontend.close()
         await self.control.close()
@@ -199,6 +214,7 @@ class App:
                 "http_refused": self.meta_http.refused if self.meta_http else 0,
                 "version": self.metadata.version,
             },
+            "metrics": f"{self.metrics.host}:{self.metrics.port}" if self.metrics else None,
             "watchers": {
                 "engine": self.engine_watcher.describe() if self.engine_watcher else None,
                 "proc_events": self.process_watcher.describe() if self.process_watcher else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,8 @@ class DaemonConfig:
     """vhost-user socket of the metadata file system (virtio-fs), if any."""
     meta_policy: Path | None = None
     """TOML policy: which guest uids/gids may read or write which metadata paths."""
+    metrics: tuple[str, int] | None = None
+    """Address of the Prometheus metrics endpoint (GET /metrics), if any."""
     peer_timeout: float = 5.0
     """Seconds a peer may take for its first message, for each message from its first byte,
     and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
@@ -98,5 +101,11 @@ class DaemonConfig:
         if self.engine_url and not self.engine_url.startswith("unix://"):
             raise ConfigError("engine_url", "{value}: expected unix:///path/to/engine.sock",
                               value=self.engine_url)
+        if self.metrics is not None:
+            try:
+                ipaddress.ip_address(self.metrics[0])
+            except ValueError:
+                raise ConfigError("metrics", "{host} is not an IP address (e.g. 127.0.0.1:9477)",
+                                  host=self.metrics[0]) from None
         if self.meta_policy is not None and self.meta_socket is None:
             raise ConfigError("meta_policy", "applies to the metadata file system: give {meta_socket} too")

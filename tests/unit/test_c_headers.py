@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from construct import Struct
 
-from vhost_pv._native import lib
+from vhost_pv._native import ffi, lib
 from vhost_pv.control import wire
+from vhost_pv.devices.blk import LATENCY_OPS
 from vhost_pv.guard.guard import OUTCOME_NAMES
+from vhost_pv.metrics.collector import latency_bounds
 from vhost_pv.virtio import blk as virtio_blk
 from vhost_pv.virtio import ring as virtio_ring
 from vhost_pv.volume import header as volume_header
@@ -180,6 +182,10 @@ def header_defines(header: str, prefix: str) -> list[str]:
 
 MIRRORED = {name for header, prefix, _ in MIRRORS for name in header_defines(header, prefix)}
 EVENTS = header_defines("vhost_pv.h", "VPV_EVENT_")
+LATENCY_OP_DEFINES = header_defines("vhost_pv.h", "VPV_LAT_OP_")
+# struct vpv_queue_stats as cffi compiled it (the fields the metrics read) against a plain C
+# compile of the header.
+QUEUE_STATS_FIELDS = ["requests", "calls_saturated", "lat_buckets", "lat_sum_ns"]
 
 
 def construct_offsets(layout: Struct) -> list[tuple[int, int]]:
@@ -202,6 +208,7 @@ def c_program() -> str:
         '#include "virtio_blk.h"',
         '#include "vring.h"',
         '#include "vpv_header.h"',
+        '#include "vhost_pv.h"',
         "int main(void) {",
     ]
     for struct, (_, fields) in LAYOUTS.items():
@@ -214,7 +221,13 @@ def c_program() -> str:
                 )
     for struct in SIZES:
         lines.append(f'    printf("size {struct} %zu\\n", sizeof(struct {struct}));')
-    for name in (*COMMANDS, *CONSTANTS, *sorted(MIRRORED), *EVENTS):
+    lines.append('    printf("size vpv_queue_stats %zu\\n", sizeof(struct vpv_queue_stats));')
+    for field in QUEUE_STATS_FIELDS:
+        lines.append(f'    printf("field vpv_queue_stats.{field} %zu %zu\\n", '
+                     f"offsetof(struct vpv_queue_stats, {field}), "
+                     f"sizeof(((struct vpv_queue_stats *)0)->{field}));")
+    for name in (*COMMANDS, *CONSTANTS, *sorted(MIRRORED), *EVENTS, *LATENCY_OP_DEFINES,
+                 "VPV_LAT_OPS", "VPV_LAT_BUCKETS", "VPV_LAT_SHIFT"):
         lines.append(f'    printf("const {name} %llu\\n", (unsigned long long)({name}));')
     lines.append('    printf("magic %s %s\\n", VPV_RING_MAGIC, VPV_CTL_MAGIC);')
     lines.append('    printf("header_magic %s\\n", VPV_HEADER_MAGIC);')
@@ -319,3 +332,43 @@ def test_config_offsets_are_the_layout() -> None:
     assert virtio_blk.config_offset("num_queues") == 34
     with pytest.raises(KeyError):
         virtio_blk.config_offset("nonsense")
+
+
+@pytest.mark.timeout(60)
+def test_latency_ops_named(c_facts: dict[str, Any]) -> None:
+    """Every histogram the data path keeps (VPV_LAT_OP_*) has its name in the metrics, and
+    VPV_LAT_OPS counts them."""
+    values = sorted(c_facts[f"const:{name}"] for name in LATENCY_OP_DEFINES)
+    assert values == sorted(LATENCY_OPS) == list(range(c_facts["const:VPV_LAT_OPS"]))
+    assert [getattr(lib, name) for name in LATENCY_OP_DEFINES] == [
+        c_facts[f"const:{name}"] for name in LATENCY_OP_DEFINES]
+
+
+@pytest.mark.timeout(60)
+def test_queue_stats_layout(c_facts: dict[str, Any]) -> None:
+    """The stats struct Python reads (cffi) is the one the C files compile against."""
+    assert c_facts["size:vpv_queue_stats"] == ffi.sizeof("struct vpv_queue_stats")
+    for field in QUEUE_STATS_FIELDS:
+        offset = ffi.offsetof("struct vpv_queue_stats", field)
+        size = ffi.sizeof(dict(ffi.typeof("struct vpv_queue_stats").fields)[field].type)
+        assert c_facts[f"field:vpv_queue_stats.{field}"] == (offset, size), field
+    ops, buckets = c_facts["const:VPV_LAT_OPS"], c_facts["const:VPV_LAT_BUCKETS"]
+    assert c_facts["field:vpv_queue_stats.lat_buckets"][1] == ops * buckets * 8
+    shift = c_facts["const:VPV_LAT_SHIFT"]
+    assert (ops, buckets, shift) == (lib.VPV_LAT_OPS, lib.VPV_LAT_BUCKETS, lib.VPV_LAT_SHIFT)
+
+
+@pytest.mark.timeout(60)
+def test_latency_bucket_bounds_are_the_data_paths() -> None:
+    """The Prometheus `le` of bucket i is where the C bucketing moves on to bucket i + 1: a
+    latency just below it counts in bucket i, the bound itself in the next (le is inclusive
+    in Prometheus, so the bound is off by one nanosecond, no more)."""
+    bounds = latency_bounds()
+    assert len(bounds) == lib.VPV_LAT_BUCKETS - 1
+    assert bounds[0] == pytest.approx(1.024e-6) and bounds[-1] == pytest.approx(4.294967296)
+    assert lib.vpv_lat_bucket(0) == 0
+    for index, bound in enumerate(bounds):
+        ns = round(bound * 1e9)
+        assert lib.vpv_lat_bucket(ns - 1) == index
+        assert lib.vpv_lat_bucket(ns) == index + 1
+    assert lib.vpv_lat_bucket(1 << 62) == lib.VPV_LAT_BUCKETS - 1

@@ -48,6 +48,7 @@ def test_defaults_are_valid(tmp_path: Path) -> None:
     ("vm", "bad\udcffname"),  # what a non-UTF-8 argv byte becomes
     ("engine_url", "http://localhost:2375"),
     ("meta_policy", Path("policy.toml")),
+    ("metrics", ("localhost", 9477)),
 ])
 def test_validate_names_the_field(tmp_path: Path, field: str, value: object) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -58,7 +59,8 @@ def test_validate_names_the_field(tmp_path: Path, field: str, value: object) -> 
 
 def test_validate_accepts_the_limits(tmp_path: Path) -> None:
     config(tmp_path, queues=lib.VPV_MAX_QUEUES, vm="v" * NAME_LEN, engine_url="unix:///run/x.sock",
-           meta_policy=tmp_path / "p.toml", meta_socket=tmp_path / "m.sock").validate()
+           meta_policy=tmp_path / "p.toml", meta_socket=tmp_path / "m.sock",
+           metrics=("::1", 0)).validate()
     config(tmp_path, stop_poll=0.0).validate()  # 0: never sample the owners' state
 
 
@@ -102,6 +104,8 @@ def test_cli_follows_a_changed_default(tmp_path: Path, monkeypatch: pytest.Monke
     (["--vm", "x" * 200], f"--vm: 200 bytes of UTF-8, at most {NAME_LEN} fit"),
     (["--meta-policy", "p.toml"],
      "--meta-policy: applies to the metadata file system: give --meta-socket too"),
+    (["--metrics", "metrics.example:9477"],
+     "--metrics: metrics.example is not an IP address (e.g. 127.0.0.1:9477)"),
 ])
 def test_cli_reports_validate_in_option_names(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str

@@ -65,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         meta_http=args.meta_http,
         meta_socket=Path(args.meta_socket) if args.meta_socket else None,
         meta_policy=Path(args.meta_policy) if args.meta_policy else None,
+        metrics=args.metrics,
         peer_timeout=args.peer_timeout,
         worker_stuck_after=args.worker_stuck_after,
         state_dir=Path(args.state_dir) if args.state_dir else None,
@@ -113,7 +114,8 @@ def _serve(p: argparse.ArgumentParser) -> None:
   vhost-pv serve --socket-dir /run/vhost-pv --control /run/vhost-pv/control.sock --direct --queues 4 \\
       --engine unix:///run/podman/podman.sock --proc-events /var/lib/vhost-pv/*.img
   vhost-pv serve --socket-dir /run/vhost-pv --control /run/vhost-pv/control.sock --state-dir /var/lib/vhost-pv
-  vhost-pv serve ... --vm vm7 --meta-http 127.0.0.1:8169 --meta-socket /run/vhost-pv/vm7-meta.sock vol0.img"""
+  vhost-pv serve ... --vm vm7 --meta-http 127.0.0.1:8169 --meta-socket /run/vhost-pv/vm7-meta.sock vol0.img
+  vhost-pv serve ... --metrics 127.0.0.1:9477 /var/lib/vhost-pv/*.img"""
     p.add_argument("volumes", nargs="*", metavar="VOLUME",
                    help="volume files (`vhost-pv create`), served with the options below; none: "
                    "start empty, volumes come with `vhost-pv add` (and from --state-dir)")
@@ -165,6 +167,9 @@ def _serve(p: argparse.ArgumentParser) -> None:
                    "system on this vhost-user socket (QEMU: -device vhost-user-fs-pci,tag=metadata)")
     p.add_argument("--meta-policy", metavar="FILE", help="TOML policy: which guest uids/gids may "
                    "read or write which metadata paths (default: secrets/ root only); SIGHUP reloads it")
+    p.add_argument("--metrics", type=host_port, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to "
+                   "127.0.0.1; the endpoint has no authentication: give another address on purpose)")
     p.add_argument("--peer-timeout", type=number, default=_default("peer_timeout"), metavar="S",
                    help="a new frontend's first message, every message from its first byte, and an "
                    "idle control or metadata HTTP connection get this long (default %(default)g)")

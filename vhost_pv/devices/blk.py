@@ -30,11 +30,27 @@ from vhost_pv.volume.volume import Volume
 log = logging.getLogger("vhost_pv.blk")
 
 
+LATENCY_OPS = {lib.VPV_LAT_OP_READ: "read", lib.VPV_LAT_OP_WRITE: "write",
+               lib.VPV_LAT_OP_FLUSH: "flush", lib.VPV_LAT_OP_DISCARD: "discard"}
+"""The operations the data path keeps a latency histogram of (VPV_LAT_OP_*), by name."""
+
+
+@dataclasses.dataclass
+class QueueLatency:
+    """One queue's latency histograms (csrc/vhost_pv.h, VPV_LAT_*), per operation name: the
+    count in each of the VPV_LAT_BUCKETS buckets, and the sum of the latencies in ns."""
+
+    buckets: dict[str, list[int]]
+    sum_ns: dict[str, int]
+
+
 @dataclasses.dataclass
 class BlkStats:
     """Counters summed over the queues of one connection."""
 
     queues: list[dict[str, int]]
+    latency: list[QueueLatency] = dataclasses.field(default_factory=list)
+    """Per queue, as queues."""
 
     def total(self, key: str) -> int:
         return sum(q[key] for q in self.queues)
@@ -234,10 +250,14 @@ class BlkDevice:
             return self._final_stats or BlkStats([])
         out = ffi.new("struct vpv_queue_stats *")
         queues = []
+        latency = []
         for index in range(self.num_queues):
             lib.vpv_blk_queue_stats(self._handle, index, out)
             queues.append({name: int(getattr(out, name)) for name in _STAT_FIELDS})
-        return BlkStats(queues)
+            latency.append(QueueLatency(
+                buckets={name: list(out.lat_buckets[op]) for op, name in LATENCY_OPS.items()},
+                sum_ns={name: int(out.lat_sum_ns[op]) for op, name in LATENCY_OPS.items()}))
+        return BlkStats(queues, latency)
 
     def health(self) -> list[dict[str, int]]:
         """Per-queue liveness of the workers (vpv_queue_health): heartbeats, busy_ns,
@@ -256,7 +276,9 @@ _HEALTH_FIELDS = [
     name for name, _ in ffi.typeof("struct vpv_queue_health").fields if not name.startswith("_")
 ]
 
+# The scalar counters and flags (the latency histograms are arrays: BlkStats.latency).
 _STAT_FIELDS = [
-    name for name, _ in ffi.typeof("struct vpv_queue_stats").fields if not name.startswith("_")
+    name for name, field in ffi.typeof("struct vpv_queue_stats").fields
+    if not name.startswith("_") and field.type.kind == "primitive"
 ]
 

@@ -23,7 +23,7 @@ from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.peer_identity import AlertRateLimit, BoundVm, IdentityUnavailable, PeerIdentity, peer_identity
 from vhost_pv.protocol.channel import MessageChannel
 from vhost_pv.protocol.session import VhostUserSession
-from vhost_pv.service.volumes import ServedVolume, add_counters
+from vhost_pv.service.volumes import ServedVolume, add_counters, add_queue_totals
 from vhost_pv.sockfile import (
     Acceptor,
     AccessList,
@@ -256,6 +256,7 @@ class FrontendService:
             connection, served.connection = served.connection, None
             if connection is not None:
                 add_counters(served.finished, connection.device.stats().queues)
+                add_queue_totals(served.finished_queues, connection.device.stats())
 
 
 class MetadataFsFrontend:

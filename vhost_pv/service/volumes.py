@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -49,6 +50,7 @@ from vhost_pv.volume.volume import Volume, destroy_volume
 
 if TYPE_CHECKING:
     from vhost_pv.config import DaemonConfig
+    from vhost_pv.devices.blk import BlkStats
     from vhost_pv.guard.containers import ProcessWatcher
     from vhost_pv.guard.engine_api import EngineClient
     from vhost_pv.service.frontends import Connection
@@ -86,6 +88,8 @@ class ServedVolume:
     refused_total: int = 0
     # Counters of connections that have ended, so totals survive a reconnect.
     finished: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The same per queue, with the latency histograms (the metrics endpoint).
+    finished_queues: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # Attaches to the volume while dangling: when the last alert went out, and how many
     # attaches since went without one (see frontends.DANGLING_ATTACH_ALERT_S).
     dangling_attach_alerted: float = -math.inf
@@ -100,6 +104,14 @@ class ServedVolume:
         totals = dict(self.finished)
         if self.connection is not None:
             add_counters(totals, self.connection.device.stats().queues)
+        return totals
+
+    def queue_totals(self) -> list[dict[str, Any]]:
+        """Per queue, since the daemon started: the summed counters, and "latency": per
+        operation {"buckets": [...], "sum_ns": n} (see devices.blk.QueueLatency)."""
+        totals = copy.deepcopy(self.finished_queues)
+        if self.connection is not None:
+            add_queue_totals(totals, self.connection.device.stats())
         return totals
 
 
@@ -826,6 +838,21 @@ class VolumeService:
 def _utf8_prefix(text: str, limit: int) -> str:
     """The longest prefix of text that is at most limit bytes of UTF-8, never half a character."""
     return text.encode()[:limit].decode(errors="ignore")
+
+
+def add_queue_totals(into: list[dict[str, Any]], stats: BlkStats) -> None:
+    """Add one connection's per-queue counters and latency histograms to per-queue totals."""
+    for index, queue in enumerate(stats.queues):
+        while len(into) <= index:
+            into.append({"latency": {}})
+        total = into[index]
+        add_counters(total, [queue])
+        if index < len(stats.latency):
+            latency = stats.latency[index]
+            for op, buckets in latency.buckets.items():
+                mine = total["latency"].setdefault(op, {"buckets": [0] * len(buckets), "sum_ns": 0})
+                mine["buckets"] = [a + b for a, b in zip(mine["buckets"], buckets, strict=True)]
+                mine["sum_ns"] += latency.sum_ns[op]
 
 
 def add_counters(into: dict[str, int], queues: list[dict[str, int]]) -> None:
