@@ -10,6 +10,7 @@ from pathlib import Path
 from vhost_pv._native import lib
 from vhost_pv.control.wire import NAME_LEN
 from vhost_pv.guard.containers import ReclaimPolicy
+from vhost_pv.seccomp import SeccompMode
 from vhost_pv.sockfile import AccessList
 
 
@@ -66,6 +67,9 @@ class DaemonConfig:
     peer_timeout: float = 5.0
     """Seconds a peer may take for its first message, for each message from its first byte,
     and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
+
+    seccomp: SeccompMode = SeccompMode.KILL
+    """The system call filter each data-path worker installs on itself (csrc/seccomp.c)."""
 
     def validate(self) -> None:
         """Raise ConfigError for the first value out of range."""

@@ -19,6 +19,8 @@ from vhost_pv.cli.argtypes import host_port, http_url, ids, integer, number, soc
 from vhost_pv.config import ConfigError, DaemonConfig
 from vhost_pv.control.server import AccessList
 from vhost_pv.guard.containers import ReclaimPolicy
+from vhost_pv.seccomp import ENV as SECCOMP_ENV
+from vhost_pv.seccomp import SeccompMode, default_mode
 from vhost_pv.volume.header import HeaderError
 from vhost_pv.volume.ring import RingError
 
@@ -37,6 +39,13 @@ _OPTIONS = {"control_path": "--control", "engine_url": "--engine"}
 
 def _option(field: str) -> str:
     return _OPTIONS.get(field, "--" + field.replace("_", "-"))
+
+
+def _seccomp(args: argparse.Namespace) -> dict[str, SeccompMode]:
+    """--seccomp, else $VHOST_PV_SECCOMP, else DaemonConfig's default (kill)."""
+    if args.seccomp:
+        return {"seccomp": SeccompMode(args.seccomp)}
+    return {"seccomp": default_mode()} if os.environ.get(SECCOMP_ENV) else {}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -63,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         meta_socket=Path(args.meta_socket) if args.meta_socket else None,
         meta_policy=Path(args.meta_policy) if args.meta_policy else None,
         peer_timeout=args.peer_timeout,
+        **_seccomp(args),
     )
     try:
         config.validate()
@@ -148,6 +158,10 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-timeout", type=number, default=_default("peer_timeout"), metavar="S",
                    help="a new frontend's first message, every message from its first byte, and an "
                    "idle control or metadata HTTP connection get this long (default %(default)g)")
+    p.add_argument("--seccomp", choices=[m.value for m in SeccompMode],
+                   help="the system call filter of the data-path worker threads: kill (a forbidden "
+                   "call ends the daemon), log (allowed and logged by the kernel's audit, to debug) "
+                   f"or off (default ${SECCOMP_ENV}, else {_default('seccomp').value})")
     p.set_defaults(func=cmd_serve)
 
 
