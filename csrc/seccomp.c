@@ -78,8 +78,10 @@ static const char *const allowed[] = {
      * opens its log file (and makes log_path's directories), reads /proc/self/maps and the
      * libraries' ELF files to symbolize the stack, checks memory readability through a
      * pipe and locks with sched_yield, then exits: measured with strace on reports from a
-     * filtered thread. Without these the report would be lost to SIGSYS. */
+     * filtered thread. Without these the report would be lost to SIGSYS. And every
+     * sanitized thread takes down, at its exit, the alternate signal stack ASan gave it. */
     "open", "openat", "readlink", "newfstatat", "fstat", "fcntl", "mkdir", "pipe2", "sched_yield",
+    "sigaltstack",
 #endif
 };
 

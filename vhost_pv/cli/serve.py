@@ -51,6 +51,12 @@ def _seccomp(args: argparse.Namespace) -> dict[str, SeccompMode]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
+    try:
+        seccomp = _seccomp(args)
+    except ValueError:
+        render.error(f"${SECCOMP_ENV}={os.environ[SECCOMP_ENV]!r}: expected one of "
+                     + ", ".join(m.value for m in SeccompMode))
+        return EXIT_USAGE
     config = DaemonConfig(
         volumes=[Path(p) for p in args.volumes],
         socket_dir=Path(args.socket_dir),
@@ -72,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         meta_socket=Path(args.meta_socket) if args.meta_socket else None,
         meta_policy=Path(args.meta_policy) if args.meta_policy else None,
         peer_timeout=args.peer_timeout,
-        **_seccomp(args),
+        **seccomp,
     )
     try:
         config.validate()
