@@ -12,8 +12,8 @@
  *
  * libseccomp builds the BPF program once per mode (vpv_seccomp_set_mode, on the control
  * plane's thread; it takes care of the architecture check and of syscall numbering), and
- * each worker loads the ready program with one seccomp(2) call: no allocation and no
- * libseccomp state in the worker, and any number of workers may start at once.
+ * each worker loads the ready program with one prctl(PR_SET_SECCOMP) call: no allocation
+ * and no libseccomp state in the worker, and any number of workers may start at once.
  *
  * io_uring_enter is allowed, and an io_uring can do far more than read and write (open,
  * connect, send, ...) without a system call the filter sees: blk_io.c therefore restricts
@@ -141,6 +141,12 @@ static int add_rules(scmp_filter_ctx ctx)
 /* libseccomp's program for `mode`, as the kernel takes it. 0 or a negative errno. */
 static int build(uint32_t mode, struct sock_fprog *out)
 {
+    /* Tell libseccomp what the kernel has rather than let it probe with seccomp(2): API
+     * level 3 is the seccomp syscall with the LOG and KILL_PROCESS actions (Linux 4.14).
+     * The daemon itself then never calls seccomp(2), which systemd's @system-service set
+     * (the unit's SystemCallFilter) does not contain; a kernel without them refuses the
+     * program when a worker loads it, and that worker fails closed. */
+    seccomp_api_set(3);
     scmp_filter_ctx ctx = seccomp_init(mode == VPV_SECCOMP_LOG ? SCMP_ACT_LOG : SCMP_ACT_KILL_PROCESS);
     if (!ctx)
         return -ENOMEM;
@@ -205,9 +211,10 @@ int vpv_seccomp_enter(void)
         rc = build(filter_mode, &filter_prog);   /* never configured: the default, kill */
     if (rc == 0 && filter_mode != VPV_SECCOMP_OFF) {
         /* Without CAP_SYS_ADMIN the kernel takes a filter only under no_new_privs, which is
-         * per thread too: this thread never executes anything. */
+         * per thread too: this thread never executes anything. prctl rather than seccomp(2):
+         * the same filter (no flags, so no TSYNC), and prctl is in systemd's @system-service. */
         if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
-            syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &filter_prog) != 0)
+            prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &filter_prog, 0, 0) != 0)
             rc = -errno;
         else
             rc = 1;
