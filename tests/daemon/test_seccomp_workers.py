@@ -67,6 +67,8 @@ def test_queue_workers_are_filtered_and_the_event_loop_is_not(tmp_path: Path) ->
         assert len(filtered) == 1, modes
         assert all(mode == 0 for comm, mode in modes.values() if mode != 2), modes
         server.wait_log("seccomp: data-path workers confined")
+        text = run_cli("status", "--control", str(server.control))
+        assert "data-path seccomp filter: kill" in text.stdout, text.stderr
 
 
 @pytest.mark.parametrize(("extra_args", "env", "mode"), [

@@ -120,6 +120,8 @@ def status(state: Mapping[str, Any], *, use_json: bool, control: object = None) 
         return
     now_ns = time.time_ns()
     print(f"daemon pid {state['pid']}")
+    if "seccomp" in state:   # the workers' system call filter (kill, log or off)
+        print(f"  data-path seccomp filter: {state['seccomp']}")
     for failure in state.get("failed", []):
         print(f"  not served: {failure['path']}: {failure['error']}")
     for volume in state["volumes"]:
