@@ -19,7 +19,9 @@ from vhost_pv.seccomp import ENV, SeccompMode, default_mode
 
 
 def _child(body: str) -> subprocess.CompletedProcess[str]:
-    code = "from vhost_pv._native import lib\n" + textwrap.dedent(body)
+    # SIGSYS dumps core by default: none from a test, wherever cores are enabled.
+    code = ("import resource\nresource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
+            "from vhost_pv._native import lib\n" + textwrap.dedent(body))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           check=False)
 
