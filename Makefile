@@ -7,8 +7,10 @@ CACHE ?= $(or $(VHOST_PV_CACHE),$(HOME)/.cache/vhost-pv)
 FUZZ_SEED ?= 1
 FUZZ_DURATION ?= 60
 FUZZ_SKIP ?=
-# The C tests and the fuzz round, again against the ASan + UBSan build (build/asan/).
-SANITIZED_TESTS := tests/unit/test_ring.py tests/daemon/test_protocol.py tests/daemon/test_fuzz.py
+# The C tests and the fuzz round, again against the ASan + UBSan build (build/asan/), whose
+# workers run under the seccomp filter too (the last two: it is installed and it kills).
+SANITIZED_TESTS := tests/unit/test_ring.py tests/daemon/test_protocol.py tests/daemon/test_fuzz.py \
+	tests/unit/test_seccomp_filter.py tests/daemon/test_seccomp_workers.py
 
 .PHONY: install deps venv native guest demo test lint unit bench fuzz asan clean
 

@@ -27,7 +27,7 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 HEADER = CSRC / "vhost_pv.h"
-SOURCES = ["vring.c", "blk.c", "blk_io.c", "blk_worker.c", "volume.c", "sha256.c", "fs.c"]
+SOURCES = ["vring.c", "blk.c", "blk_io.c", "blk_worker.c", "volume.c", "sha256.c", "fs.c", "seccomp.c"]
 LOADGEN_HEADER = CSRC / "loadgen.h"
 LOADGEN_SOURCES = ["loadgen.c"]
 LOADGEN_DIR = ROOT / "vhost_pv_tools" / "loadgen"
@@ -66,7 +66,7 @@ def make_builder(*, sanitize: bool = False) -> FFI:
         include_dirs=[str(CSRC)],
         extra_compile_args=CFLAGS + (SANITIZE_FLAGS if sanitize else []),
         extra_link_args=SANITIZE_FLAGS if sanitize else [],
-        libraries=["pthread", "uring"],
+        libraries=["pthread", "uring", "seccomp"],
     )
     return ffibuilder
 

@@ -64,6 +64,7 @@ struct vpv_queue {
     int stopping;             /* vpv_blk_queue_stop is waiting: leave the passes, whatever is posted */
     int abandoned;            /* 1: the stop gave up waiting, the worker cleans up after itself;
                                * 2: the worker has left (set by the worker, under exchange) */
+    int filtered;             /* the worker runs under the seccomp filter (seccomp.c) */
     int quarantined;          /* execute(): the request became a ring record (deferred push) */
     uint32_t ndeferred;
     struct deferred_push {    /* quarantined requests of the round, acknowledged at its end */

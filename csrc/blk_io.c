@@ -265,8 +265,21 @@ void blk_async_setup(struct vpv_queue *q)
     q->free_slot = 0;
     q->inflight = q->unsubmitted = 0;
     q->uring_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (q->uring_efd >= 0 && io_uring_queue_init(VPV_ASYNC_SLOTS, &q->uring, 0) == 0) {
-        if (io_uring_register_eventfd(&q->uring, q->uring_efd) == 0)
+    /* The ring starts disabled so that it can be restricted before its first use: an
+     * io_uring opens files, connects sockets, ... without any system call the worker's
+     * seccomp filter would see (seccomp.c allows io_uring_enter). Only READV and WRITEV,
+     * with no SQE flags, and no further io_uring_register operation once it is enabled.
+     * (Debian's liburing 2.3 does not export io_uring_register_restrictions and
+     * io_uring_enable_rings: the raw io_uring_register it does export.) */
+    struct io_uring_params params = {.flags = IORING_SETUP_R_DISABLED};
+    static const struct io_uring_restriction allowed[] = {
+        {.opcode = IORING_RESTRICTION_SQE_OP, .sqe_op = IORING_OP_READV},
+        {.opcode = IORING_RESTRICTION_SQE_OP, .sqe_op = IORING_OP_WRITEV},
+    };
+    if (q->uring_efd >= 0 && io_uring_queue_init_params(VPV_ASYNC_SLOTS, &q->uring, &params) == 0) {
+        if (io_uring_register_eventfd(&q->uring, q->uring_efd) == 0 &&
+            io_uring_register(q->uring.ring_fd, IORING_REGISTER_RESTRICTIONS, allowed, 2) == 0 &&
+            io_uring_register(q->uring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) == 0)
             return;
         io_uring_queue_exit(&q->uring);
     }

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "blk_internal.h"
+#include "vpv_seccomp.h"
 
 /* Interrupt the driver through its call eventfd without ever blocking. The fd is
  * non-blocking (vpv_blk_queue_start): a full counter (a frontend that never reads it, or one
@@ -362,13 +363,25 @@ static void worker_loop(struct vpv_queue *q)
 static void *queue_worker(void *arg)
 {
     struct vpv_queue *q = arg;
+    /* Confined to the data path's system calls before the first look at guest memory
+     * (seccomp.c). A worker that cannot be confined does not serve: the queue is broken and
+     * the control plane ends the connection. */
+    int filtered = vpv_seccomp_enter();
+    if (filtered < 0)
+        blk_report_broken(q);
+    __atomic_store_n(&q->filtered, filtered > 0, __ATOMIC_RELAXED);
+    /* Only the stop's signal and the synchronous faults reach a worker: process-directed
+     * signals (SIGTERM, SIGHUP, SIGCHLD, ...) go to the event loop's thread, so no handler
+     * of theirs ever runs under the filter. */
+    sigset_t mask;
+    sigfillset(&mask);
+    const int deliverable[] = {UNSTICK_SIGNAL, SIGBUS, SIGSEGV, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT};
+    for (size_t i = 0; i < sizeof(deliverable) / sizeof(deliverable[0]); i++)
+        sigdelset(&mask, deliverable[i]);
+    pthread_sigmask(SIG_SETMASK, &mask, NULL);
     /* Every pass over guest memory runs under the SIGBUS guard: a frontend that shrinks its
      * memory file breaks this queue, not the process. The whole loop is armed (a TLS store,
      * once); a fault lands here, then the loop runs again and only waits for the stop. */
-    sigset_t unstick;
-    sigemptyset(&unstick);
-    sigaddset(&unstick, UNSTICK_SIGNAL);
-    pthread_sigmask(SIG_UNBLOCK, &unstick, NULL);   /* whatever mask the creating thread had */
     sigjmp_buf env;
     if (sigsetjmp(env, 0))
         queue_fault(q);
@@ -416,6 +429,7 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     q->in_round = 0;
     q->ndeferred = 0;
     q->stopping = 0;
+    q->filtered = 0;
     if ((err = set_nonblocking(cfg->kick_fd)) != 0 || (err = set_nonblocking(cfg->call_fd)) != 0)
         return err;
     q->started = 1;
@@ -560,4 +574,11 @@ int vpv_blk_queue_inflight(struct vpv_blk *blk, uint32_t index)
     if (index >= VPV_MAX_QUEUES)
         return -EINVAL;
     return (int)vpv_vring_inflight_count(&blk->queues[index].vr);
+}
+
+int vpv_blk_queue_filtered(struct vpv_blk *blk, uint32_t index)
+{
+    if (index >= VPV_MAX_QUEUES)
+        return -EINVAL;
+    return __atomic_load_n(&blk->queues[index].filtered, __ATOMIC_RELAXED);
 }

@@ -269,4 +269,20 @@ int vpv_fs_pop(struct vpv_fs *fs, uint32_t index, uint8_t *buf, uint32_t cap, ui
  * -EFAULT (guest memory vanished, as for vpv_fs_pop). */
 int vpv_fs_push(struct vpv_fs *fs, uint32_t index, uint32_t head, const uint8_t *reply, uint32_t len);
 
+/* -- the data-path workers' system call filter (seccomp.c) -----------------------------------
+ * Each queue worker confines itself to an allow-list at its start (the calling thread only,
+ * never the event loop). Modes: */
+#define VPV_SECCOMP_OFF 0
+#define VPV_SECCOMP_KILL 1   /* a forbidden system call ends the process (SIGSYS); the default */
+#define VPV_SECCOMP_LOG 2    /* it is allowed and logged by the kernel's audit (debugging) */
+/* Choose the mode for workers started from now on (builds the filter). 0 or -errno. */
+int vpv_seccomp_set_mode(uint32_t mode);
+uint32_t vpv_seccomp_mode(void);
+/* 1 if the queue's worker runs under the filter, else 0 (or -EINVAL). */
+int vpv_blk_queue_filtered(struct vpv_blk *blk, uint32_t index);
+/* Tests only, never reachable from a guest: a new thread installs the workers' filter and
+ * calls socket(2), which the data path never does. Kill mode: the process dies of SIGSYS.
+ * Otherwise 1 (the call was allowed), or a negative errno. */
+int vpv_seccomp_selftest(void);
+
 #endif

@@ -12,6 +12,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from vhost_pv import seccomp
 from vhost_pv.config import DaemonConfig
 from vhost_pv.control import handlers
 from vhost_pv.control.server import ControlServer
@@ -100,6 +101,9 @@ class App:
     async def start(self) -> None:
         self.alerts.bind_loop(asyncio.get_running_loop())
         raise_fd_limit(log)
+        # Before any queue worker can start: each installs the filter of this mode on itself.
+        seccomp.apply(self.config.seccomp)
+        seccomp.log_mode(log, self.config.seccomp)
         try:
             await self._start()
         except BaseException:
@@ -203,6 +207,7 @@ class App:
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
+            "seccomp": seccomp.current().value,
             "volumes": self.volumes.status(),
             "failed": list(self.volumes.failed),
             "served_set": self.runtime.describe(),

@@ -11,6 +11,7 @@ from pathlib import Path
 from vhost_pv._native import lib
 from vhost_pv.control.wire import NAME_LEN
 from vhost_pv.guard.containers import ENGINE_GRACE_S, STOP_POLL_S, ReclaimPolicy
+from vhost_pv.seccomp import SeccompMode
 from vhost_pv.sockfile import AccessList
 
 
@@ -79,6 +80,9 @@ class DaemonConfig:
     state_dir: Path | None = None
     """Where the served set is kept (service/served_set.py): the volumes served, with their
     options, written on every change and served again at the next start."""
+
+    seccomp: SeccompMode = SeccompMode.KILL
+    """The system call filter each data-path worker installs on itself (csrc/seccomp.c)."""
 
     def validate(self) -> None:
         """Raise ConfigError for the first value out of range."""

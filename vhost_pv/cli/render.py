@@ -123,6 +123,8 @@ def status(state: Mapping[str, Any], *, use_json: bool, control: object = None) 
     served_set = state.get("served_set")
     if served_set:
         print(f"  served set kept in {served_set['file']} (served again after a restart)")
+    if "seccomp" in state:   # the workers' system call filter (kill, log or off)
+        print(f"  data-path seccomp filter: {state['seccomp']}")
     for failure in state.get("failed", []):
         print(f"  not served: {failure['path']}: {failure['error']}")
     for volume in state["volumes"]:

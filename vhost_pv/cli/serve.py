@@ -20,6 +20,8 @@ from vhost_pv.cli.argtypes import host_port, http_url, ids, integer, number, soc
 from vhost_pv.config import ConfigError, DaemonConfig
 from vhost_pv.control.server import AccessList
 from vhost_pv.guard.containers import ReclaimPolicy
+from vhost_pv.seccomp import ENV as SECCOMP_ENV
+from vhost_pv.seccomp import SeccompMode, default_mode
 from vhost_pv.volume.header import HeaderError
 from vhost_pv.volume.ring import RingError
 
@@ -40,9 +42,22 @@ def _option(field: str) -> str:
     return _OPTIONS.get(field, "--" + field.replace("_", "-"))
 
 
+def _seccomp(args: argparse.Namespace) -> dict[str, SeccompMode]:
+    """--seccomp, else $VHOST_PV_SECCOMP, else DaemonConfig's default (kill)."""
+    if args.seccomp:
+        return {"seccomp": SeccompMode(args.seccomp)}
+    return {"seccomp": default_mode()} if os.environ.get(SECCOMP_ENV) else {}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
+    try:
+        seccomp = _seccomp(args)
+    except ValueError:
+        render.error(f"${SECCOMP_ENV}={os.environ[SECCOMP_ENV]!r}: expected one of "
+                     + ", ".join(m.value for m in SeccompMode))
+        return EXIT_USAGE
     config = DaemonConfig(
         volumes=[Path(p) for p in args.volumes],
         socket_dir=Path(args.socket_dir),
@@ -69,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         peer_timeout=args.peer_timeout,
         worker_stuck_after=args.worker_stuck_after,
         state_dir=Path(args.state_dir) if args.state_dir else None,
+        **seccomp,
     )
     try:
         config.validate()
@@ -176,6 +192,10 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-stuck-after", type=number, default=_default("worker_stuck_after"),
                    metavar="S", help="a queue worker inside one request this long is stuck: logged, "
                    "and the service watchdog (WatchdogSec=) is no longer pinged (default %(default)g)")
+    p.add_argument("--seccomp", choices=[m.value for m in SeccompMode],
+                   help="the system call filter of the data-path worker threads: kill (a forbidden "
+                   "call ends the daemon), log (allowed and logged by the kernel's audit, to debug) "
+                   f"or off (default ${SECCOMP_ENV}, else {_default('seccomp').value})")
     p.set_defaults(func=cmd_serve)
 
 

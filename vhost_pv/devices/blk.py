@@ -254,6 +254,8 @@ class BlkDevice:
         for index in range(self.num_queues):
             lib.vpv_blk_queue_stats(self._handle, index, out)
             queues.append({name: int(getattr(out, name)) for name in _STAT_FIELDS})
+            # Its worker runs under the seccomp filter (csrc/seccomp.c); a bool, never summed.
+            queues[-1]["filtered"] = bool(lib.vpv_blk_queue_filtered(self._handle, index) > 0)
             latency.append(QueueLatency(
                 buckets={name: list(out.lat_buckets[op]) for op, name in LATENCY_OPS.items()},
                 sum_ns={name: int(out.lat_sum_ns[op]) for op, name in LATENCY_OPS.items()}))
