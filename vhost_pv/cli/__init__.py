@@ -35,6 +35,7 @@ EXIT_INTERRUPTED = 130
 # in the order `vhost-pv --help` lists them.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("serve", "serve", "serve volumes to vhost-user-blk frontends"),
+    ("supervise", "supervise", "run serve, restart it at once, keep its sockets across restarts"),
     ("status", "admin", "ask a running daemon for its state"),
     ("ls", "admin", "one line per served volume: state, dangling age, ring, time limit"),
     ("ioctl", "admin", "flip a served volume to dangling (or back)"),
@@ -54,7 +55,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 )
 
 EPILOG = """commands by audience:
-  serve                                         the daemon
+  serve supervise                               the daemon (supervise: restarts keep its sockets)
   status ls ioctl reclaim bind delete alerts    a running daemon, through its control socket
   ring-ctl meta meta-relay
   create inspect ring verify                    volume files, no daemon needed

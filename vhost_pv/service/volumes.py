@@ -268,15 +268,16 @@ class VolumeService:
             await self._retire(served)
         self.served.clear()
 
-    async def _retire(self, served: ServedVolume) -> None:
-        """Stop serving one volume: listener, connection, guard, data path."""
+    async def _retire(self, served: ServedVolume, *, for_good: bool = False) -> None:
+        """Stop serving one volume: listener, connection, guard, data path. `for_good`: not
+        served by the next daemon either (its listener leaves the service manager's fd store)."""
         if served.accept_task is not None:
             served.accept_task.cancel()
         if served.listener is not None:
             served.listener.close()
             served.listener = None
         if served.claim is not None:
-            served.claim.release()  # unlinks the socket only if it still is the one we bound
+            served.claim.release(for_good=for_good)  # unlinks the socket only if it still is ours
             served.claim = None
         if served.connection is not None:
             served.connection.task.cancel()
@@ -536,7 +537,7 @@ class VolumeService:
             path = served.volume.path
             size = os.fstat(served.volume.fd).st_size
             fd = os.dup(served.volume.fd)
-            await self._retire(served)
+            await self._retire(served, for_good=True)
             try:
                 await asyncio.to_thread(destroy_volume, path, fd, size)
             finally:

@@ -1,0 +1,194 @@
+"""Listening sockets that outlive the daemon: adopted at start from the service manager
+(socket activation, or the fd store of an earlier run), pushed to its fd store as they are
+created, and left in place (socket file included) when the daemon stops, so the next
+process accepts on the very same listeners. A frontend reconnecting in between (QEMU with
+`reconnect=1`) finds a listener that accepts, its connection queued in the backlog until
+the next daemon takes it, instead of ECONNREFUSED and another whole second of waiting.
+
+The manager is systemd (FileDescriptorStoreMax=, a .socket unit) or `vhost-pv supervise`
+(vhost_pv/supervisor.py), which speak the same two protocols (vhost_pv/systemd.py). Without
+either, nothing here does anything and the daemon listens and unlinks as before.
+
+This module only keeps the books (which fds were passed, which paths the store holds);
+sockfile.SocketClaim, the one place that listens, asks it for a passed listener and tells
+it about the ones it creates, so the lock and ownership rules stay in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+
+from vhost_pv import systemd
+
+log = logging.getLogger("vhost_pv.daemon")
+
+STORE_ENV = "FDSTORE"
+"""Set by the manager to how many fds its store keeps (systemd >= 254 sets it when
+FileDescriptorStoreMax= is not 0; `vhost-pv supervise` sets it; a unit on an older systemd
+sets it with Environment=). Without it nothing is pushed: systemd would drop the fds."""
+
+FDNAME_MAX = 255
+
+
+def fd_name(path: Path) -> str:
+    """The store name of the listener at `path`: readable (the file name), unique (a hash of
+    the absolute path), stable across runs, <= 255 characters and without ':' (the separator
+    of LISTEN_FDNAMES), as sd_pid_notify_with_fds(3) requires."""
+    full = os.path.abspath(path)
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(full))[:64]
+    name = f"{stem}-{hashlib.sha256(full.encode()).hexdigest()[:12]}"
+    assert len(name) <= FDNAME_MAX and ":" not in name
+    return name
+
+
+@dataclasses.dataclass
+class _Passed:
+    sock: socket.socket
+    name: str  # LISTEN_FDNAMES entry
+    address: str  # getsockname()
+
+
+def _listening_unix_stream(sock: socket.socket) -> str | None:
+    """Why a passed fd cannot be adopted (None: it can)."""
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX:
+            return "not an AF_UNIX socket"
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
+            return "not a stream socket"
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "not listening"
+        address = sock.getsockname()
+    except OSError as exc:
+        return f"cannot inspect it: {exc.strerror or exc}"
+    if not isinstance(address, str) or not address or address.startswith("\0"):
+        return "not bound to a path"
+    return None
+
+
+class ListenerHandover:
+    """The process's passed listeners and what it has put in the manager's fd store."""
+
+    def __init__(self) -> None:
+        self._passed: list[_Passed] = []
+        self._kept: set[str] = set()  # absolute paths whose listener outlives this process
+        self.adopted = 0
+        self.refused = 0
+
+    # -- at start ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Take the fds the manager passed (LISTEN_FDS): the listening AF_UNIX stream sockets
+        are kept for SocketClaim to adopt; anything else is refused with a log line and
+        closed, never used (and dropped from the store, where it would come back)."""
+        self._passed.clear()
+        self._kept.clear()
+        for passed in systemd.listen_fds():
+            try:
+                sock = socket.socket(fileno=passed.fd)
+            except OSError as exc:
+                self._refuse(passed.fd, passed.name, "not a socket" if exc.errno == errno.ENOTSOCK
+                             else f"unusable: {exc.strerror or exc}")
+                continue
+            why = _listening_unix_stream(sock)
+            if why is not None:
+                sock.close()
+                self._refuse(-1, passed.name, why)
+                continue
+            sock.setblocking(False)
+            self._passed.append(_Passed(sock, passed.name, sock.getsockname()))
+        if self._passed:
+            log.info("passed by the service manager: %d listening socket(s): %s", len(self._passed),
+                     ", ".join(p.address for p in self._passed))
+
+    def _refuse(self, fd: int, name: str, why: str) -> None:
+        self.refused += 1
+        log.warning("refused a passed fd (name %s): %s; closed, not used", name, why)
+        if fd >= 0:
+            os.close(fd)
+        if name not in ("", "unknown", "stored", "connection") and self.store_enabled():
+            with contextlib.suppress(OSError):
+                systemd.notify({"FDSTOREREMOVE": "1", "FDNAME": name})
+
+    def take(self, path: Path) -> socket.socket | None:
+        """The passed listener for `path` (bound to it, or stored under its name), once."""
+        full = os.path.abspath(path)
+        name = fd_name(path)
+        for index, passed in enumerate(self._passed):
+            if os.path.abspath(passed.address) == full or passed.name == name:
+                del self._passed[index]
+                self.adopted += 1
+                return passed.sock
+        return None
+
+    def drop_unclaimed(self) -> None:
+        """After the start: passed listeners no served path claimed (a volume no longer
+        served) are closed and dropped from the store. Their socket files stay, as a
+        killed daemon's do: the next SocketClaim of the path removes them."""
+        for passed in self._passed:
+            log.info("passed listener %s (%s) serves nothing now: closed and dropped from the store",
+                     passed.address, passed.name)
+            passed.sock.close()
+            if self.store_enabled():
+                with contextlib.suppress(OSError):
+                    systemd.notify({"FDSTOREREMOVE": "1", "FDNAME": passed.name})
+        self._passed.clear()
+
+    # -- the store --------------------------------------------------------------------------
+
+    @staticmethod
+    def store_enabled() -> bool:
+        if not systemd.notify_enabled():
+            return False
+        try:
+            return int(os.environ.get(STORE_ENV, "0")) > 0
+        except ValueError:
+            return False
+
+    def adopted_listener(self, path: Path, sock: socket.socket) -> None:
+        """A passed listener now serves `path`: it outlives us (whoever passed it keeps a copy),
+        and goes to the store too (an fd from a socket unit is not there yet; one from the
+        store itself is stored once: the manager recognises the same socket)."""
+        self._kept.add(os.path.abspath(path))
+        self.created_listener(path, sock)
+
+    def created_listener(self, path: Path, sock: socket.socket) -> None:
+        """Push a listener to the fd store under fd_name(path), if there is a store."""
+        if not self.store_enabled():
+            return
+        try:
+            systemd.notify({"FDSTORE": "1", "FDNAME": fd_name(path)}, fds=[sock.fileno()])
+        except OSError as exc:
+            log.warning("%s: cannot put the listener in the fd store: %s; a restart will refuse "
+                        "connections until the next daemon listens", path, exc.strerror or exc)
+            return
+        self._kept.add(os.path.abspath(path))
+
+    def keeps(self, path: Path) -> bool:
+        """Does the listener at `path` outlive this process (so its file must stay)?"""
+        return os.path.abspath(path) in self._kept
+
+    def forget(self, path: Path) -> None:
+        """`path` is not served any more, for good: out of the store (FDSTOREREMOVE)."""
+        full = os.path.abspath(path)
+        if full not in self._kept:
+            return
+        self._kept.discard(full)
+        if self.store_enabled():
+            with contextlib.suppress(OSError):
+                systemd.notify({"FDSTOREREMOVE": "1", "FDNAME": fd_name(path)})
+
+
+_HANDOVER = ListenerHandover()
+
+
+def handover() -> ListenerHandover:
+    """The process's one handover: passed fds are the process's, not a daemon object's."""
+    return _HANDOVER
