@@ -1,0 +1,172 @@
+"""Restarts frontends do not notice: under `vhost-pv supervise` the listening sockets outlive
+the daemon (the supervisor's fd store, passed back with LISTEN_FDS), so a frontend connecting
+while no daemon runs is queued in the backlog instead of refused, and the next daemon serves
+it; the socket files are the same files throughout."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from support.attach import Guest, pattern
+from support.daemon_status import wait_until
+from support.frontend import VhostUserFrontend, read_request
+
+from vhost_pv.control import client
+from vhost_pv.handover import fd_name
+from vhost_pv.volume.volume import CreateOptions, create_volume
+from vhost_pv_tools.serverproc import SupervisedServer
+
+MiB = 1 << 20
+
+
+def _volume(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    create_volume(path, CreateOptions(size=4 * MiB, ring_size=MiB))
+    return path
+
+
+def _inode(path: Path) -> int:
+    return path.lstat().st_ino
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_under_supervise_listeners_accept_in_the_gap(tmp_path: Path) -> None:
+    volume = _volume(tmp_path / "vol0.img")
+    server = SupervisedServer([volume], tmp_path / "run").start()
+    try:
+        sock_path = server.socket_for(volume)
+        inodes = (_inode(sock_path), _inode(server.control))
+        guest = Guest(sock_path)
+        guest.round_trip(8, pattern(4096, 3))
+        up = server.log().count("control socket at")
+        old = server.kill_child()
+        wait_until(lambda: _gone(old), 10, "the killed daemon gone", server.log)
+        # No daemon now (the next one takes a good part of a second to start): the listeners
+        # are the supervisor's, so these connects succeed at once rather than ECONNREFUSED.
+        began = time.monotonic()
+        frontend = VhostUserFrontend(sock_path, timeout=30)  # raises ConnectionRefusedError if refused
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(str(server.control))
+        connected = time.monotonic() - began
+        assert server.log().count("control socket at") == up, \
+            "the next daemon was up already: the connects did not test the gap"
+        guest.close()
+        # The connection queued in the gap is the next daemon's: it answers it.
+        try:
+            assert frontend.get_features() != 0
+        finally:
+            frontend.close()
+        server.wait_new_child(old)
+        again = Guest(sock_path)
+        try:
+            read = again.frontend.submit(0, again.ring, read_request(again.memory, 8, 4096))
+            assert read.data() == pattern(4096, 3)  # the volume, served again with its data
+        finally:
+            again.close()
+        assert (_inode(sock_path), _inode(server.control)) == inodes  # the very same files
+        log = server.log()
+        assert f"{sock_path}: adopted the passed listener" in log
+        assert f"{server.control}: adopted the passed listener" in log
+        assert connected < 0.5, connected
+        assert client.status(server.control)["volumes"][0]["name"] == "vol0"
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+    # The supervisor's own stop: nobody serves the sockets any more, so their files go.
+    assert not sock_path.exists() and not server.control.exists(), server.log()
+    assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.mark.timeout(120)
+def test_frontend_queued_during_kill_9_is_served_by_the_next_daemon(tmp_path: Path) -> None:
+    """A frontend that connects in the gap and negotiates at once (as QEMU does) gets its
+    answers from the next daemon, without a reconnect."""
+    volume = _volume(tmp_path / "vol0.img")
+    with SupervisedServer([volume], tmp_path / "run") as server:
+        old = server.kill_child()
+        wait_until(lambda: _gone(old), 10, "the killed daemon gone", server.log)
+        began = time.monotonic()
+        guest = Guest(server.socket_for(volume), timeout=30)  # connect + negotiate + queue 0
+        try:
+            guest.round_trip(0, pattern(8192, 9))
+        finally:
+            guest.close()
+        served_after = time.monotonic() - began
+        assert server.wait_new_child(old) != old
+        assert served_after < 15, served_after
+
+
+@pytest.mark.timeout(120)
+def test_sigusr2_restarts_gracefully_and_keeps_the_sockets(tmp_path: Path) -> None:
+    volume = _volume(tmp_path / "vol0.img")
+    with SupervisedServer([volume], tmp_path / "run") as server:
+        sock_path = server.socket_for(volume)
+        inodes = (_inode(sock_path), _inode(server.control))
+        guest = Guest(sock_path)
+        guest.round_trip(16, pattern(4096, 5))
+        old = server.graceful_restart()
+        # The attached frontend's connection is ended by the stopping daemon (QEMU reconnects);
+        # it is not refused anything: the listener stays.
+        assert guest.frontend.wait_closed(timeout=20)
+        guest.close()
+        new = server.wait_new_child(old)
+        line = server.wait_log(rf"graceful restart: child pid {old} stopped in [0-9.]+ s \(exit 0\)")
+        stop_s = float(re.search(r"stopped in ([0-9.]+) s", line).group(1))  # type: ignore[union-attr]
+        assert stop_s < 3.0, line
+        again = Guest(sock_path)
+        try:
+            read = again.frontend.submit(0, again.ring, read_request(again.memory, 16, 4096))
+            assert read.data() == pattern(4096, 5)
+        finally:
+            again.close()
+        assert (_inode(sock_path), _inode(server.control)) == inodes
+        assert new != old and not _gone(server.pid)
+
+
+@pytest.mark.timeout(120)
+def test_supervisor_stores_fds_only_from_its_child(tmp_path: Path) -> None:
+    """SO_PASSCRED: an fd sent to the notify socket by any process but the child is closed,
+    never passed to the next daemon; the next daemon gets the store as systemd passes it."""
+    volume = _volume(tmp_path / "vol0.img")
+    with SupervisedServer([volume], tmp_path / "run") as server:
+        child = server.child_pid()
+        env = _environ(child)
+        notify = env["NOTIFY_SOCKET"]
+        assert (os.stat(notify).st_mode & 0o777) == 0o600
+        assert (os.stat(os.path.dirname(notify)).st_mode & 0o777) == 0o700
+        read_end, write_end = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+                sender.sendmsg([b"FDSTORE=1\nFDNAME=intruder"],
+                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, read_end.to_bytes(4, "little"))],
+                               0, notify)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        server.wait_log(rf"notification from pid {os.getpid()} ignored")
+        os.kill(child, signal.SIGKILL)
+        new = server.wait_new_child(child)
+        passed = _environ(new)
+        names = passed["LISTEN_FDNAMES"].split(":")
+        assert passed["LISTEN_PID"] == str(new) and passed["LISTEN_FDS"] == "2"
+        assert sorted(names) == sorted([fd_name(server.socket_for(volume)), fd_name(server.control)])
+        assert "intruder" not in server.log().split("ignored")[-1]
