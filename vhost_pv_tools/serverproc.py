@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 
 class ServerError(RuntimeError):
@@ -58,7 +58,7 @@ class ServerProcess:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vhost_pv.cli", *self.serve_args()]
 
-    def start(self) -> ServerProcess:
+    def start(self) -> Self:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
@@ -133,7 +133,7 @@ class ServerProcess:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

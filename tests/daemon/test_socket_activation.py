@@ -28,7 +28,7 @@ MiB = 1 << 20
 
 
 def _receive_all(listener: socket.socket) -> list[tuple[dict[str, str], list[int]]]:
-    messages = []
+    messages: list[tuple[dict[str, str], list[int]]] = []
     while True:
         try:
             data, ancillary, _, _ = listener.recvmsg(4096, socket.CMSG_SPACE(16 * 4), socket.MSG_DONTWAIT)
