@@ -9,7 +9,7 @@ It speaks systemd's two protocols (vhost_pv/systemd.py), so the daemon has one c
 - socket passing as systemd does it: the store's fds dup'd to 3, 4, ... in the child,
   LISTEN_FDS, LISTEN_FDNAMES, and LISTEN_PID the child's own pid (set between fork and exec).
 
-The child is restarted at once whenever it exits for any reason but our own stop (kill -9
+Fds passed to the supervisor itself (LISTEN_FDS) seed the store. The child is restarted at once whenever it exits for any reason but our own stop (kill -9
 included; a child that keeps dying young is restarted with a growing delay, and a usage
 error at the first start ends the supervisor). SIGUSR2 restarts it gracefully (SIGTERM, wait,
 start the code installed now): an upgrade is "install the new build, send SIGUSR2". SIGHUP
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from vhost_pv.handover import STORE_ENV
 from vhost_pv.sockfile import AlreadyServed, SocketClaim
-from vhost_pv.systemd import SD_LISTEN_FDS_START
+from vhost_pv.systemd import SD_LISTEN_FDS_START, listen_fds
 
 log = logging.getLogger("vhost_pv.supervise")
 
@@ -305,6 +305,10 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._signal_child, signal.SIGHUP)
         if self.options.pid_file is not None:
             self.options.pid_file.write_text(f"{os.getpid()}\n")
+        # Started by a manager itself (systemd socket activation, or an admin handing over the
+        # listeners of a daemon started by hand): what it passed seeds the store.
+        for passed in listen_fds():
+            self._store(passed.fd, passed.name if _valid_name(passed.name) else "stored")
         watchdog = asyncio.create_task(self._watchdog()) if self.options.watchdog else None
         young = 0
         first = True
