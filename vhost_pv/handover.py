@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 from vhost_pv import systemd
@@ -175,6 +176,10 @@ class ListenerHandover:
         """Does the listener at `path` outlive this process (so its file must stay)?"""
         return os.path.abspath(path) in self._kept
 
+    def keeps_any(self) -> bool:
+        """Does any listener outlive this process (a next daemon is expected to serve it)?"""
+        return bool(self._kept)
+
     def forget(self, path: Path) -> None:
         """`path` is not served any more, for good: out of the store (FDSTOREREMOVE)."""
         full = os.path.abspath(path)
@@ -192,3 +197,17 @@ _HANDOVER = ListenerHandover()
 def handover() -> ListenerHandover:
     """The process's one handover: passed fds are the process's, not a daemon object's."""
     return _HANDOVER
+
+
+def exit_now_if_handed_over(code: int) -> None:
+    """After a clean stop whose listeners outlive us, end the process at once: the next
+    daemon starts when this one has exited, and the interpreter's own teardown (modules,
+    the C data path's library) adds 0.2 to 0.5 s to the restart for nothing, everything
+    having been closed already. Logs are flushed first."""
+    if not handover().keeps_any():
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -9,11 +9,12 @@ It speaks systemd's two protocols (vhost_pv/systemd.py), so the daemon has one c
 - socket passing as systemd does it: the store's fds dup'd to 3, 4, ... in the child,
   LISTEN_FDS, LISTEN_FDNAMES, and LISTEN_PID the child's own pid (set between fork and exec).
 
-Fds passed to the supervisor itself (LISTEN_FDS) seed the store. The child is restarted at once whenever it exits for any reason but our own stop (kill -9
-included; a child that keeps dying young is restarted with a growing delay, and a usage
-error at the first start ends the supervisor). SIGUSR2 restarts it gracefully (SIGTERM, wait,
-start the code installed now): an upgrade is "install the new build, send SIGUSR2". SIGHUP
-is passed on (the daemon reloads its policy). SIGTERM/SIGINT stop the child, then us.
+Fds passed to the supervisor itself (LISTEN_FDS) seed the store. The child is restarted at
+once whenever it exits for any reason but our own stop (kill -9 included; a child that keeps
+dying young is restarted with a growing delay, and a usage error at the first start ends the
+supervisor). SIGUSR2 restarts it gracefully (SIGTERM, wait, start the code installed now): an
+upgrade is "install the new build, send SIGUSR2". SIGHUP is passed on (the daemon reloads its
+policy). SIGTERM/SIGINT stop the child, then us.
 
 It holds listening sockets and nothing else: no guest data, nothing a guest controls.
 """

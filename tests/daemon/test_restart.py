@@ -131,7 +131,7 @@ def test_sigusr2_restarts_gracefully_and_keeps_the_sockets(tmp_path: Path) -> No
         new = server.wait_new_child(old)
         line = server.wait_log(rf"graceful restart: child pid {old} stopped in [0-9.]+ s \(exit 0\)")
         stop_s = float(re.search(r"stopped in ([0-9.]+) s", line).group(1))  # type: ignore[union-attr]
-        assert stop_s < 3.0, line
+        assert stop_s < 1.5, line  # typically 0.02-0.05 s: the daemon exits without teardown
         again = Guest(sock_path)
         try:
             read = again.frontend.submit(0, again.ring, read_request(again.memory, 16, 4096))

@@ -96,6 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (HeaderError, RingError, ValueError) as exc:
         render.error(str(exc))
         return EXIT_FAILED
+    from vhost_pv.handover import exit_now_if_handed_over
+
+    exit_now_if_handed_over(EXIT_OK)  # a restart: the next daemon waits for our exit
     return EXIT_OK
 
 
