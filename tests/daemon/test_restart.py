@@ -145,9 +145,11 @@ def test_sigusr2_restarts_gracefully_and_keeps_the_sockets(tmp_path: Path) -> No
 @pytest.mark.timeout(120)
 def test_supervisor_stores_fds_only_from_its_child(tmp_path: Path) -> None:
     """SO_PASSCRED: an fd sent to the notify socket by any process but the child is closed,
-    never passed to the next daemon; the next daemon gets the store as systemd passes it."""
+    never passed to the next daemon; a deleted volume's listener leaves the store
+    (FDSTOREREMOVE); the next daemon gets the store as systemd passes it."""
     volume = _volume(tmp_path / "vol0.img")
-    with SupervisedServer([volume], tmp_path / "run") as server:
+    doomed = _volume(tmp_path / "vol1.img")
+    with SupervisedServer([volume, doomed], tmp_path / "run") as server:
         child = server.child_pid()
         env = _environ(child)
         notify = env["NOTIFY_SOCKET"]
@@ -163,6 +165,9 @@ def test_supervisor_stores_fds_only_from_its_child(tmp_path: Path) -> None:
             os.close(read_end)
             os.close(write_end)
         server.wait_log(rf"notification from pid {os.getpid()} ignored")
+        client.persistent_disk_dangling(server.control, "vol1", reason="gone")
+        client.delete(server.control, "vol1")
+        server.wait_log(rf"fd store: {re.escape(fd_name(server.socket_for(doomed)))} removed")
         os.kill(child, signal.SIGKILL)
         new = server.wait_new_child(child)
         passed = _environ(new)
