@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import sys
 from pathlib import Path
 
@@ -71,6 +72,52 @@ def _listening_unix_stream(sock: socket.socket) -> str | None:
         return f"cannot inspect it: {exc.strerror or exc}"
     if not isinstance(address, str) or not address or address.startswith("\0"):
         return "not bound to a path"
+    return None
+
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+UDIAG_SHOW_VFS = 0x2
+UNIX_DIAG_VFS = 1
+NLM_F_REQUEST = 0x1
+NLMSG_ERROR = 2
+_NLMSGHDR = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")
+_UNIX_DIAG_MSG = struct.Struct("=BBBBIII")
+_RTATTR = struct.Struct("=HH")
+
+
+def bound_file(sock: socket.socket) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file a unix socket is bound to, from the kernel (sock_diag,
+    UNIX_DIAG_VFS), or None when the kernel cannot say (no unix_diag). This is what proves
+    that the socket file at a path is this very listener, not a later one's left behind."""
+    ino = os.fstat(sock.fileno()).st_ino
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                           NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1.0)
+            body = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, UDIAG_SHOW_VFS,
+                                       0xFFFFFFFF, 0xFFFFFFFF)
+            nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
+                    + body)
+            reply = nl.recv(8192)
+    except OSError:
+        return None
+    if len(reply) < _NLMSGHDR.size + _UNIX_DIAG_MSG.size:
+        return None
+    length, kind, _, _, _ = _NLMSGHDR.unpack_from(reply)
+    if kind == NLMSG_ERROR or length > len(reply):
+        return None
+    offset = _NLMSGHDR.size + _UNIX_DIAG_MSG.size
+    while offset + _RTATTR.size <= length:
+        attr_len, attr_type = _RTATTR.unpack_from(reply, offset)
+        if attr_len < _RTATTR.size:
+            return None
+        if attr_type == UNIX_DIAG_VFS and attr_len >= _RTATTR.size + 8:
+            vfs_ino, vfs_dev = struct.unpack_from("=II", reply, offset + _RTATTR.size)
+            # The kernel's own dev_t encoding (MAJOR << 20 | MINOR), not stat's.
+            return os.makedev(vfs_dev >> 20, vfs_dev & 0xFFFFF), vfs_ino
+        offset += (attr_len + 3) & ~3
     return None
 
 
@@ -180,10 +227,11 @@ class ListenerHandover:
         """Does any listener outlive this process (a next daemon is expected to serve it)?"""
         return bool(self._kept)
 
-    def forget(self, path: Path) -> None:
-        """`path` is not served any more, for good: out of the store (FDSTOREREMOVE)."""
+    def forget(self, path: Path, *, stored: bool = False) -> None:
+        """`path` is not served any more, for good (or not by this listener: `stored`, one
+        the manager passed that we do not use): out of the store (FDSTOREREMOVE)."""
         full = os.path.abspath(path)
-        if full not in self._kept:
+        if full not in self._kept and not stored:
             return
         self._kept.discard(full)
         if self.store_enabled():

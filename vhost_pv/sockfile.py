@@ -29,7 +29,7 @@ import struct
 import time
 from pathlib import Path
 
-from vhost_pv.handover import handover
+from vhost_pv.handover import bound_file, handover
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,11 +182,16 @@ class SocketClaim:
             st = self.path.lstat()
         except FileNotFoundError:
             st = None
-        if st is None or not stat.S_ISSOCK(st.st_mode):
-            # Nobody can reach a listener whose file is gone: bind a new one instead.
+        bound = bound_file(sock)
+        if st is None or not stat.S_ISSOCK(st.st_mode) or (
+                bound is not None and bound != (st.st_dev, st.st_ino)):
+            # Nobody can reach a listener whose file is gone or was replaced (a daemon started
+            # by hand in between, killed since): it leaves the store, a new one is bound.
             logging.getLogger("vhost_pv.daemon").warning(
-                "%s: a listener was passed for it but the socket file is gone; listening anew", self.path)
+                "%s: a listener was passed for it but the socket file is %s; listening anew",
+                self.path, "gone" if st is None or not stat.S_ISSOCK(st.st_mode) else "another socket's")
             sock.close()
+            handover().forget(self.path, stored=True)
             return None
         self._inode = (st.st_dev, st.st_ino)
         handover().adopted_listener(self.path, sock)

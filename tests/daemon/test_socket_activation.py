@@ -20,6 +20,7 @@ import pytest
 from support.attach import Guest, pattern
 from support.daemon_status import wait_until
 
+from bench.restart import start_with_fds
 from vhost_pv.control import client
 from vhost_pv.handover import fd_name
 from vhost_pv.volume.volume import CreateOptions, create_volume
@@ -138,3 +139,46 @@ def test_serve_adopts_passed_listeners_and_uses_the_fd_store(tmp_path: Path) -> 
     assert control.is_socket(), read_log()
     assert stop_s < 5, stop_s
     assert "Traceback" not in read_log()
+
+
+@pytest.mark.timeout(60)
+def test_a_passed_listener_whose_file_was_replaced_is_not_adopted(tmp_path: Path) -> None:
+    """The file at the path is another socket (a daemon started by hand meanwhile, killed
+    since, left its own): the kernel says the passed listener is bound to a different file,
+    so it is dropped from the store and the daemon listens anew, reachable again."""
+    volume = tmp_path / "vol0.img"
+    create_volume(volume, CreateOptions(size=4 * MiB, ring_size=MiB))
+    control = tmp_path / "control.sock"
+    orphan = _listener(control)
+    control.unlink()
+    squatter = _listener(control)  # its file now; closed below as a killed daemon's would be
+    squatter.close()
+    notify = tmp_path / "notify"
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(notify))
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify), FDSTORE="16")
+    log_path = tmp_path / "serve.log"
+    serve = [sys.executable, "-m", "vhost_pv.cli", "serve", "--socket-dir", str(tmp_path / "s"),
+             "--control", str(control), str(volume)]
+    daemon = start_with_fds(serve, [orphan.fileno()], [fd_name(control)], log_path, env)
+    try:
+        wait_until(lambda: "control socket at" in log_path.read_text(), 30, "the daemon up",
+                   log_path.read_text)
+        assert client.status(control)["pid"] == daemon.pid  # through a listener bound anew
+        assert "socket file is another socket's; listening anew" in log_path.read_text()
+        messages = []
+        for fields, fds in _receive_all(manager):
+            messages.append(fields)
+            for fd in fds:
+                os.close(fd)
+        assert {"FDSTOREREMOVE": "1", "FDNAME": fd_name(control)} in messages
+        assert messages.index({"FDSTOREREMOVE": "1", "FDNAME": fd_name(control)}) < \
+            messages.index({"FDSTORE": "1", "FDNAME": fd_name(control)})  # the new one stays stored
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        orphan.close()
+        manager.close()
