@@ -51,10 +51,11 @@ def _gone(pid: int) -> bool:
 @pytest.mark.timeout(120)
 def test_kill_9_under_supervise_listeners_accept_in_the_gap(tmp_path: Path) -> None:
     volume = _volume(tmp_path / "vol0.img")
-    server = SupervisedServer([volume], tmp_path / "run").start()
+    meta = tmp_path / "run" / "meta.sock"
+    server = SupervisedServer([volume], tmp_path / "run", extra_args=["--meta-socket", str(meta)]).start()
     try:
         sock_path = server.socket_for(volume)
-        inodes = (_inode(sock_path), _inode(server.control))
+        inodes = (_inode(sock_path), _inode(server.control), _inode(meta))
         guest = Guest(sock_path)
         guest.round_trip(8, pattern(4096, 3))
         up = server.log().count("control socket at")
@@ -82,17 +83,17 @@ def test_kill_9_under_supervise_listeners_accept_in_the_gap(tmp_path: Path) -> N
             assert read.data() == pattern(4096, 3)  # the volume, served again with its data
         finally:
             again.close()
-        assert (_inode(sock_path), _inode(server.control)) == inodes  # the very same files
+        assert (_inode(sock_path), _inode(server.control), _inode(meta)) == inodes  # the same files
         log = server.log()
-        assert f"{sock_path}: adopted the passed listener" in log
-        assert f"{server.control}: adopted the passed listener" in log
+        for path in (sock_path, server.control, meta):
+            assert f"{path}: adopted the passed listener" in log, log
         assert connected < 0.5, connected
         assert client.status(server.control)["volumes"][0]["name"] == "vol0"
     finally:
         code = server.stop()
     assert code == 0, server.log()
     # The supervisor's own stop: nobody serves the sockets any more, so their files go.
-    assert not sock_path.exists() and not server.control.exists(), server.log()
+    assert not sock_path.exists() and not server.control.exists() and not meta.exists(), server.log()
     assert "Traceback" not in server.log(), server.log()
 
 
