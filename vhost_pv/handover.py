@@ -39,6 +39,11 @@ sets it with Environment=). Without it nothing is pushed: systemd would drop the
 
 FDNAME_MAX = 255
 
+STANDBY_ENV = "VHOST_PV_STANDBY_FD"
+"""Set by `vhost-pv supervise` for a warm standby: the fd of its go pipe (see wait_for_turn)."""
+STANDBY_FIELD = "VHOST_PV_STANDBY"
+"""The standby's one notification: it is through its start and waits (a field systemd ignores)."""
+
 
 def fd_name(path: Path) -> str:
     """The store name of the listener at `path`: readable (the file name), unique (a hash of
@@ -259,3 +264,27 @@ def exit_now_if_handed_over(code: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+def wait_for_turn() -> bool:
+    """A warm standby (STANDBY_ENV set by `vhost-pv supervise`): everything up to serving is
+    done (interpreter, imports, the C data path, the command line checked); say so, then wait
+    for the supervisor's go (a byte on the pipe: the previous daemon has exited) before
+    touching any volume or socket. False: the supervisor went away (EOF), do not serve.
+    Without the variable, True at once."""
+    value = os.environ.pop(STANDBY_ENV, None)
+    if value is None:
+        return True
+    try:
+        fd = int(value)
+        os.set_inheritable(fd, False)
+    except (ValueError, OSError):
+        log.error("%s=%r is not an open fd: not waiting", STANDBY_ENV, value)
+        return True
+    with contextlib.suppress(OSError):
+        systemd.notify({STANDBY_FIELD: "1"})
+    try:
+        go = os.read(fd, 1)
+    finally:
+        os.close(fd)
+    return go == b"1"

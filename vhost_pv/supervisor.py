@@ -39,7 +39,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from vhost_pv.handover import STORE_ENV
+from vhost_pv.handover import STANDBY_ENV, STANDBY_FIELD, STORE_ENV
 from vhost_pv.sockfile import AlreadyServed, SocketClaim
 from vhost_pv.systemd import SD_LISTEN_FDS_START, listen_fds
 
@@ -69,6 +69,19 @@ class SupervisorOptions:
     stop_timeout: float = 30.0
     watchdog: float | None = None
     pid_file: Path | None = None
+    standby: bool = True
+    """Keep a warm standby: the next daemon, started and through its imports, waiting for its
+    turn (a pipe), so a restart costs the start of the service, not of the interpreter."""
+
+
+@dataclasses.dataclass
+class _Proc:
+    pid: int
+    exited: asyncio.Future[int]
+    started: float
+    go: int = -1
+    """A standby's end of its go pipe (a byte: serve now; EOF: exit); -1 once running."""
+    warm: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 class Supervisor:
@@ -76,8 +89,9 @@ class Supervisor:
         self.argv = list(argv)
         self.options = options or SupervisorOptions()
         self.store: list[StoredFd] = []
-        self.child: int | None = None
-        self.child_started = 0.0
+        self.active: _Proc | None = None
+        self.standby: _Proc | None = None
+        self._standby_refresh: asyncio.TimerHandle | None = None
         self.status = ""
         self.ready = False
         self.restarts = 0
@@ -91,7 +105,6 @@ class Supervisor:
             os.umask(old)
         self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._notify.setblocking(False)
-        self._exited: asyncio.Future[int] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._restart_requested = False
@@ -124,6 +137,14 @@ class Supervisor:
 
     def _handle(self, data: bytes, flags: int, pid: int | None, fds: list[int]) -> None:
         """One notification; the fds it keeps are taken out of `fds` (the rest get closed)."""
+        standby = self.standby
+        if standby is not None and pid == standby.pid:
+            # A standby says only that it is warm; it stores nothing before its turn.
+            if b"\n" + STANDBY_FIELD.encode() + b"=1" in b"\n" + data:
+                standby.warm.set()
+                log.info("standby pid %d ready to take over (%.3f s after its start)", pid,
+                         time.monotonic() - standby.started)
+            return
         if pid is None or pid != self.child or self.child is None:
             log.warning("notification from pid %s ignored: only the service's process (pid %s) "
                         "may notify%s", pid, self.child, f"; {len(fds)} fd(s) closed" if fds else "")
@@ -178,6 +199,7 @@ class Supervisor:
             return
         self.store.append(StoredFd(fd, name, identity))
         log.info("fd store: %s stored (%d fd(s) in all)", name, len(self.store))
+        self._store_changed()
 
     def _remove(self, name: str) -> None:
         kept = []
@@ -187,7 +209,9 @@ class Supervisor:
                 log.info("fd store: %s removed", name)
             else:
                 kept.append(stored)
-        self.store = kept
+        if len(kept) != len(self.store):
+            self.store = kept
+            self._store_changed()
 
     # -- the child --------------------------------------------------------------------------
 
@@ -200,15 +224,18 @@ class Supervisor:
             env["WATCHDOG_USEC"] = str(int(self.options.watchdog * 1e6))
         return env
 
-    def _spawn(self) -> int:
+    def _spawn(self, go: int = -1) -> int:
         """fork, arrange the store's fds as systemd does, exec. LISTEN_PID (and WATCHDOG_PID)
         are set in the child, where its pid is known; nothing else runs between fork and
-        exec (this process has no other threads)."""
-        fds = [s.fd for s in self.store]
+        exec (this process has no other threads). A standby's go pipe comes after the
+        passed fds, named by STANDBY_ENV."""
+        count = len(self.store)
+        fds = [s.fd for s in self.store] + ([go] if go >= 0 else [])
         names = ":".join(s.name for s in self.store)
         env = self._environment()
+        if go >= 0:
+            env[STANDBY_ENV] = str(SD_LISTEN_FDS_START + count)
         argv = self.argv
-        count = len(fds)
         pid = os.fork()
         if pid == 0:  # the child
             try:
@@ -217,11 +244,11 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
                 # Out of the way first (a stored fd may sit where another must go), then in place.
-                base = max([SD_LISTEN_FDS_START + count, *[fd + 1 for fd in fds]])
+                base = max([SD_LISTEN_FDS_START + len(fds), *[fd + 1 for fd in fds]])
                 high = [fcntl.fcntl(fd, fcntl.F_DUPFD, base) for fd in fds]
                 for index, fd in enumerate(high):
                     os.dup2(fd, SD_LISTEN_FDS_START + index)
-                os.closerange(SD_LISTEN_FDS_START + count, 2**31 - 1)
+                os.closerange(SD_LISTEN_FDS_START + len(fds), 2**31 - 1)
                 if count:
                     env["LISTEN_FDS"] = str(count)
                     env["LISTEN_FDNAMES"] = names
@@ -235,27 +262,88 @@ class Supervisor:
             os._exit(127)
         return pid
 
-    def _start_child(self) -> None:
+    @property
+    def child(self) -> int | None:
+        return self.active.pid if self.active is not None else None
+
+    @property
+    def child_started(self) -> float:
+        return self.active.started if self.active is not None else 0.0
+
+    def _launch(self, *, standby: bool) -> _Proc:
         loop = asyncio.get_running_loop()
-        self.ready = False
-        self.child = self._spawn()
-        self.child_started = time.monotonic()
-        self._last_watchdog = self.child_started
+        go_read = go_write = -1
+        if standby:
+            go_read, go_write = os.pipe()
+        try:
+            pid = self._spawn(go_read)
+        finally:
+            if go_read >= 0:
+                os.close(go_read)
         exited: asyncio.Future[int] = loop.create_future()
-        self._exited = exited
-        pidfd = os.pidfd_open(self.child)
-        child = self.child
+        proc = _Proc(pid, exited, time.monotonic(), go_write)
+        pidfd = os.pidfd_open(pid)
 
         def reap() -> None:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            _, status = os.waitpid(child, 0)
+            _, status = os.waitpid(pid, 0)
+            if proc.go >= 0:
+                os.close(proc.go)
+                proc.go = -1
             if not exited.done():
                 exited.set_result(os.waitstatus_to_exitcode(status))
+            if proc is self.standby:
+                self.standby = None
+                if not self._stopping:
+                    log.warning("standby pid %d exited (%s) before its turn; another in 1 s", pid,
+                                _describe(exited.result()))
+                    self._store_changed(delay=1.0)
 
         loop.add_reader(pidfd, reap)
-        log.info("started child pid %d with %d passed fd(s): %s", self.child, len(self.store),
-                 " ".join(self.argv))
+        return proc
+
+    def _start_child(self) -> None:
+        """The standby's turn if there is one (it serves within milliseconds), else a new child."""
+        self.ready = False
+        standby, self.standby = self.standby, None
+        if standby is not None and standby.go >= 0 and not standby.exited.done():
+            os.write(standby.go, b"1")
+            os.close(standby.go)
+            standby.go = -1
+            standby.started = time.monotonic()
+            self.active = standby
+            log.info("standby pid %d takes over%s", standby.pid,
+                     "" if standby.warm.is_set() else " (still starting)")
+        else:
+            self.active = self._launch(standby=False)
+            log.info("started child pid %d with %d passed fd(s): %s", self.active.pid, len(self.store),
+                     " ".join(self.argv))
+        self._last_watchdog = self.active.started
+        self._store_changed(delay=0.2)
+
+    def _store_changed(self, delay: float = 0.5) -> None:
+        """(Re)start the standby with the store as it is now, after `delay` (debounced: a
+        daemon starting stores one fd per socket)."""
+        if not self.options.standby or self._stopping:
+            return
+        if self._standby_refresh is not None:
+            self._standby_refresh.cancel()
+        self._standby_refresh = asyncio.get_running_loop().call_later(delay, self._refresh_standby)
+
+    def _refresh_standby(self) -> None:
+        self._standby_refresh = None
+        if self._stopping or self.active is None:
+            return
+        self._drop_standby()
+        self.standby = self._launch(standby=True)
+        log.info("standby pid %d started with %d passed fd(s)", self.standby.pid, len(self.store))
+
+    def _drop_standby(self) -> None:
+        standby, self.standby = self.standby, None
+        if standby is not None and not standby.exited.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(standby.pid, signal.SIGKILL)
 
     def _signal_child(self, sig: int) -> None:
         if self.child is not None:
@@ -264,15 +352,30 @@ class Supervisor:
 
     async def _stop_child(self) -> int:
         """SIGTERM, then SIGKILL after the stop timeout; the exit code."""
-        assert self._exited is not None
+        assert self.active is not None
+        exited = self.active.exited
         self._signal_child(signal.SIGTERM)
         try:
-            return await asyncio.wait_for(asyncio.shield(self._exited), self.options.stop_timeout)
+            return await asyncio.wait_for(asyncio.shield(exited), self.options.stop_timeout)
         except TimeoutError:
             log.error("child pid %s ignored SIGTERM for %.0f s: SIGKILL", self.child,
                       self.options.stop_timeout)
             self._signal_child(signal.SIGKILL)
-            return await self._exited
+            return await exited
+
+    async def _warm_standby(self) -> None:
+        """For a graceful restart: a standby with the code installed now, through its start."""
+        if not self.options.standby:
+            return
+        self._refresh_standby()
+        standby = self.standby
+        if standby is None:
+            return
+        warm: asyncio.Future[object] = asyncio.ensure_future(standby.warm.wait())
+        gone: asyncio.Future[object] = standby.exited  # type: ignore[assignment]
+        await asyncio.wait([warm, gone], timeout=self.options.stop_timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        warm.cancel()
 
     def _watchdog_expired(self, why: str) -> None:
         log.error("watchdog: child pid %s: %s; SIGABRT", self.child, why)
@@ -317,9 +420,10 @@ class Supervisor:
         try:
             while not self._stopping:
                 self._start_child()
-                assert self._exited is not None
+                assert self.active is not None
+                active_exited = self.active.exited
                 wake: asyncio.Future[object] = asyncio.ensure_future(self._wake.wait())
-                exited: asyncio.Future[object] = self._exited  # type: ignore[assignment]
+                exited: asyncio.Future[object] = active_exited  # type: ignore[assignment]
                 await asyncio.wait([exited, wake], return_when=asyncio.FIRST_COMPLETED)
                 wake.cancel()
                 self._wake.clear()
@@ -327,8 +431,9 @@ class Supervisor:
                     code = await self._stop_child()
                     log.info("child pid %s stopped (exit %d)", self.child, code)
                     break
-                if self._restart_requested and not self._exited.done():
+                if self._restart_requested and not active_exited.done():
                     self._restart_requested = False
+                    await self._warm_standby()
                     began = time.monotonic()
                     code = await self._stop_child()
                     log.info("graceful restart: child pid %s stopped in %.3f s (exit %d); starting "
@@ -338,7 +443,7 @@ class Supervisor:
                     first = False
                     continue
                 self._restart_requested = False
-                code = await self._exited
+                code = await active_exited
                 lived = time.monotonic() - self.child_started
                 if first and code == EXIT_USAGE:
                     log.error("child exited with a usage error (%d): not restarting", code)
@@ -355,9 +460,17 @@ class Supervisor:
                     self._wake.clear()
             return 0
         finally:
+            self._stopping = True
             if watchdog is not None:
                 watchdog.cancel()
-            self.child = None
+            if self._standby_refresh is not None:
+                self._standby_refresh.cancel()
+            standby = self.standby
+            self._drop_standby()
+            if standby is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(standby.exited, 10)
+            self.active = None
             self.close()
 
     def close(self) -> None:

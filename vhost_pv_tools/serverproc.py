@@ -154,13 +154,15 @@ class SupervisedServer(ServerProcess):
     """`vhost-pv supervise -- serve ...`: the daemon as the supervisor's child, its listening
     sockets kept across restarts. `process` is the supervisor; the daemon is `child_pid`."""
 
-    def __init__(self, volumes: Sequence[Path], workdir: Path, **kwargs: Any) -> None:
+    def __init__(self, volumes: Sequence[Path], workdir: Path, *, standby: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(volumes, workdir, **kwargs)
         self.pid_file = workdir / "supervise.pid"
+        self.standby = standby
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vhost_pv.cli", "supervise", "--pid-file", str(self.pid_file),
-                "--", *self.serve_args()]
+                *([] if self.standby else ["--no-standby"]), "--", *self.serve_args()]
 
     def child_pid(self, timeout: float = 30.0) -> int:
         """The daemon's pid, from its own control socket (so: once it answers)."""

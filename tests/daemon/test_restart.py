@@ -52,7 +52,9 @@ def _gone(pid: int) -> bool:
 def test_kill_9_under_supervise_listeners_accept_in_the_gap(tmp_path: Path) -> None:
     volume = _volume(tmp_path / "vol0.img")
     meta = tmp_path / "run" / "meta.sock"
-    server = SupervisedServer([volume], tmp_path / "run", extra_args=["--meta-socket", str(meta)]).start()
+    # No standby: the next daemon starts cold, so there is a gap of a good part of a second.
+    server = SupervisedServer([volume], tmp_path / "run", standby=False,
+                              extra_args=["--meta-socket", str(meta)]).start()
     try:
         sock_path = server.socket_for(volume)
         inodes = (_inode(sock_path), _inode(server.control), _inode(meta))
@@ -102,7 +104,7 @@ def test_frontend_queued_during_kill_9_is_served_by_the_next_daemon(tmp_path: Pa
     """A frontend that connects in the gap and negotiates at once (as QEMU does) gets its
     answers from the next daemon, without a reconnect."""
     volume = _volume(tmp_path / "vol0.img")
-    with SupervisedServer([volume], tmp_path / "run") as server:
+    with SupervisedServer([volume], tmp_path / "run", standby=False) as server:
         old = server.kill_child()
         wait_until(lambda: _gone(old), 10, "the killed daemon gone", server.log)
         began = time.monotonic()
@@ -169,6 +171,9 @@ def test_supervisor_stores_fds_only_from_its_child(tmp_path: Path) -> None:
         client.persistent_disk_dangling(server.control, "vol1", reason="gone")
         client.delete(server.control, "vol1")
         server.wait_log(rf"fd store: {re.escape(fd_name(server.socket_for(doomed)))} removed")
+        # The standby is started again with the store as it is now.
+        wait_until(lambda: server.log().split(" removed")[-1].count("started with 2 passed fd(s)") > 0, 20,
+                   "a standby with the store after the removal", server.log)
         os.kill(child, signal.SIGKILL)
         new = server.wait_new_child(child)
         passed = _environ(new)
@@ -176,3 +181,31 @@ def test_supervisor_stores_fds_only_from_its_child(tmp_path: Path) -> None:
         assert passed["LISTEN_PID"] == str(new) and passed["LISTEN_FDS"] == "2"
         assert sorted(names) == sorted([fd_name(server.socket_for(volume)), fd_name(server.control)])
         assert "intruder" not in server.log().split("ignored")[-1]
+
+
+@pytest.mark.timeout(120)
+def test_warm_standby_takes_over_a_kill_9_in_milliseconds(tmp_path: Path) -> None:
+    """The supervisor keeps the next daemon started and waiting: after kill -9 it serves
+    (control socket answering as the new pid) without a cold start of the interpreter."""
+    volume = _volume(tmp_path / "vol0.img")
+    with SupervisedServer([volume], tmp_path / "run") as server:
+        # A standby started before the first daemon stored its fds is replaced: wait for one
+        # started with the listeners, and warm.
+        wait_until(lambda: "ready to take over" in server.log().rsplit("started with 2 passed fd(s)", 1)[-1]
+                   and "started with 2 passed fd(s)" in server.log(),
+                   30, "a warm standby with the listeners", server.log)
+        standby = int(re.findall(r"standby pid (\d+) ready to take over", server.log())[-1])
+        old = server.child_pid()
+        began = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        new = server.wait_new_child(old)
+        took = time.monotonic() - began
+        assert new == standby, server.log()
+        assert f"standby pid {standby} takes over" in server.log()
+        guest = Guest(server.socket_for(volume))
+        try:
+            guest.round_trip(0, pattern(4096, 2))
+        finally:
+            guest.close()
+        print(f"kill -9 to the standby answering: {took:.3f} s")
+        assert took < 1.0, (took, server.log())

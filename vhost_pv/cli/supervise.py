@@ -23,7 +23,8 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     options = SupervisorOptions(fdstore_max=args.fdstore_max, stop_timeout=args.stop_timeout,
                                 watchdog=args.watchdog,
-                                pid_file=Path(args.pid_file) if args.pid_file else None)
+                                pid_file=Path(args.pid_file) if args.pid_file else None,
+                                standby=not args.no_standby)
     return asyncio.run(Supervisor(child_argv(command), options).run())
 
 
@@ -45,6 +46,9 @@ def _supervise(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watchdog", type=number, metavar="S",
                    help="expect WATCHDOG=1 from the child at least every S seconds (SIGABRT otherwise)")
     p.add_argument("--pid-file", metavar="PATH", help="write the supervisor's pid here (for kill -USR2)")
+    p.add_argument("--no-standby", action="store_true",
+                   help="keep no warm standby (the next daemon, started and waiting for its turn: it "
+                   "takes over in milliseconds instead of a cold start's second; costs one idle process)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                    help="the vhost-pv command to run, e.g. serve ...")
     p.set_defaults(func=cmd_supervise)
