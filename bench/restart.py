@@ -65,7 +65,7 @@ probe() {{
   done
 }}
 probe &
-echo FIO-START
+read up rest < /proc/uptime; echo "FIO-START AT ${{up%.*}}${{up#*.}}"
 fio --name=restart --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=32 \\
     --rw=randrw --rwmixread=30 --bs=4k --size=100% --time_based --runtime={runtime} \\
     --verify=crc32c --verify_backlog=512 --verify_fatal=1 \\
@@ -166,6 +166,7 @@ def restart_drill(workdir: Path, *, ways: Sequence[str] = WAYS, between_s: float
     serve = [sys.executable, "-m", "vhost_pv.cli", *server.serve_args()]
     by_hand = start_with_fds(serve, [], [], log_path, env)
     pauses: dict[str, float] = {}
+    warmups: list[float] = []
     supervised = False
     try:
         deadline = time.monotonic() + 60
@@ -195,8 +196,13 @@ def restart_drill(workdir: Path, *, ways: Sequence[str] = WAYS, between_s: float
                         server.process = start_with_fds(server.command(), fds, names, log_path)
                         supervised = True
                 elif way == "upgrade":
+                    # The old daemon serves on while the new build's standby warms up; the
+                    # guest's pause starts when the old one stops (a few ms before its exit).
+                    old = server.graceful_restart()
+                    signalled = time.monotonic()
+                    _wait(functools.partial(_gone, old), "the old daemon did not stop", 60, guest)
                     began = time.monotonic()
-                    server.graceful_restart()
+                    warmups.append(began - signalled)
                 else:
                     old = server.child_pid()
                     began = time.monotonic()
@@ -221,17 +227,25 @@ def restart_drill(workdir: Path, *, ways: Sequence[str] = WAYS, between_s: float
     job = json.loads(text[text.index("{"):])["jobs"][0]
     guest_pauses = [int(line.split()[1]) / 100 for line in result.console.splitlines()
                     if line.startswith("PAUSE ")]
+    guest_times = [line for line in result.console.splitlines() if line.startswith(("PAUSE ", "FIO-START"))]
     return {
         "ways": list(ways),
         "pauses_s": pauses,
         "guest_pauses_s": guest_pauses,
+        "upgrade_signal_to_stop_s": warmups,
         "fio_errors": int(job["error"]),
         "probe_errors": result.console.count("PROBE-ERROR"),
         "fio_clat_max_s": max(job[d]["clat_ns"]["max"] for d in ("read", "write")) / 1e9,
         "ios": int(job["read"]["total_ios"] + job["write"]["total_ios"]),
+        "guest_timeline": guest_times,
         "console": result.console,
         "log": log_path.read_text(errors="replace"),
     }
+
+
+def _gone(pid: int) -> bool:
+    """Exited (and reaped by the supervisor, which does so at once)."""
+    return not Path(f"/proc/{pid}").exists()
 
 
 def _answers(control: Path) -> bool:
