@@ -16,6 +16,15 @@ supervisor). SIGUSR2 restarts it gracefully (SIGTERM, wait, start the code insta
 upgrade is "install the new build, send SIGUSR2". SIGHUP is passed on (the daemon reloads its
 policy). SIGTERM/SIGINT stop the child, then us.
 
+A warm standby (unless --no-standby) makes a restart cost the start of the service, not of the
+interpreter: the next daemon is started with the store's fds and a go pipe, does everything
+up to serving (imports, the C data path, its command line checked), says so on the notify
+socket (VHOST_PV_STANDBY=1), and waits for a byte on the pipe (EOF: it exits). Whenever the
+running daemon ends, the standby gets its byte and serves within milliseconds; a new standby
+follows. When the store changes, the standby is replaced (it must hold what the store
+holds); for a graceful restart a standby of the installed code is warmed up first, while
+the old daemon still serves.
+
 It holds listening sockets and nothing else: no guest data, nothing a guest controls.
 """
 
