@@ -509,6 +509,7 @@ int blk_process_ring(struct vpv_queue *q)
                 return -EIO;
             }
             STAT_ADD(q, requests, 1);
+            __atomic_store_n(&q->busy_since_ns, coarse_ns(), __ATOMIC_RELAXED);
             taken++;
             if (r == VPV_POP_BAD_CHAIN || !c->status_ok) {
                 /* No trustworthy status byte: complete it empty so the driver can reclaim it. */
@@ -528,7 +529,9 @@ int blk_process_ring(struct vpv_queue *q)
                 status = VIRTIO_BLK_S_IOERR;
             } else {
                 q->quarantined = 0;
+                storage_enter(q);
                 status = execute(q, c, &written, &slot);
+                storage_leave(q);
                 if (q->quarantined) {
                     q->deferred[q->ndeferred++] =
                         (struct deferred_push){.head = c->head, .status = status, .status_ptr = status_ptr};
@@ -549,7 +552,10 @@ int blk_process_ring(struct vpv_queue *q)
         vpv_volume_end_request(q->blk->vol);
     }
     __atomic_store_n(&q->stats.last_avail_idx, q->vr.last_avail_idx, __ATOMIC_RELAXED);
-    if (taken && q->blk->vol->super_dirty)
+    if (taken && q->blk->vol->super_dirty) {
+        storage_enter(q);
         vpv_volume_ring_sync(q->blk->vol);   /* once per batch, not per quarantined record */
+        storage_leave(q);
+    }
     return taken;
 }

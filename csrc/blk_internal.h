@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include <liburing.h>
 
@@ -70,6 +71,12 @@ struct vpv_queue {
     } deferred[VPV_ASYNC_SLOTS];
     uint8_t *bounce;          /* a write's payload copied out of guest memory (dangling) */
     size_t bounce_size;
+    /* Liveness (vpv_blk_queue_health), written by the worker only. */
+    uint64_t heartbeats;      /* worker loop turns */
+    uint64_t busy_since_ns;   /* coarse clock when the current request / wake-up began; 0 asleep */
+    uint64_t uring_progress_ns; /* coarse clock of the last completion (or first submission) */
+    uint64_t storage_since_ns; /* coarse clock when the worker entered a request's storage
+                                * work (syscalls on the volume, the ring's mutex); 0 outside */
 };
 
 struct vpv_blk {
@@ -97,6 +104,26 @@ struct vpv_blk {
 static inline int stopping(struct vpv_queue *q)
 {
     return __atomic_load_n(&q->stopping, __ATOMIC_RELAXED);
+}
+
+/* The clock of the liveness fields: a vDSO read of a variable, no counter access. */
+static inline uint64_t coarse_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Around the part of a request that waits on the volume's storage: a worker stuck there has
+ * a stalled disk, not a broken daemon (vhost_pv/supervision.py tells the two apart). */
+static inline void storage_enter(struct vpv_queue *q)
+{
+    __atomic_store_n(&q->storage_since_ns, coarse_ns(), __ATOMIC_RELAXED);
+}
+
+static inline void storage_leave(struct vpv_queue *q)
+{
+    __atomic_store_n(&q->storage_since_ns, 0, __ATOMIC_RELAXED);
 }
 
 /* Drop the first `skip` bytes of an iovec array in place; returns the new start. */

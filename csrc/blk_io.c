@@ -94,7 +94,8 @@ struct async_slot *blk_async_prepare(struct vpv_queue *q, struct iovec *iov, uin
         return NULL;
     struct async_slot *slot = &q->slots[q->free_slot];
     q->free_slot = slot->next_free;
-    q->inflight++;
+    if (q->inflight++ == 0)   /* the wait for a completion starts now */
+        __atomic_store_n(&q->uring_progress_ns, coarse_ns(), __ATOMIC_RELAXED);
     q->unsubmitted++;
     if (write)
         __atomic_fetch_add(&q->blk->vol->inflight_writes, 1, __ATOMIC_SEQ_CST);
@@ -201,7 +202,10 @@ uint32_t blk_async_reap(struct vpv_queue *q, uint32_t wait)
         struct async_slot *slot = io_uring_cqe_get_data(cqe);
         int res = cqe->res;
         io_uring_cqe_seen(&q->uring, cqe);
+        storage_enter(q);   /* a fallback or the rest of a short transfer is done inline */
         async_complete(q, slot, res);   /* releases the slot */
+        storage_leave(q);
+        __atomic_store_n(&q->uring_progress_ns, coarse_ns(), __ATOMIC_RELAXED);
         done++;
     }
     return done;

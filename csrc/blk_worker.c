@@ -306,13 +306,17 @@ static void worker_loop(struct vpv_queue *q)
             break;
         if (poll_ns && fds[0].fd >= 0 && poll_work(q, poll_ns)) {
             STAT_ADD(q, polled_wakes, 1);
+            __atomic_store_n(&q->busy_since_ns, coarse_ns(), __ATOMIC_RELAXED);
             if (queue_pass(q) == -EIO)
                 fds[0].fd = -1;
             continue;
         }
+        __atomic_add_fetch(&q->heartbeats, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&q->busy_since_ns, 0, __ATOMIC_RELAXED);
         uint64_t slept_from = monotonic_ns();
         int ready = poll(fds, 3, WATCHDOG_MS);
         uint64_t slept = monotonic_ns() - slept_from;
+        __atomic_store_n(&q->busy_since_ns, coarse_ns(), __ATOMIC_RELAXED);
         if (slept <= POLL_MAX_NS)
             poll_ns = poll_ns ? (poll_ns * 2 > POLL_MAX_NS ? POLL_MAX_NS : poll_ns * 2) : POLL_START_NS;
         else
@@ -396,6 +400,9 @@ int vpv_blk_queue_start(struct vpv_blk *blk, uint32_t index, const struct vpv_vr
     if (err)
         return err;
     memset(&q->stats, 0, sizeof(q->stats));
+    q->busy_since_ns = 0;
+    q->uring_progress_ns = 0;
+    q->storage_since_ns = 0;
     q->coalescing = 0;
     q->wakes = 0;
     if (!q->slots && !(blk->flags & VPV_BLK_SYNC_IO))
@@ -516,6 +523,28 @@ int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_st
     out->_pad = 0;
     out->guest_faults = __atomic_load_n(&s->guest_faults, __ATOMIC_RELAXED);
     out->calls_saturated = __atomic_load_n(&s->calls_saturated, __ATOMIC_RELAXED);
+    return 0;
+}
+
+int vpv_blk_queue_health(struct vpv_blk *blk, uint32_t index, struct vpv_queue_health *out)
+{
+    if (index >= VPV_MAX_QUEUES)
+        return -EINVAL;
+    struct vpv_queue *q = &blk->queues[index];
+    uint64_t now = coarse_ns();
+    memset(out, 0, sizeof(*out));
+    out->has_worker = (uint32_t)q->has_thread;
+    if (!q->has_thread)
+        return 0;
+    out->heartbeats = __atomic_load_n(&q->heartbeats, __ATOMIC_RELAXED);
+    uint64_t busy = __atomic_load_n(&q->busy_since_ns, __ATOMIC_RELAXED);
+    out->busy_ns = busy && now > busy ? now - busy : 0;
+    /* inflight is the worker's own counter: a racy read only shifts the answer by a turn. */
+    uint64_t progress = __atomic_load_n(&q->uring_progress_ns, __ATOMIC_RELAXED);
+    if (__atomic_load_n(&q->inflight, __ATOMIC_RELAXED) > 0 && progress && now > progress)
+        out->uring_wait_ns = now - progress;
+    uint64_t storage = __atomic_load_n(&q->storage_since_ns, __ATOMIC_RELAXED);
+    out->storage_wait_ns = storage && now > storage ? now - storage : 0;
     return 0;
 }
 

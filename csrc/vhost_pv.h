@@ -201,6 +201,21 @@ int vpv_blk_queue_stop(struct vpv_blk *blk, uint32_t index);
  * Returns the number of requests completed, or a negative errno if the ring is broken. */
 int vpv_blk_queue_process(struct vpv_blk *blk, uint32_t index);
 int vpv_blk_queue_stats(struct vpv_blk *blk, uint32_t index, struct vpv_queue_stats *out);
+/* Liveness of one queue's worker, for the service manager's watchdog (any thread may read
+ * it while the worker runs). Times are CLOCK_MONOTONIC_COARSE: seconds matter here, and
+ * reading that clock costs the worker next to nothing per request. */
+struct vpv_queue_health {
+    uint64_t heartbeats;      /* turns of the worker's loop: it wakes at least once a second */
+    uint64_t busy_ns;         /* how long the worker has been inside its current request (or
+                               * wake-up); 0 while it sleeps. Seconds: stuck in the kernel */
+    uint64_t uring_wait_ns;   /* requests in flight on the io_uring and none completed for
+                               * this long; 0 when none is in flight */
+    uint64_t storage_wait_ns; /* how long the worker has been inside the storage part of a
+                               * request (syscalls on the volume); 0 outside it */
+    uint32_t has_worker;      /* a worker thread serves the queue */
+    uint32_t _pad;
+};
+int vpv_blk_queue_health(struct vpv_blk *blk, uint32_t index, struct vpv_queue_health *out);
 /* An eventfd (non-blocking, owned by the device) that becomes readable when a queue breaks
  * (corrupt ring, guest memory gone): the control plane then ends the connection. */
 int vpv_blk_broken_fd(struct vpv_blk *blk);

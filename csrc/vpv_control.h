@@ -95,6 +95,31 @@ struct vpv_ctl_meta {
     char key[192];
 } __attribute__((packed));
 
+/* VOLUME_SET: only the fields whose VPV_CTL_SET_* bit is in mask change. An id list ends at
+ * its first -1. Reply: JSON (old and new value of each changed field). */
+#define VPV_CTL_SET_TTL (1u << 0)
+#define VPV_CTL_SET_TTL_ACTION (1u << 1)
+#define VPV_CTL_SET_READ_POLICY (1u << 2)
+#define VPV_CTL_SET_RING_FULL_POLICY (1u << 3)
+#define VPV_CTL_SET_ALLOWED_UIDS (1u << 4)
+#define VPV_CTL_SET_ALLOWED_GIDS (1u << 5)
+#define VPV_CTL_SET_OWNER (1u << 6)
+#define VPV_CTL_CLEAR_OWNER (1u << 7)
+struct vpv_ctl_volume_set {
+    char volume[64];
+    uint32_t mask;
+    uint8_t read_policy;      /* VPV_READ_* */
+    uint8_t ring_full_policy; /* VPV_RING_FULL_* */
+    uint8_t ttl_action;       /* 0 alert, 1 delete */
+    uint8_t pad;
+    uint64_t ttl_seconds;     /* 0: no time limit */
+    int32_t allowed_uids[8];
+    int32_t allowed_gids[8];
+    char owner[128];          /* container id, id prefix or name */
+    uint32_t owner_pid;       /* without an engine: the owner's init pid (0: none) */
+    uint32_t pad2;
+} __attribute__((packed));
+
 #define VPV_IOC_STATUS _IOC(_IOC_READ, 'v', 0x01, 0)
 #define VPV_IOC_PERSISTENT_DISK_DANGLING _IOWR('v', 0x10, struct vpv_ctl_dangling)
 #define VPV_IOC_RECLAIM _IOWR('v', 0x11, struct vpv_ctl_reclaim)
@@ -103,5 +128,6 @@ struct vpv_ctl_meta {
 #define VPV_IOC_ALERTS _IOWR('v', 0x14, struct vpv_ctl_alerts)
 #define VPV_IOC_BIND _IOWR('v', 0x15, struct vpv_ctl_bind)
 #define VPV_IOC_META _IOWR('v', 0x16, struct vpv_ctl_meta)
+#define VPV_IOC_VOLUME_SET _IOWR('v', 0x1a, struct vpv_ctl_volume_set)
 
 #endif

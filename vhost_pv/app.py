@@ -22,6 +22,7 @@ from vhost_pv.meta.store import MetadataStore
 from vhost_pv.service.frontends import FrontendService, MetadataFsFrontend
 from vhost_pv.service.volumes import VolumeService
 from vhost_pv.sockfile import raise_fd_limit, watch_task
+from vhost_pv.supervision import Supervision
 
 if TYPE_CHECKING:
     from vhost_pv.guard.engine_api import EngineClient
@@ -53,10 +54,13 @@ class App:
         self._meta_frontend: MetadataFsFrontend | None = None
         self.engine_watcher = (
             EngineWatcher(self.engine, self.volumes, reconcile_interval=config.reconcile_interval,
-                          reclaim_policy=config.reclaim_policy)
+                          reclaim_policy=config.reclaim_policy, stop_poll=config.stop_poll)
             if self.engine is not None else None
         )
-        self.process_watcher = ProcessWatcher(self.volumes) if config.proc_events else None
+        self.process_watcher = (
+            ProcessWatcher(self.volumes, arbiter=self.engine_watcher, grace=config.engine_grace)
+            if config.proc_events else None
+        )
         self.volumes.process_watcher = self.process_watcher
         self.control = ControlServer(
             config.control_path,
@@ -64,6 +68,7 @@ class App:
             handlers.table(handlers.Context(self.volumes, self.alerts, self.metadata, self.status)),
             timeout=config.peer_timeout,
         )
+        self.supervision = Supervision(self.volumes, stuck_after=config.worker_stuck_after)
         self._watcher_tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.started_at = time.time()
@@ -77,9 +82,15 @@ class App:
         # Unhandled, SIGHUP would end the daemon silently (e.g. its terminal closing).
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
+        # The control socket answers: READY=1, then STATUS and watchdog pings (supervision.py).
+        self.supervision.ready()
+        supervising = watch_task(asyncio.create_task(self.supervision.run(), name="supervision"), log)
         try:
             await self._stopping.wait()
         finally:
+            self.supervision.stopping()
+            supervising.cancel()
+            await asyncio.gather(supervising, return_exceptions=True)
             await self.stop()
 
     async def start(self) -> None:
@@ -93,7 +104,15 @@ class App:
             raise
 
     def reload(self) -> None:
-        """SIGHUP: reload what can be reloaded (the metadata policy file)."""
+        """SIGHUP: reload what can be reloaded, between RELOADING=1 and READY=1."""
+        self.supervision.reloading()
+        try:
+            self._reload()
+        finally:
+            self.supervision.reloaded()
+
+    def _reload(self) -> None:
+        """The metadata policy file."""
         if self.config.meta_policy is None or self.meta_fs is None:
             log.info("SIGHUP: nothing to reload (no --meta-policy)")
             return

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vhost_pv._native import lib
 from vhost_pv.control.wire import NAME_LEN
-from vhost_pv.guard.containers import ReclaimPolicy
+from vhost_pv.guard.containers import ENGINE_GRACE_S, STOP_POLL_S, ReclaimPolicy
 from vhost_pv.sockfile import AccessList
 
 
@@ -52,6 +52,10 @@ class DaemonConfig:
     proc_events: bool = False
     """Watch the owners' init pids through kernel process events."""
     reconcile_interval: float = 30.0
+    engine_grace: float = ENGINE_GRACE_S
+    """How long an owner's process exit waits for the engine's verdict (with an engine)."""
+    stop_poll: float = STOP_POLL_S
+    """How often the running owners' state is sampled to see a stop in progress (0: never)."""
     reclaim_policy: ReclaimPolicy = ReclaimPolicy.SAME_IMAGE
     direct: bool = False
     """Data reads and writes bypass the host page cache (O_DIRECT, io_uring per queue)."""
@@ -66,6 +70,9 @@ class DaemonConfig:
     peer_timeout: float = 5.0
     """Seconds a peer may take for its first message, for each message from its first byte,
     and (control, HTTP) to stay idle: a stalled peer never holds a slot or an fd for long."""
+    worker_stuck_after: float = 30.0
+    """A queue worker inside one request for longer than this is stuck: logged, and the
+    service watchdog's ping is withheld (vhost_pv/supervision.py)."""
 
     def validate(self) -> None:
         """Raise ConfigError for the first value out of range."""
@@ -73,7 +80,11 @@ class DaemonConfig:
             raise ConfigError("queues", "{value} is out of range 1..{limit}",
                               value=self.queues, limit=lib.VPV_MAX_QUEUES)
         _positive_seconds("reconcile_interval", self.reconcile_interval)
+        _positive_seconds("engine_grace", self.engine_grace)
+        if self.stop_poll != 0:
+            _positive_seconds("stop_poll", self.stop_poll)
         _positive_seconds("peer_timeout", self.peer_timeout)
+        _positive_seconds("worker_stuck_after", self.worker_stuck_after)
         try:
             vm_bytes = len(self.vm.encode())
         except UnicodeEncodeError:

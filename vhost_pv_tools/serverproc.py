@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -32,7 +32,11 @@ class ServerProcess:
         queues: int = 1,
         extra_args: Sequence[str] = (),
         start_timeout: float = 15.0,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """env: variables set for the daemon on top of ours (NOTIFY_SOCKET, ...); prefix: a
+        command the daemon runs under (e.g. setpriv, to drop privileges)."""
         self.volumes = [Path(v) for v in volumes]
         self.socket_dir = workdir / "sockets"
         self.control = workdir / "control.sock"
@@ -40,6 +44,8 @@ class ServerProcess:
         self.queues = queues
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
+        self.env = dict(env or {})
+        self.prefix = list(prefix)
         self.process: subprocess.Popen[bytes] | None = None
 
     def socket_for(self, volume: Path | str) -> Path:
@@ -56,12 +62,13 @@ class ServerProcess:
         ]
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "vhost_pv.cli", *self.serve_args()]
+        return [*self.prefix, sys.executable, "-m", "vhost_pv.cli", *self.serve_args()]
 
     def start(self) -> Self:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **self.env} if self.env else None)
         self.wait_listening()
         return self
 

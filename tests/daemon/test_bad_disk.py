@@ -30,6 +30,7 @@ from support.frontend import (
     read_request,
     write_request,
 )
+from support.stall import resumed, stallable_fs, waiting_on_fuse
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import Command
@@ -226,47 +227,6 @@ def test_failed_writeback_fails_every_later_flush(tmp_path: Path) -> None:
     assert stored and status in (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR)
 
 
-@contextlib.contextmanager
-def _stallable_fs(where: Path) -> Iterator[tuple[Path, int]]:
-    """A FUSE file system whose server this test controls (fuse-overlayfs in the
-    foreground): SIGSTOP to its pid makes every request on it wait in the kernel, where no
-    signal but a fatal one interrupts the waiting thread. Yields (mount point, server pid)."""
-    for name in ("lower", "upper", "work", "mnt"):
-        (where / name).mkdir()
-    mount = where / "mnt"
-    server = subprocess.Popen(
-        ["fuse-overlayfs", "-f", "-o",
-         f"lowerdir={where / 'lower'},upperdir={where / 'upper'},workdir={where / 'work'}", str(mount)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: os.path.ismount(mount), 10.0, "the FUSE mount")
-        yield mount, server.pid
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-        subprocess.run(["fusermount", "-u", "-z", str(mount)], check=False, timeout=30)
-        server.terminate()
-        server.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def _resumed(fuse_pid: int) -> Iterator[None]:
-    """SIGCONT to the FUSE server however the block ends, before the daemon is stopped or
-    killed: a process cannot even exit while a close on a stopped FUSE file system waits."""
-    try:
-        yield
-    finally:
-        os.kill(fuse_pid, signal.SIGCONT)
-
-
-def _waiting_on_fuse(pid: int) -> bool:
-    """Whether a thread of pid waits for a FUSE reply (its kernel stack shows it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            if "fuse" in Path(f"/proc/{pid}/task/{tid}/stack").read_text():
-                return True
-    return False
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["disconnect", "get-vring-base"])
 def test_stalled_disk_does_not_freeze_the_daemon(tmp_path: Path, how: str) -> None:
@@ -278,10 +238,10 @@ def test_stalled_disk_does_not_freeze_the_daemon(tmp_path: Path, how: str) -> No
     bystander = tmp_path / "other.img"
     create_volume(bystander, CreateOptions(size=4 * MiB, ring_size=MiB))
     (tmp_path / "fuse").mkdir()
-    with _stallable_fs(tmp_path / "fuse") as (mount, fuse_pid):
+    with stallable_fs(tmp_path / "fuse") as (mount, fuse_pid):
         stalled = mount / "full.img"
         create_volume(stalled, CreateOptions(size=4 * MiB, ring_size=MiB))
-        with ServerProcess([stalled, bystander], tmp_path / "run") as server, _resumed(fuse_pid):
+        with ServerProcess([stalled, bystander], tmp_path / "run") as server, resumed(fuse_pid):
             assert server.process is not None
             guest = _Guest(server.socket_for(stalled))
             try:
@@ -290,7 +250,7 @@ def test_stalled_disk_does_not_freeze_the_daemon(tmp_path: Path, how: str) -> No
                 guest._fresh()
                 write_request(guest.memory, 8, pattern(CHUNK, 2)).submit(guest.ring)
                 guest.frontend.kick(0)
-                wait_until(lambda: _waiting_on_fuse(server.pid), 10.0,
+                wait_until(lambda: waiting_on_fuse(server.pid), 10.0,
                            "the worker waiting on the stopped FUSE server", server.log)
                 if how == "get-vring-base":
                     # The stop gives up, the daemon ends the connection (the reply may or may
@@ -304,9 +264,9 @@ def test_stalled_disk_does_not_freeze_the_daemon(tmp_path: Path, how: str) -> No
             # and the bystander is served, while the disk is still stalled.
             took = wait_until(lambda: _serves(server, bystander), 20.0, "the bystander served", server.log)
             assert took < 15.0
-            assert _waiting_on_fuse(server.pid)
+            assert waiting_on_fuse(server.pid)
             os.kill(fuse_pid, signal.SIGCONT)
-            wait_until(lambda: not _waiting_on_fuse(server.pid), 10.0,
+            wait_until(lambda: not waiting_on_fuse(server.pid), 10.0,
                        "the worker released", server.log)
             # The worker completed into guest memory that was still mapped, then cleaned up.
             _bystander_serves(server, bystander, 6)

@@ -42,6 +42,11 @@ LAYOUTS: dict[str, tuple[Any, list[str | None]]] = {
     "vpv_ctl_alerts": (wire.AlertsRequest, ["flags", "pad", "since_seq"]),
     "vpv_ctl_bind": (wire.BindRequest, ["volume", "container", "pid", "pad"]),
     "vpv_ctl_meta": (wire.MetaRequest, ["op", "value_len", "vm", "key"]),
+    "vpv_ctl_volume_set": (
+        wire.VolumeSetRequest,
+        ["volume", "mask", "read_policy", "ring_full_policy", "ttl_action", None, "ttl_seconds",
+         "allowed_uids", "allowed_gids", "owner", "owner_pid", None],
+    ),
     "vpv_ring_super": (
         ring.RingSuper,
         ["magic", "version", "align", "area_offset", "area_size", "head", "tail", "next_seq",
@@ -89,6 +94,7 @@ COMMANDS = {
     "VPV_IOC_ALERTS": wire.Command.ALERTS,
     "VPV_IOC_BIND": wire.Command.BIND,
     "VPV_IOC_META": wire.Command.META,
+    "VPV_IOC_VOLUME_SET": wire.Command.VOLUME_SET,
 }
 
 CONSTANTS = {
@@ -110,6 +116,14 @@ CONSTANTS = {
     "VPV_RING_DISCARD": wire.RingOp.DISCARD,
     "VPV_META_SET": wire.MetaOp.SET,
     "VPV_META_BOOT": wire.MetaOp.BOOT,
+    "VPV_CTL_SET_TTL": wire.SET_TTL,
+    "VPV_CTL_SET_TTL_ACTION": wire.SET_TTL_ACTION,
+    "VPV_CTL_SET_READ_POLICY": wire.SET_READ_POLICY,
+    "VPV_CTL_SET_RING_FULL_POLICY": wire.SET_RING_FULL_POLICY,
+    "VPV_CTL_SET_ALLOWED_UIDS": wire.SET_ALLOWED_UIDS,
+    "VPV_CTL_SET_ALLOWED_GIDS": wire.SET_ALLOWED_GIDS,
+    "VPV_CTL_SET_OWNER": wire.SET_OWNER,
+    "VPV_CTL_CLEAR_OWNER": wire.CLEAR_OWNER,
     "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP": virtio_blk.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     "VPV_MAX_DISCARD_SECTORS": virtio_blk.MAX_DISCARD_SECTORS,
     "VPV_MAX_DISCARD_SEGMENTS": virtio_blk.MAX_DISCARD_SEGMENTS,

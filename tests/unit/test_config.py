@@ -39,6 +39,9 @@ def test_defaults_are_valid(tmp_path: Path) -> None:
     ("queues", 17),
     ("reconcile_interval", 0.0),
     ("reconcile_interval", float("nan")),
+    ("engine_grace", 0.0),
+    ("stop_poll", -0.5),
+    ("stop_poll", float("nan")),
     ("peer_timeout", -1.0),
     ("peer_timeout", float("inf")),
     ("vm", "x" * (NAME_LEN + 1)),
@@ -56,6 +59,7 @@ def test_validate_names_the_field(tmp_path: Path, field: str, value: object) -> 
 def test_validate_accepts_the_limits(tmp_path: Path) -> None:
     config(tmp_path, queues=lib.VPV_MAX_QUEUES, vm="v" * NAME_LEN, engine_url="unix:///run/x.sock",
            meta_policy=tmp_path / "p.toml", meta_socket=tmp_path / "m.sock").validate()
+    config(tmp_path, stop_poll=0.0).validate()  # 0: never sample the owners' state
 
 
 def test_describe_uses_the_callers_names(tmp_path: Path) -> None:
@@ -77,6 +81,7 @@ def test_cli_defaults_come_from_daemon_config(tmp_path: Path) -> None:
     fields = {f.name: f.default for f in dataclasses.fields(DaemonConfig)}
     assert args.queues == fields["queues"]
     assert args.reconcile_interval == fields["reconcile_interval"]
+    assert (args.engine_grace, args.stop_poll) == (fields["engine_grace"], fields["stop_poll"])
     assert args.peer_timeout == fields["peer_timeout"]
     assert args.vm == fields["vm"]
     assert ReclaimPolicy(args.reclaim_policy) == fields["reclaim_policy"]

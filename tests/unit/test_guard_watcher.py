@@ -24,7 +24,9 @@ from vhost_pv.guard.containers import (
     ReclaimPolicy,
 )
 from vhost_pv.guard.engine_api import EngineClient
-from vhost_pv.guard.engine_events import ContainerEvent, ContainerInfo
+from vhost_pv.guard.engine_events import ContainerEvent, ContainerInfo, EngineError
+from vhost_pv.guard.processes import ProcessExit
+from vhost_pv.guard.verdicts import Evidence, ExitKind, classify
 
 T = TypeVar("T")
 OWNER = "c0ffee" * 10 + "abcd"
@@ -39,10 +41,18 @@ class FakeEngine:
     known: dict[str, ContainerInfo] = dataclasses.field(default_factory=dict)
     url: str = "unix:///fake.sock"
     inspected: list[str] = dataclasses.field(default_factory=list)
+    down: bool = False  # every call fails, as with an engine that is not there
 
     async def inspect(self, container: str) -> ContainerInfo | None:
+        if self.down:
+            raise EngineError("down")
         self.inspected.append(container)
         return self.known.get(container)
+
+    async def container_states(self, ids: list[str]) -> dict[str, str]:
+        if self.down:
+            raise EngineError("down")
+        return {i: self.known[i].status for i in ids if i in self.known}
 
 
 @dataclasses.dataclass
@@ -54,6 +64,7 @@ class FakeDirectory:
     rebinds: list[tuple[str, OwnerBinding]] = dataclasses.field(default_factory=list)
     reclaims: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     alerts: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    alert_details: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def owned_volumes(self) -> list[OwnedVolume]:
         return list(self.volumes)
@@ -69,6 +80,7 @@ class FakeDirectory:
 
     def alert(self, kind: str, volume: str, message: str, **details: Any) -> None:
         self.alerts.append((kind, volume))
+        self.alert_details.append(details)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -81,10 +93,10 @@ def event(action: str, container: str = OWNER, exit_code: int | None = None,
 
 
 def info(container: str, *, image: str = IMAGE, labels: dict[str, str] | None = None,
-         status: str = "exited") -> ContainerInfo:
+         status: str = "exited", exit_code: int = 0, oom: bool = False) -> ContainerInfo:
     # A running container's pid is looked up in /proc: ours is one that surely exists.
-    pid = os.getpid() if status == "running" else 0
-    return ContainerInfo(container, "web-2", image, pid, status, 0, labels or {})
+    pid = os.getpid() if status in ("running", "stopping") else 0
+    return ContainerInfo(container, "web-2", image, pid, status, exit_code, labels or {}, oom)
 
 
 def watcher(directory: FakeDirectory, engine: FakeEngine,
@@ -236,3 +248,86 @@ def test_reconcile_flips_volumes_whose_owner_is_gone_and_rebinds_the_others() ->
     assert volume == "moved" and binding.container == OWNER and binding.pid == os.getpid()
     assert sorted(engine.inspected) == ["deadbeef", "web-1"]  # neither unbound nor dangling
     assert w.reconciles == 1
+
+
+# -- what an end was (verdicts.classify and the evidence the watcher gathers) ------------------
+
+
+@pytest.mark.parametrize(("evidence", "kind", "text"), [
+    (Evidence(exit_code=137, removed=True, stop="a kill event"), ExitKind.DELETED, "deleted"),
+    (Evidence(exit_code=137, oom=True), ExitKind.CRASHED, "crashed (out of memory)"),
+    (Evidence(exit_code=137, stop="a stop event"), ExitKind.STOPPED, "stopped by the engine (a stop event)"),
+    (Evidence(exit_code=137), ExitKind.CRASHED, "crashed (exit 137, killed by SIGKILL)"),
+    (Evidence(signal=9), ExitKind.CRASHED, "crashed (killed by SIGKILL)"),
+    (Evidence(exit_code=3), ExitKind.CRASHED, "crashed (exit 3)"),
+    (Evidence(exit_code=0), ExitKind.CLEAN, "exited cleanly"),
+    (Evidence(), ExitKind.CRASHED, "crashed (exit code unknown)"),
+])
+def test_the_rule(evidence: Evidence, kind: ExitKind, text: str) -> None:
+    verdict = classify(evidence)
+    assert (verdict.kind, verdict.text) == (kind, text)
+
+
+def test_an_exit_of_a_container_seen_stopping_is_a_stop() -> None:
+    """Podman 4.3: `podman stop -t 1` ends in `died 137` and no stop event; only the state
+    sampled during the stop says it was one."""
+    directory = FakeDirectory([OwnedVolume("vol0", False, OwnerBinding(OWNER, "web-1", IMAGE, os.getpid()))])
+    engine = FakeEngine({OWNER: info(OWNER, status="stopping")})
+
+    async def go() -> None:
+        w = watcher(directory, engine)
+        await w._sample_states([OWNER])
+        engine.known[OWNER] = info(OWNER, status="exited", exit_code=137)
+        await w.on_event(event("died", exit_code=137))
+        await settle(w)
+
+    run(go())
+    assert directory.flips == [] and directory.alerts == [("owner-stopped", "vol0")]
+    (details,) = directory.alert_details
+    assert details["classification"] == "stopped by the engine (the engine reported it stopping)"
+    ((volume, binding),) = directory.rebinds  # the dead init pid is no longer watched
+    assert volume == "vol0" and binding.pid == 0
+
+
+def test_an_oom_killed_exit_is_a_crash_even_after_a_stop() -> None:
+    directory = FakeDirectory([owned("vol0")])
+
+    async def go() -> None:
+        w = watcher(directory, FakeEngine({OWNER: info(OWNER, exit_code=137, oom=True)}))
+        await w.on_event(event("kill", signal="15"))
+        await w.on_event(event("die", exit_code=137))
+        await settle(w)
+
+    run(go())
+    assert directory.flips == [("vol0", REASON_CRASHED, "engine")]
+
+
+def test_a_process_exit_waits_for_the_engines_verdict() -> None:
+    """--proc-events: the kernel's exit comes first; the engine's `remove` decides."""
+    directory = FakeDirectory([owned("vol0")])
+
+    async def go() -> bool:
+        w = watcher(directory, FakeEngine({OWNER: info(OWNER, status="running")}))
+        waiting = asyncio.create_task(w.owner_exited(OWNER, ProcessExit(42, 9), grace=5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and directory.flips == []
+        await w.on_event(event("remove"))
+        return await asyncio.wait_for(waiting, 1.0)
+
+    assert run(go()) is True
+    assert directory.flips == [("vol0", REASON_DELETED, "engine")]
+
+
+def test_a_process_exit_the_engine_is_silent_about_asks_the_engine() -> None:
+    directory = FakeDirectory([owned("vol0")])
+    engine = FakeEngine({OWNER: info(OWNER, exit_code=137)})
+    assert run(watcher(directory, engine).owner_exited(OWNER, ProcessExit(42, 9), grace=0.01)) is True
+    assert directory.flips == [("vol0", REASON_CRASHED, "proc-events")]
+    assert engine.inspected == [OWNER]
+
+
+def test_a_process_exit_decides_alone_when_the_engine_cannot_be_asked() -> None:
+    directory = FakeDirectory([owned("vol0")])
+    w = watcher(directory, FakeEngine(down=True))
+    assert run(w.owner_exited(OWNER, ProcessExit(42, 9), grace=0.01)) is False
+    assert directory.flips == []  # the ProcessWatcher flips it itself, as without an engine

@@ -60,15 +60,22 @@ def test_client_commands_do_not_load_the_data_path(tmp_path: Path) -> None:
         ["ring-ctl", "--control", control, "list", "vol0"],
         ["meta", "ls", "--control", control, "vm0"],
         ["delete", "--control", control, "vol0"],
+        ["set", "--help"],
+        ["set", "--control", control, "vol0", "--ttl", "1h", "--read-policy", "zeros", "--uids", "0"],
+        ["set", "--control", control, "vol0", "--no-owner", "--json"],
     )
     # Help exits 0; every client reports the missing daemon with exit 1.
-    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 9
+    assert result["codes"] == [0, 0] + [cli.EXIT_FAILED] * 9 + [0] + [cli.EXIT_FAILED] * 2
     assert result["loaded"] == []
 
 
 def test_the_probe_sees_the_data_path_when_it_is_loaded(tmp_path: Path) -> None:
     """The check above can fail: an offline volume command does load the C data path."""
     result = _probe(tmp_path, ["inspect", str(tmp_path / "missing.img")])
+    assert result["codes"] == [cli.EXIT_FAILED]
+    assert "vhost_pv._native" in result["loaded"]
+    # So does the offline form of `set` (on a file, no daemon).
+    result = _probe(tmp_path, ["set-file", str(tmp_path / "missing.img"), "--ttl", "1h"])
     assert result["codes"] == [cli.EXIT_FAILED]
     assert "vhost_pv._native" in result["loaded"]
     assert not any(str(m).startswith("vhost_pv_tools") for m in result["loaded"])

@@ -16,12 +16,22 @@ from typing import Any
 import pytest
 
 from vhost_pv.control.wire import (
+    CLEAR_OWNER,
     CONTROL_MAGIC,
     CONTROL_VERSION,
     FLAG_REPLY,
+    SET_ALLOWED_GIDS,
+    SET_ALLOWED_UIDS,
+    SET_IDS,
+    SET_OWNER,
+    SET_READ_POLICY,
+    SET_RING_FULL_POLICY,
+    SET_TTL,
+    SET_TTL_ACTION,
     Command,
     ControlHeader,
     ReplyStatus,
+    VolumeSetRequest,
     ioc,
 )
 from vhost_pv.protocol.messages import (
@@ -43,6 +53,7 @@ from vhost_pv.volume.header import (
     FLAG_READ_ONLY,
     FORMAT_VERSION,
     MAGIC,
+    MAX_ALLOWED_IDS,
     SLOT_SIZE,
     HeaderBody,
     HeaderBodyV1,
@@ -474,3 +485,42 @@ def test_decode_flipped_magic_and_version() -> None:
     damaged[8] ^= 0x01
     with pytest.raises(HeaderError, match="version 3"):
         decode_slot(bytes(damaged))
+
+
+@pytest.mark.timeout(60)
+def test_volume_set_request_golden() -> None:
+    # struct vpv_ctl_volume_set { char volume[64]; u32 mask; u8 read_policy, ring_full_policy,
+    # ttl_action, pad; u64 ttl_seconds; i32 allowed_uids[8]; i32 allowed_gids[8];
+    # char owner[128]; u32 owner_pid; u32 pad2; }
+    value = {
+        "volume": "vol0",
+        "mask": SET_TTL | SET_READ_POLICY | SET_ALLOWED_UIDS | SET_ALLOWED_GIDS | SET_OWNER,
+        "read_policy": int(ReadPolicy.ZEROS),
+        "ring_full_policy": int(RingFullPolicy.OVERWRITE),
+        "ttl_action": int(TtlAction.DELETE),
+        "ttl_seconds": 3600,
+        "allowed_uids": [0, 107, -1, -1, -1, -1, -1, -1],
+        "allowed_gids": [-1] * 8,
+        "owner": "web-1",
+        "owner_pid": 0x1234,
+    }
+    golden = (
+        b"vol0" + bytes(60)  # 0   volume[64]
+        + bytes.fromhex(
+            "75000000"  # 64  mask: ttl | read policy | uids | gids | owner
+            "01" "01" "01" "00"  # 68  read_policy zeros, ring_full_policy overwrite, ttl_action delete, pad
+            "100e000000000000"  # 72  ttl_seconds 3600
+            "00000000" "6b000000" + "ffffffff" * 6  # 80  allowed_uids[8]: 0, 107, then -1
+            + "ffffffff" * 8  # 112 allowed_gids[8]: none
+        )
+        + b"web-1" + bytes(123)  # 144 owner[128]
+        + bytes.fromhex("34120000" "00000000")  # 272 owner_pid, pad2
+    )
+    assert (SET_TTL, SET_TTL_ACTION, SET_READ_POLICY, SET_RING_FULL_POLICY, SET_ALLOWED_UIDS,
+            SET_ALLOWED_GIDS, SET_OWNER, CLEAR_OWNER) == (1, 2, 4, 8, 16, 32, 64, 128)
+    assert SET_IDS == MAX_ALLOWED_IDS == 8  # the request carries as many ids as the header keeps
+    assert len(golden) == VolumeSetRequest.sizeof() == 280
+    assert VolumeSetRequest.build(value) == golden
+    assert _plain(VolumeSetRequest.parse(golden)) == value
+    # _IOWR('v', 0x1a, struct vpv_ctl_volume_set)
+    assert int(Command.VOLUME_SET) == _linux_ioc(3, ord("v"), 0x1A, 280) == 0xC118761A

@@ -2,7 +2,8 @@
 
 - serve.py: `serve`, the daemon itself;
 - admin.py: clients of a running daemon's control socket (status, ioctl, reclaim, ...);
-- offline.py: volume files without a daemon (create, inspect, ring, verify);
+- offline.py: volume files without a daemon (create, inspect, ring, verify, set-file);
+- settings.py: the options and output `set` and `set-file` share;
 - tools.py: `loadgen` and `demo`, handed off to vhost_pv_tools;
 - render.py: what they print; argtypes.py: how their options are checked.
 
@@ -42,6 +43,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("reclaim", "admin", "give a dangling volume to a new owner"),
     ("bind", "admin", "record a volume's owner container"),
     ("delete", "admin", "wipe and remove a (dangling) volume"),
+    ("set", "admin", "change a served volume's settings (TTL, policies, uids/gids, owner)"),
     ("alerts", "admin", "show (and follow) the daemon's alerts"),
     ("ring-ctl", "admin", "ring list/dump/replay/discard through a running daemon"),
     ("meta", "admin", "read or change a VM's metadata"),
@@ -50,6 +52,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("inspect", "offline", "show a volume file's header"),
     ("ring", "offline", "list / verify / dump a volume file's quarantine ring"),
     ("verify", "offline", "check a volume file's data against its seal"),
+    ("set-file", "offline", "change a volume file's settings (no daemon)"),
     ("loadgen", "tools", "drive a vhost-user-blk socket (any backend) as a frontend"),
     ("demo", "tools", "create a volume, serve it, run fio in a QEMU guest"),
 )
@@ -57,8 +60,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 EPILOG = """commands by audience:
   serve supervise                               the daemon (supervise: restarts keep its sockets)
   status ls ioctl reclaim bind delete alerts    a running daemon, through its control socket
-  ring-ctl meta meta-relay
-  create inspect ring verify                    volume files, no daemon needed
+  ring-ctl meta meta-relay set
+  create inspect ring verify set-file           volume files, no daemon needed
   loadgen demo                                  tools: load generator, end-to-end demo
 
 exit codes: 0 ok, 1 the operation failed, 2 usage error, 3 a check found problems
@@ -112,6 +115,25 @@ class _LazyParser(argparse.ArgumentParser):
         return super().format_usage()
 
 
+class _VersionAction(argparse.Action):
+    """`vhost-pv --version`: the installed package's version, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("vhost-pv")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            found = "unknown (not installed)"
+        print(f"{parser.prog} {found}")  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def _populator(command: str, audience: str) -> Callable[[argparse.ArgumentParser], None]:
     def populate(parser: argparse.ArgumentParser) -> None:
         module = importlib.import_module(f"vhost_pv.cli.{audience}")
@@ -129,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging (also: VHOST_PV_DEBUG=1 in the environment)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -146,11 +169,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose or os.environ.get("VHOST_PV_DEBUG") else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        from vhost_pv.logsetup import configure
+
+        # Plain text with timestamps, or the journal's own protocol under systemd.
+        configure(logging.DEBUG if args.verbose or os.environ.get("VHOST_PV_DEBUG") else logging.INFO)
         result: int = args.func(args)
         # Flush here, not at interpreter exit: a reader that went away must be seen below.
         sys.stdout.flush()

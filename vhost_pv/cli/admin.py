@@ -1,6 +1,6 @@
 """Admin client commands: they talk to a running daemon over its control socket.
 
-status, ls, ioctl, reclaim, bind, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
+status, ls, ioctl, reclaim, bind, set, delete, alerts, ring-ctl and meta; and meta-relay, which QEMU
 runs to reach the metadata HTTP server. None of them loads the daemon or its C data path.
 """
 
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import stat
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vhost_pv.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, render
+from vhost_pv import layout
+from vhost_pv.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, render, settings
 from vhost_pv.cli.argtypes import PID_MAX, host_port, int_in, socket_path, text
 from vhost_pv.control import client
 from vhost_pv.control.wire import (
@@ -104,6 +106,26 @@ def cmd_bind(args: argparse.Namespace) -> int:
     return _control_call(args, lambda: client.bind(control, args.volume, args.container, pid=args.pid))
 
 
+def cmd_set(args: argparse.Namespace) -> int:
+    if not settings.given(args):
+        render.error("nothing to change: give at least one of --ttl, --ttl-action, --read-policy, "
+                     "--ring-full-policy, --uids, --gids, --owner, --no-owner")
+        return EXIT_USAGE
+    if args.pid and args.owner is None:
+        render.error("--pid goes with --owner")
+        return EXIT_USAGE
+    control = Path(args.control)
+    try:
+        result = client.volume_set(
+            control, args.volume, ttl_seconds=args.ttl, **settings.enums(args), allowed_uids=args.uids,
+            allowed_gids=args.gids, owner=args.owner, owner_pid=args.pid, clear_owner=args.no_owner)
+    except (OSError, client.ControlError) as exc:
+        render.error(control_problem(control, exc))
+        return EXIT_FAILED
+    settings.render_result(result, use_json=args.json, now_ns=time.time_ns())
+    return EXIT_OK
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     control = Path(args.control)
     return _control_call(args, lambda: client.delete(control, args.volume, force=args.force))
@@ -144,8 +166,9 @@ def cmd_meta_relay(args: argparse.Namespace) -> int:
 
 
 def _control(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control", required=True, type=socket_path, metavar="PATH",
-                   help="the daemon's control socket (what `vhost-pv serve --control` was given)")
+    p.add_argument("--control", default=layout.control_path(), type=socket_path, metavar="PATH",
+                   help="the daemon's control socket (what `vhost-pv serve --control` was given; "
+                   f"default ${layout.CONTROL_ENV}, else {layout.DEFAULT_CONTROL})")
 
 
 def _json(p: argparse.ArgumentParser, what: str = "the reply as JSON") -> None:
@@ -226,6 +249,25 @@ def _bind(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_bind)
 
 
+def _set(p: argparse.ArgumentParser) -> None:
+    p.description = ("Change a served volume's settings live: time limit and its action, read and "
+                     "ring-full policies, who may attach, owner. Only what is given changes; the "
+                     "header is updated crash-safely and the next request follows it. The output "
+                     "shows old → new.")
+    p.epilog = """examples:
+  vhost-pv set --control /run/vhost-pv/control.sock vol0 --ttl 1h --ttl-action delete
+  vhost-pv set --control /run/vhost-pv/control.sock vol0 --read-policy zeros --ring-full-policy overwrite
+  vhost-pv set --control /run/vhost-pv/control.sock vol0 --uids 0,107 --gids 107
+  vhost-pv set --control /run/vhost-pv/control.sock vol0 --owner web-1   # or --no-owner"""
+    _control(p)
+    _volume(p)
+    settings.add_options(p, owner_help="record this container as the owner (id, id prefix or name, "
+                                       "resolved by the engine, as `vhost-pv bind`)")
+    p.add_argument("--pid", type=int_in(0, PID_MAX), default=0,
+                   help="with --owner: the owner's init pid, for --proc-events without an engine")
+    p.set_defaults(func=cmd_set)
+
+
 def _delete(p: argparse.ArgumentParser) -> None:
     p.description = "Wipe and remove a volume the daemon serves; only a dangling one unless --force."
     p.epilog = """examples:
@@ -299,6 +341,7 @@ COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "reclaim": _reclaim,
     "bind": _bind,
     "delete": _delete,
+    "set": _set,
     "alerts": _alerts,
     "ring-ctl": _ring_ctl,
     "meta": _meta,

@@ -149,3 +149,21 @@ def socket_path(value: str) -> Path:
 def choices(kind: type[ReadPolicy] | type[RingFullPolicy] | type[TtlAction]) -> list[str]:
     """The command-line spelling of a header enum's members."""
     return [member.name.lower() for member in kind]
+
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def ttl(text: str) -> int:
+    """An argparse type: a time limit in whole seconds, as 3600, 90s, 15m, 1h or 2d (0: none),
+    in the range `vhost-pv create --ttl` accepts (0..MAX_TTL)."""
+    value = text.strip().lower()
+    unit = _TTL_UNITS.get(value[-1:], 0) if value else 0
+    digits = value[:-1] if unit else value
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"not a time limit: {text!r} (use e.g. 3600, 90s, 15m, 1h, 2d; 0: none)")
+    seconds = int(digits) * (unit or 1)
+    if seconds > MAX_TTL:
+        raise argparse.ArgumentTypeError(f"{text}: more than the {MAX_TTL} s maximum")
+    return seconds

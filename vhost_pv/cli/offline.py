@@ -1,6 +1,6 @@
 """Offline volume tools: they work on a volume file directly, with no daemon.
 
-create, inspect, ring and verify. These use the volume code (and through it the C data path), so
+create, inspect, ring, verify and set-file. These use the volume code (and through it the C data path), so
 this module is imported only when one of them is chosen.
 """
 
@@ -11,10 +11,11 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vhost_pv.cli import EXIT_CHECK, EXIT_FAILED, EXIT_OK, EXIT_USAGE, render
+from vhost_pv.cli import EXIT_CHECK, EXIT_FAILED, EXIT_OK, EXIT_USAGE, render, settings
 from vhost_pv.cli.argtypes import MAX_TTL, choices, ids, int_in, size, text
 from vhost_pv.control.wire import OWNER_LEN
 from vhost_pv.volume.header import HeaderError, ReadPolicy, RingFullPolicy, TtlAction
@@ -173,6 +174,49 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_CHECK if ranges else EXIT_OK
 
 
+def cmd_set_file(args: argparse.Namespace) -> int:
+    """Change a volume file's settings with no daemon (refused while one serves it)."""
+    from vhost_pv.sockfile import AlreadyServed
+    from vhost_pv.volume.settings import (
+        NO_OWNER,
+        SettingsChange,
+        SettingsError,
+        SettingsRefused,
+        apply_offline,
+        owner_change,
+    )
+
+    if not settings.given(args):
+        render.error("nothing to change: give at least one of --ttl, --ttl-action, --read-policy, "
+                     "--ring-full-policy, --uids, --gids, --owner, --no-owner")
+        return EXIT_USAGE
+    path = Path(args.path)
+    try:
+        change = SettingsChange(
+            ttl_seconds=args.ttl, **settings.enums(args), allowed_uids=args.uids, allowed_gids=args.gids,
+            owner=owner_change(args.owner) if args.owner is not None else NO_OWNER if args.no_owner else None)
+    except SettingsError as exc:
+        render.error(str(exc))
+        return EXIT_USAGE
+    try:
+        result = apply_offline(path, change)
+    except AlreadyServed as exc:
+        render.error(f"{exc.strerror}: change it through that daemon (vhost-pv set --control SOCKET "
+                     f"{path.stem} ...)")
+        return EXIT_FAILED
+    except SettingsRefused as exc:
+        render.error(f"{path}: {exc}")
+        return EXIT_FAILED
+    except (HeaderError, RingError) as exc:
+        render.error(f"{path}: {exc}")
+        return EXIT_FAILED
+    except OSError as exc:
+        render.error(render.os_error(exc, path))
+        return EXIT_FAILED
+    settings.render_result(result.to_dict(), use_json=args.json, now_ns=time.time_ns())
+    return EXIT_OK
+
+
 def _create(p: argparse.ArgumentParser) -> None:
     p.description = ("Create a volume file: a header (twice), the data region the guest sees, "
                      "and the quarantine ring that takes the writes while it is dangling.")
@@ -234,10 +278,25 @@ def _verify(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_verify)
 
 
+def _set_file(p: argparse.ArgumentParser) -> None:
+    p.description = ("Change a volume file's settings with no daemon: time limit and its action, read "
+                     "and ring-full policies, who may attach, owner. Only what is given changes; the "
+                     "header is updated crash-safely (a crash leaves the old settings or the new). "
+                     "Refused while a daemon serves the file: use `vhost-pv set` then.")
+    p.epilog = """examples:
+  vhost-pv set-file /var/lib/vhost-pv/vol0.img --ttl 1h --ttl-action delete
+  vhost-pv set-file /var/lib/vhost-pv/vol0.img --read-policy zeros --uids 0,107 --no-owner"""
+    p.add_argument("path", metavar="VOLUME_FILE", help="the volume file")
+    settings.add_options(p, owner_help="record this container id or name as the owner (as it is: "
+                                       "no engine is asked; `vhost-pv set` resolves it)")
+    p.set_defaults(func=cmd_set_file)
+
+
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "create": _create,
     "inspect": _inspect,
     "ring": _ring,
     "verify": _verify,
+    "set-file": _set_file,
 }
 """Each subcommand's arguments, description and examples, added when it is chosen."""

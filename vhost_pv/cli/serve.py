@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vhost_pv import layout
 from vhost_pv.app import App
 from vhost_pv.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, render
 from vhost_pv.cli.argtypes import host_port, http_url, ids, integer, number, socket_path
@@ -56,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_url=args.engine,
         proc_events=args.proc_events,
         reconcile_interval=args.reconcile_interval,
+        engine_grace=args.engine_grace,
+        stop_poll=args.stop_poll,
         reclaim_policy=ReclaimPolicy(args.reclaim_policy),
         direct=args.direct,
         vm=args.vm,
@@ -63,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         meta_socket=Path(args.meta_socket) if args.meta_socket else None,
         meta_policy=Path(args.meta_policy) if args.meta_policy else None,
         peer_timeout=args.peer_timeout,
+        worker_stuck_after=args.worker_stuck_after,
     )
     try:
         config.validate()
@@ -114,10 +118,11 @@ def _serve(p: argparse.ArgumentParser) -> None:
       --engine unix:///run/podman/podman.sock --proc-events /var/lib/vhost-pv/*.img
   vhost-pv serve ... --vm vm7 --meta-http 127.0.0.1:8169 --meta-socket /run/vhost-pv/vm7-meta.sock vol0.img"""
     p.add_argument("volumes", nargs="+", metavar="VOLUME", help="volume files (`vhost-pv create`)")
-    p.add_argument("--socket-dir", required=True, metavar="DIR",
-                   help="where DIR/<volume>.sock are created (mode 0600)")
-    p.add_argument("--control", required=True, type=socket_path, metavar="PATH",
-                   help="control socket path (for status, ioctl, reclaim, ...)")
+    p.add_argument("--socket-dir", default=str(layout.RUN_DIR), metavar="DIR",
+                   help="where DIR/<volume>.sock are created (mode 0600; default %(default)s)")
+    p.add_argument("--control", default=layout.control_path(), type=socket_path, metavar="PATH",
+                   help="control socket path (for status, ioctl, reclaim, ...; "
+                   f"default ${layout.CONTROL_ENV}, else {layout.DEFAULT_CONTROL})")
     p.add_argument("--queues", type=integer, default=_default("queues"),
                    help="virtqueues offered per volume (default %(default)s)")
     p.add_argument("--read-only", action="store_true", help="serve every volume read-only")
@@ -136,6 +141,12 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconcile-interval", type=number, default=_default("reconcile_interval"),
                    metavar="S",
                    help="look every owner up through the engine this often (default %(default)g)")
+    p.add_argument("--engine-grace", type=number, default=_default("engine_grace"), metavar="S",
+                   help="with --engine and --proc-events, how long an owner's process exit waits for "
+                   "the engine to say whether it was a stop, a removal or a crash (default %(default)g)")
+    p.add_argument("--stop-poll", type=number, default=_default("stop_poll"), metavar="S",
+                   help="sample the running owners' state this often, so that a stop Podman reports "
+                   "in no event is not taken for a crash; 0: never (default %(default)g)")
     p.add_argument("--reclaim-policy", choices=[p.value for p in ReclaimPolicy],
                    default=_default("reclaim_policy").value,
                    help="which containers labelled vhost-pv.reclaim=VOLUME may reclaim it on start "
@@ -153,6 +164,9 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-timeout", type=number, default=_default("peer_timeout"), metavar="S",
                    help="a new frontend's first message, every message from its first byte, and an "
                    "idle control or metadata HTTP connection get this long (default %(default)g)")
+    p.add_argument("--worker-stuck-after", type=number, default=_default("worker_stuck_after"),
+                   metavar="S", help="a queue worker inside one request this long is stuck: logged, "
+                   "and the service watchdog (WatchdogSec=) is no longer pinged (default %(default)g)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -7,15 +7,25 @@ import itertools
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from vhost_pv.control.wire import (
     ALERTS_FOLLOW,
+    CLEAR_OWNER,
     CONTROL_VERSION,
     DANGLING_CLEAR,
     DELETE_FORCE,
+    NO_SET_ID,
+    SET_ALLOWED_GIDS,
+    SET_ALLOWED_UIDS,
+    SET_IDS,
+    SET_OWNER,
+    SET_READ_POLICY,
+    SET_RING_FULL_POLICY,
+    SET_TTL,
+    SET_TTL_ACTION,
     AlertsRequest,
     BindRequest,
     Command,
@@ -30,6 +40,7 @@ from vhost_pv.control.wire import (
     RingOp,
     RingRequest,
     VolumeRequest,
+    VolumeSetRequest,
 )
 
 _seq = itertools.count(1)
@@ -139,6 +150,51 @@ def bind(path: Path, volume: str, container: str, *, pid: int = 0) -> dict[str, 
     """Record a volume's owner container (and, without an engine, its init pid)."""
     request = BindRequest.build({"volume": volume, "container": container, "pid": pid})
     result: dict[str, Any] = json.loads(call(path, Command.BIND, request))
+    return result
+
+
+def volume_set(
+    path: Path,
+    volume: str,
+    *,
+    ttl_seconds: int | None = None,
+    ttl_action: int | None = None,
+    read_policy: int | None = None,
+    ring_full_policy: int | None = None,
+    allowed_uids: Sequence[int] | None = None,
+    allowed_gids: Sequence[int] | None = None,
+    owner: str | None = None,
+    owner_pid: int = 0,
+    clear_owner: bool = False,
+) -> dict[str, Any]:
+    """Change a served volume's settings (None: leave as it is); the reply names each field
+    changed with its old and new value. The enums are the header's (TtlAction, ReadPolicy,
+    RingFullPolicy)."""
+    mask = 0
+    fields: dict[str, Any] = {"volume": volume, "read_policy": 0, "ring_full_policy": 0,
+                              "ttl_action": 0, "ttl_seconds": 0, "owner": "", "owner_pid": 0}
+    for bit, name, value in ((SET_TTL, "ttl_seconds", ttl_seconds),
+                             (SET_TTL_ACTION, "ttl_action", ttl_action),
+                             (SET_READ_POLICY, "read_policy", read_policy),
+                             (SET_RING_FULL_POLICY, "ring_full_policy", ring_full_policy)):
+        if value is not None:
+            mask |= bit
+            fields[name] = int(value)
+    for bit, name, ids in ((SET_ALLOWED_UIDS, "allowed_uids", allowed_uids),
+                           (SET_ALLOWED_GIDS, "allowed_gids", allowed_gids)):
+        listed = list(ids) if ids is not None else []
+        if len(listed) > SET_IDS:
+            raise ValueError(f"at most {SET_IDS} {name.split('_')[1]} fit, got {len(listed)}")
+        if ids is not None:
+            mask |= bit
+        fields[name] = listed + [NO_SET_ID] * (SET_IDS - len(listed))
+    if owner is not None:
+        mask |= SET_OWNER
+        fields.update(owner=owner, owner_pid=owner_pid)
+    if clear_owner:
+        mask |= CLEAR_OWNER
+    request = VolumeSetRequest.build({**fields, "mask": mask})
+    result: dict[str, Any] = json.loads(call(path, Command.VOLUME_SET, request))
     return result
 
 

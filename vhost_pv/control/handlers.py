@@ -16,8 +16,18 @@ from typing import Any
 from vhost_pv.control.server import Handler, Send
 from vhost_pv.control.wire import (
     ALERTS_FOLLOW,
+    CLEAR_OWNER,
     DANGLING_CLEAR,
     DELETE_FORCE,
+    NO_SET_ID,
+    SET_ALL,
+    SET_ALLOWED_GIDS,
+    SET_ALLOWED_UIDS,
+    SET_OWNER,
+    SET_READ_POLICY,
+    SET_RING_FULL_POLICY,
+    SET_TTL,
+    SET_TTL_ACTION,
     AlertsRequest,
     BindRequest,
     Command,
@@ -30,12 +40,15 @@ from vhost_pv.control.wire import (
     RingOp,
     RingRequest,
     VolumeRequest,
+    VolumeSetRequest,
 )
 from vhost_pv.errors import InvalidRequest, VhostPvError
 from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.meta.store import MetadataError, MetadataStore
 from vhost_pv.service.volumes import HEADER_REASON_LEN, VolumeService, owner_fields
 from vhost_pv.sockfile import PeerCredentials
+from vhost_pv.volume.header import ReadPolicy, RingFullPolicy, TtlAction
+from vhost_pv.volume.settings import NO_OWNER, SettingsChange, SettingsError
 
 # The daemon's log name, whichever module writes: operators (and tests) match on it.
 log = logging.getLogger("vhost_pv.daemon")
@@ -91,6 +104,64 @@ async def bind(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) 
     log.info("control: %s bound to %s (name %s, pid %d) by pid=%d uid=%d", request.volume,
              owner.container, owner.name or "-", owner.pid, peer.pid, peer.uid)
     return json.dumps({"volume": request.volume, **owner_fields(owner)}).encode()
+
+
+def _set_ids(array: Any, what: str) -> tuple[int, ...]:
+    """A VOLUME_SET id list: the ids before the first -1, and only -1 after it."""
+    values = [int(value) for value in array]
+    count = values.index(NO_SET_ID) if NO_SET_ID in values else len(values)
+    ids, rest = tuple(values[:count]), values[count:]
+    if any(value != NO_SET_ID for value in rest) or any(value < 0 for value in ids):
+        raise InvalidRequest(f"{what}: ids are 0 or more, and -1 only after the last one")
+    return ids
+
+
+def _set_enum(kind: type[TtlAction] | type[ReadPolicy] | type[RingFullPolicy], value: int, what: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidRequest(f"{what} {value} is not one of "
+                             f"{', '.join(f'{m.value} ({m.name.lower()})' for m in kind)}") from None
+
+
+async def volume_set(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
+    request = VolumeSetRequest.parse(payload)
+    mask = request.mask
+    if mask & ~SET_ALL:
+        raise InvalidRequest(f"unknown VOLUME_SET mask bits {mask & ~SET_ALL:#x}")
+    if not mask:
+        raise InvalidRequest("VOLUME_SET with an empty mask: nothing to change")
+    if mask & SET_OWNER and mask & CLEAR_OWNER:
+        raise InvalidRequest("SET_OWNER and CLEAR_OWNER together: set an owner or clear it")
+    ctx.volumes.get(request.volume)  # an unknown volume is refused before the engine is asked
+    owner = None
+    if mask & SET_OWNER:
+        owner = owner_fields(await ctx.volumes.resolve_owner(request.owner, pid=request.owner_pid))
+    elif mask & CLEAR_OWNER:
+        owner = dict(NO_OWNER)
+    def given(bit: int, value: Callable[[], Any]) -> Any:
+        return value() if mask & bit else None
+
+    try:
+        change = SettingsChange(
+            ttl_seconds=given(SET_TTL, lambda: request.ttl_seconds),
+            ttl_action=given(SET_TTL_ACTION, lambda: _set_enum(TtlAction, request.ttl_action, "ttl_action")),
+            read_policy=given(SET_READ_POLICY,
+                              lambda: _set_enum(ReadPolicy, request.read_policy, "read_policy")),
+            ring_full_policy=given(SET_RING_FULL_POLICY, lambda: _set_enum(
+                RingFullPolicy, request.ring_full_policy, "ring_full_policy")),
+            allowed_uids=given(SET_ALLOWED_UIDS, lambda: _set_ids(request.allowed_uids, "allowed_uids")),
+            allowed_gids=given(SET_ALLOWED_GIDS, lambda: _set_ids(request.allowed_gids, "allowed_gids")),
+            owner=owner,
+        )
+    except SettingsError as exc:
+        raise InvalidRequest(str(exc)) from None
+    result = await ctx.volumes.update_settings(request.volume, change, source="control")
+    log.info("control: settings of %s changed by pid=%d uid=%d: %s (generation %d)", request.volume,
+             peer.pid, peer.uid, "; ".join(f"{field} {old!r} → {new!r}" for field, (old, new)
+                                           in result.changed.items()) or "nothing changed",
+             result.generation)
+    return json.dumps(result.to_dict()).encode()
 
 
 async def ring(ctx: Context, payload: bytes, peer: PeerCredentials, send: Send) -> bytes:
@@ -188,5 +259,6 @@ def table(ctx: Context) -> dict[Command, Handler]:
         Command.ALERTS: alerts,
         Command.BIND: bind,
         Command.META: meta,
+        Command.VOLUME_SET: volume_set,
     }
     return {command: functools.partial(handler, ctx) for command, handler in commands.items()}

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import enum
 
-from construct import Const, Int16ul, Int32sl, Int32ul, Int64ul, PaddedString, Padding, Struct
+from construct import (
+    Array,
+    Const,
+    Int8ul,
+    Int16ul,
+    Int32sl,
+    Int32ul,
+    Int64ul,
+    PaddedString,
+    Padding,
+    Struct,
+)
 
 CONTROL_MAGIC = b"VPVC"
 CONTROL_VERSION = 1
@@ -146,6 +157,42 @@ class MetaOp(enum.IntEnum):
     BOOT = 4  # a new boot of the VM: a new one-time token
 
 
+SET_IDS = 8
+"""uids/gids a VOLUME_SET request carries at most (the header's MAX_ALLOWED_IDS)."""
+
+VolumeSetRequest = Struct(
+    "volume" / PaddedString(NAME_LEN, "utf8"),
+    "mask" / Int32ul,
+    "read_policy" / Int8ul,
+    "ring_full_policy" / Int8ul,
+    "ttl_action" / Int8ul,
+    Padding(1),
+    "ttl_seconds" / Int64ul,
+    "allowed_uids" / Array(SET_IDS, Int32sl),
+    "allowed_gids" / Array(SET_IDS, Int32sl),
+    "owner" / PaddedString(OWNER_LEN, "utf8"),
+    "owner_pid" / Int32ul,
+    Padding(4),
+)
+"""C: struct vpv_ctl_volume_set { char volume[64]; u32 mask; u8 read_policy, ring_full_policy,
+ttl_action, pad; u64 ttl_seconds; i32 allowed_uids[8]; i32 allowed_gids[8]; char owner[128];
+u32 owner_pid; u32 pad2; } (280 bytes). Changes the settings of a served volume: only the
+fields whose SET_* bit is in `mask` (the others are ignored, so "leave unchanged" is explicit).
+An id list ends at its first -1 (an empty list: -1 first). SET_OWNER records `owner` (resolved
+by the engine like BIND, `owner_pid` without one); CLEAR_OWNER leaves the volume without one.
+Reply: JSON (the fields changed, old and new, and the settings now)."""
+SET_TTL = 1 << 0
+SET_TTL_ACTION = 1 << 1
+SET_READ_POLICY = 1 << 2
+SET_RING_FULL_POLICY = 1 << 3
+SET_ALLOWED_UIDS = 1 << 4
+SET_ALLOWED_GIDS = 1 << 5
+SET_OWNER = 1 << 6
+CLEAR_OWNER = 1 << 7
+SET_ALL = (1 << 8) - 1
+NO_SET_ID = -1
+
+
 class Command(enum.IntEnum):
     """Control commands, numbered like Linux ioctls (_IOC(dir, 'v', nr, sizeof(request)))."""
 
@@ -157,6 +204,7 @@ class Command(enum.IntEnum):
     ALERTS = ioc(_IOC_READ | _IOC_WRITE, "v", 0x14, AlertsRequest.sizeof())
     BIND = ioc(_IOC_READ | _IOC_WRITE, "v", 0x15, BindRequest.sizeof())
     META = ioc(_IOC_READ | _IOC_WRITE, "v", 0x16, MetaRequest.sizeof())
+    VOLUME_SET = ioc(_IOC_READ | _IOC_WRITE, "v", 0x1A, VolumeSetRequest.sizeof())
 
 
 # Every fixed request layout by command, for the server's size check.
@@ -168,6 +216,7 @@ REQUEST_LAYOUTS = {
     Command.ALERTS: AlertsRequest,
     Command.BIND: BindRequest,
     Command.META: MetaRequest,
+    Command.VOLUME_SET: VolumeSetRequest,
 }
 
 # Commands whose fixed layout is followed by a variable part (its length is in the layout).

@@ -239,6 +239,22 @@ class BlkDevice:
             queues.append({name: int(getattr(out, name)) for name in _STAT_FIELDS})
         return BlkStats(queues)
 
+    def health(self) -> list[dict[str, int]]:
+        """Per-queue liveness of the workers (vpv_queue_health): heartbeats, busy_ns,
+        uring_wait_ns, has_worker. Empty after close."""
+        if self._handle is None:
+            return []
+        out = ffi.new("struct vpv_queue_health *")
+        queues = []
+        for index in range(self.num_queues):
+            lib.vpv_blk_queue_health(self._handle, index, out)
+            queues.append({name: int(getattr(out, name)) for name in _HEALTH_FIELDS})
+        return queues
+
+
+_HEALTH_FIELDS = [
+    name for name, _ in ffi.typeof("struct vpv_queue_health").fields if not name.startswith("_")
+]
 
 _STAT_FIELDS = [
     name for name, _ in ffi.typeof("struct vpv_queue_stats").fields if not name.startswith("_")

@@ -91,7 +91,9 @@ class AlertHub:
             alert = Alert(self._seq, time.time_ns(), kind, severity, volume, message, details)
             self._history.append(alert)
             self.counts[kind] += 1
-        log.warning("ALERT %s", json.dumps(alert.to_dict(), sort_keys=True))
+        log.warning("ALERT %s", json.dumps(alert.to_dict(), sort_keys=True),
+                    extra={"volume": volume, "source": details.get("source"),
+                           "reason": details.get("reason")})
         if self._loop is not None and not self._loop.is_closed():
             # RuntimeError: the loop is shutting down; the log line above is the record.
             with contextlib.suppress(RuntimeError):

@@ -127,6 +127,15 @@ class EngineClient:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise EngineError(f"inspect {ref}: unexpected answer ({exc})") from None
 
+    async def container_states(self, ids: list[str]) -> dict[str, str]:
+        """The State (running, stopping, exited, ...) of these containers (full ids or
+        prefixes) in one request; a container the engine does not know is left out."""
+        params = {"all": "1", "filters": json.dumps({"id": ids})}
+        data = await self._get_json("/containers/json", params)
+        if not isinstance(data, list):
+            raise EngineError(f"list of {len(ids)} container(s): unexpected answer {str(data)[:100]}")
+        return {str(c.get("Id")): str(c.get("State", "")) for c in data if isinstance(c, dict)}
+
     async def events(self, *, since_ns: int | None = None) -> EventStream:
         """Open the container event stream: from now on, or replaying from since_ns first."""
         params = {"filters": json.dumps({"type": ["container"]})}

@@ -27,6 +27,7 @@ class ContainerInfo:
     status: str  # created, running, exited, ...
     exit_code: int
     labels: dict[str, str]
+    oom_killed: bool = False  # State.OOMKilled: the kernel's OOM killer ended it
 
     @classmethod
     def from_inspect(cls, data: dict[str, Any]) -> ContainerInfo:
@@ -40,6 +41,7 @@ class ContainerInfo:
             status=str(state.get("Status", "")),
             exit_code=int(state.get("ExitCode") or 0),
             labels=dict(config.get("Labels") or {}),
+            oom_killed=state.get("OOMKilled") is True,
         )
 
 
@@ -50,6 +52,9 @@ EXITED_ACTIONS = frozenset({"die", "died"})
 OOM_ACTIONS = frozenset({"oom"})
 STOP_ACTIONS = frozenset({"kill", "stop"})
 START_ACTIONS = frozenset({"start", "restart"})
+# Podman's state while `podman stop` waits for the container to end (Docker has none): the
+# only sign of a stop that Podman 4.3 reported in no event.
+STOPPING_STATUS = "stopping"
 # Signals that `kill -s` may send without meaning "stop": by number and by name.
 HARMLESS_SIGNALS = frozenset({
     "1", "HUP", "10", "USR1", "12", "USR2", "28", "WINCH", "18", "CONT", "23", "URG", "17", "CHLD",

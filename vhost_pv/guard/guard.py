@@ -66,6 +66,7 @@ class VolumeGuard:
         self.is_dangling = volume.header.dangling
         self._flip_pending = self.is_dangling  # a volume dangling at start-up needs its guard
         self._events_pending = False
+        self._rearm_pending = False
         self._stopping = False
         self._deadline_ns: int | None = None
         self._ttl_done = False
@@ -99,6 +100,15 @@ class VolumeGuard:
             if dangling:
                 self.seal = None
                 self.seal_progress = 0.0
+            self.cond.notify()
+
+    def ttl_changed(self) -> None:
+        """The time limit or its action changed (already durable in the header): the deadline
+        is computed again from the header, and expiry counts as not yet handled, so a limit
+        that has already passed acts now (with the action in force now) and a longer one
+        waits again."""
+        with self.cond:
+            self._rearm_pending = True
             self.cond.notify()
 
     def events_ready(self) -> None:
@@ -148,10 +158,13 @@ class VolumeGuard:
                     return
                 flip, self._flip_pending = self._flip_pending, False
                 events, self._events_pending = self._events_pending, False
+                rearm, self._rearm_pending = self._rearm_pending, False
                 dangling = self.is_dangling
             try:
                 if flip:
                     self._on_flip(dangling)
+                if rearm:
+                    self._rearm()
                 if events:
                     self._drain_events()
                 self._check_deadline()
@@ -159,7 +172,8 @@ class VolumeGuard:
                 log.exception("%s: guard step failed", self.name)
 
     def _has_work(self) -> bool:
-        return self._stopping or self._flip_pending or self._events_pending or self._deadline_due()
+        return (self._stopping or self._flip_pending or self._events_pending or self._rearm_pending
+                or self._deadline_due())
 
     def _deadline_due(self) -> bool:
         return self._deadline_ns is not None and not self._ttl_done and time.time_ns() >= self._deadline_ns
@@ -207,6 +221,26 @@ class VolumeGuard:
             seal_root=seal.root,
             seal_chunks=len(seal.digests),
         )
+
+    def _rearm(self) -> None:
+        """The deadline from the header's time limit now (after a settings change). Runs
+        after any pending flip in the same step, so it never arms a volume whose flip (and
+        seal) the guard has not handled yet."""
+        header = self.volume.header
+        with self.cond:
+            if not self.is_dangling or not header.dangling:
+                return
+            deadline = (header.dangling_since_ns + header.ttl_seconds * 1_000_000_000
+                        if header.ttl_seconds else None)
+            self._deadline_ns = deadline
+            self._ttl_done = False
+        if deadline is None:
+            log.info("%s: time limit removed", self.name)
+        else:
+            left = (deadline - time.time_ns()) / 1e9
+            log.info("%s: time limit now %s, action %s: %s", self.name, duration(header.ttl_seconds),
+                     header.ttl_action.name.lower(),
+                     f"expires in {duration(left)}" if left > 0 else "already passed, acting now")
 
     def _seal(self, dangling_since_ns: int) -> Seal:
         fd, header = self.volume.fd, self.volume.header

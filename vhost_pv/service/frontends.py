@@ -115,7 +115,7 @@ class FrontendService:
                 served.refused_total += 1
                 log.warning(
                     "%s: refused frontend pid=%d uid=%d gid=%d: not allowed to attach",
-                    name, peer.pid, peer.uid, peer.gid,
+                    name, peer.pid, peer.uid, peer.gid, extra={"volume": name, "reason": "not-allowed"},
                 )
                 sock.close()
                 continue
@@ -136,6 +136,7 @@ class FrontendService:
                 log.warning(
                     "%s: refused frontend pid=%d: volume already attached to pid %d",
                     name, peer.pid, served.connection.peer.pid,
+                    extra={"volume": name, "reason": "already-attached"},
                 )
                 sock.close()
                 continue
@@ -156,7 +157,8 @@ class FrontendService:
             served.connection = Connection(source, peer, time.time(), device, session, task)
             served.connections_total += 1
             self.sources.record(source, name, peer)
-            log.info("%s: frontend attached (pid=%d uid=%d)", name, peer.pid, peer.uid)
+            log.info("%s: frontend attached (pid=%d uid=%d)", name, peer.pid, peer.uid,
+                     extra={"volume": name, "source": f"connection {source}"})
 
     def _dangling_attach(self, served: ServedVolume, peer: PeerCredentials) -> None:
         """A frontend attaching to a dangling volume is served, under the dangling rules.
@@ -173,6 +175,7 @@ class FrontendService:
             "%s: frontend pid=%d uid=%d attached to a dangling volume (%s): writes go to the "
             "quarantine ring, reads follow the read policy",
             name, peer.pid, peer.uid, served.volume.header.reason,
+            extra={"volume": name, "reason": served.volume.header.reason},
         )
         now = time.monotonic()
         if now - served.dangling_attach_alerted < DANGLING_ATTACH_ALERT_S:

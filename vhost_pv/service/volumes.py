@@ -42,6 +42,7 @@ from vhost_pv.sockfile import AlreadyServed, SocketClaim, lock_volume
 from vhost_pv.volume import ring as ring_format
 from vhost_pv.volume.header import HeaderError, VolumeState
 from vhost_pv.volume.seal import check_seal, clear_seal
+from vhost_pv.volume.settings import SettingsChange, SettingsRefused, SettingsResult, plan
 from vhost_pv.volume.volume import Volume, destroy_volume
 
 if TYPE_CHECKING:
@@ -329,7 +330,8 @@ class VolumeService:
         self.on_change()  # volumes/<name>/state changed: wake long-polling readers
         log.warning("%s: %s by %s (%s) in %.3f ms", name,
                     "now DANGLING" if dangling else "dangling flag cleared",
-                    source, reason or "no reason", flip_ns / 1e6)
+                    source, reason or "no reason", flip_ns / 1e6,
+                    extra={"volume": name, "source": source, "reason": reason})
         if not dangling:
             self.alerts.raise_alert("dangling-cleared", name, f"dangling flag of {name} cleared by {source}",
                                     severity="info", source=source, reason=reason)
@@ -377,6 +379,45 @@ class VolumeService:
             await asyncio.to_thread(served.volume.update, **owner_fields(owner))
         if self.process_watcher is not None:
             await self.process_watcher.check_alive("bind")
+
+    # -- settings ---------------------------------------------------------------------------
+
+    async def update_settings(self, name: str, change: SettingsChange, *, source: str) -> SettingsResult:
+        """Change a served volume's settings (volume/settings.py), durably and for the very
+        next request: the header is written crash-safely (Volume.update, which also hands the
+        read and ring-full policies to the queue workers before it returns), the guard re-arms
+        the time limit, and the next attach is checked against the new uids/gids (an attached
+        frontend stays). Serialised with flips and reclaims by the state lock."""
+        served = self.get(name)
+        async with served.state_lock:
+            old = served.volume.header
+            try:
+                changes = plan(old, change)
+            except SettingsRefused as exc:
+                raise VolumeBusy(f"{name}: {exc}") from None
+            if changes:
+                await asyncio.to_thread(served.volume.update, **changes)
+                if {"ttl_seconds", "ttl_action"} & changes.keys():
+                    # Only a real change re-arms: an expired limit given again as it is
+                    # must not act a second time.
+                    served.guard.ttl_changed()
+            new = served.volume.header
+        result = SettingsResult.between(
+            name, old, new, frontend_attached=served.connection is not None,
+            ttl_deadline_ns=(new.dangling_since_ns + new.ttl_seconds * 1_000_000_000
+                             if new.dangling and new.ttl_seconds else None))
+        if result.changed:
+            self.on_change()  # volumes/<name>/owner may have changed
+            if change.touches_owner and self.process_watcher is not None:
+                await self.process_watcher.check_alive("settings")
+            self.alerts.raise_alert(
+                "settings-changed", name,
+                f"settings of {name} changed by {source}: "
+                + ", ".join(f"{field} {old_value} → {new_value}"
+                            for field, (old_value, new_value) in result.changed.items()),
+                severity="info", source=source,
+                changed={field: {"old": o, "new": n} for field, (o, n) in result.changed.items()})
+        return result
 
     # -- reclaim ----------------------------------------------------------------------------
 
@@ -563,8 +604,10 @@ class VolumeService:
         except VolumeNotFound:
             return  # deleted meanwhile
         if result.changed:
+            # What the watchers made of the owner's end: "crashed (exit 137, killed by SIGKILL)".
+            why = f"{reason}: {detail['classification']}" if detail.get("classification") else reason
             self.alerts.raise_alert(
-                "owner-gone", volume, f"the owner of {volume} is gone ({reason}, seen by {source})",
+                "owner-gone", volume, f"the owner of {volume} is gone ({why}, seen by {source})",
                 severity="warning", reason=reason, source=source, **detail,
             )
 
@@ -583,7 +626,8 @@ class VolumeService:
         try:
             await self.reclaim(volume, owner, ReclaimMode[mode.upper()], source=source)
         except VhostPvError as exc:
-            log.warning("%s: reclaim by %s refused: %s", volume, owner.name or owner.container, exc)
+            log.warning("%s: reclaim by %s refused: %s", volume, owner.name or owner.container, exc,
+                        extra={"volume": volume, "source": source, "reason": "reclaim-refused"})
             self.alerts.raise_alert("reclaim-refused", volume, f"{owner.name or owner.container} could not "
                                     f"reclaim {volume}: {exc}", container=owner.container)
 
