@@ -266,12 +266,13 @@ class VolumeService:
     async def close(self) -> None:
         """Stop serving every volume."""
         for served in list(self.served.values()):
-            await self._retire(served)
+            await self._retire(served, for_good=False)  # the daemon stops: the next one serves it
         self.served.clear()
 
-    async def _retire(self, served: ServedVolume, *, for_good: bool = False) -> None:
-        """Stop serving one volume: listener, connection, guard, data path. `for_good`: not
-        served by the next daemon either (its listener leaves the service manager's fd store)."""
+    async def _retire(self, served: ServedVolume, *, for_good: bool = True) -> None:
+        """Stop serving one volume: listener, connection, guard, data path. `for_good` (unless
+        the whole daemon stops): not served by the next daemon either, so its listener leaves
+        the service manager's fd store and its socket file goes."""
         if served.accept_task is not None:
             served.accept_task.cancel()
         if served.listener is not None:
@@ -578,7 +579,7 @@ class VolumeService:
             path = served.volume.path
             size = os.fstat(served.volume.fd).st_size
             fd = os.dup(served.volume.fd)
-            await self._retire(served, for_good=True)
+            await self._retire(served)
             try:
                 await asyncio.to_thread(destroy_volume, path, fd, size)
             finally:
