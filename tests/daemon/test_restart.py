@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.attach import Guest, pattern
+from support.attach import Guest, pattern, run_cli
 from support.daemon_status import wait_until
 from support.frontend import VhostUserFrontend, read_request
 
@@ -209,3 +209,32 @@ def test_warm_standby_takes_over_a_kill_9_in_milliseconds(tmp_path: Path) -> Non
             guest.close()
         print(f"kill -9 to the standby answering: {took:.3f} s")
         assert took < 1.0, (took, server.log())
+
+
+@pytest.mark.timeout(60)
+def test_supervise_gives_up_on_a_usage_error_and_backs_off_a_crash_loop(tmp_path: Path) -> None:
+    """A command line the daemon refuses is not restarted for ever (exit 2 at once); a daemon
+    that keeps dying young is restarted with a growing delay, not in a tight loop."""
+    result = run_cli("supervise", "--", "serve", "--no-such-option", timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "usage error (2): not restarting" in result.stderr, result.stderr
+    volume = _volume(tmp_path / "vol0.img")
+    server = SupervisedServer([volume], tmp_path / "run", standby=False).start()
+    try:
+        volume.unlink()  # from now on every start fails: nothing to serve
+        os.kill(server.child_pid(), signal.SIGKILL)
+        wait_until(lambda: "restarting in 0.4 s" in server.log(), 30, "the back-off growing", server.log)
+        assert server.log().count("restarting at once") <= 2, server.log()
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+
+
+@pytest.mark.timeout(60)
+def test_supervise_passes_sighup_on(tmp_path: Path) -> None:
+    volume = _volume(tmp_path / "vol0.img")
+    with SupervisedServer([volume], tmp_path / "run") as server:
+        child = server.child_pid()
+        os.kill(server.pid, signal.SIGHUP)
+        server.wait_log(r"SIGHUP: nothing to reload")
+        assert server.child_pid() == child  # reloaded, not restarted
