@@ -166,10 +166,12 @@ class SupervisedServer(ServerProcess):
         super().__init__(volumes, workdir, **kwargs)
         self.pid_file = workdir / "supervise.pid"
         self.standby = standby
+        self.extra_supervise_args: list[str] = []
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vhost_pv.cli", "supervise", "--pid-file", str(self.pid_file),
-                *([] if self.standby else ["--no-standby"]), "--", *self.serve_args()]
+                *([] if self.standby else ["--no-standby"]), *self.extra_supervise_args,
+                "--", *self.serve_args()]
 
     def child_pid(self, timeout: float = 30.0) -> int:
         """The daemon's pid, from its own control socket (so: once it answers)."""

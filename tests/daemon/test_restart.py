@@ -238,3 +238,19 @@ def test_supervise_passes_sighup_on(tmp_path: Path) -> None:
         os.kill(server.pid, signal.SIGHUP)
         server.wait_log(r"SIGHUP: nothing to reload")
         assert server.child_pid() == child  # reloaded, not restarted
+
+
+@pytest.mark.timeout(60)
+def test_supervise_watchdog_is_fed_by_the_daemon(tmp_path: Path) -> None:
+    """--watchdog: the daemon gets WATCHDOG_USEC/WATCHDOG_PID as from systemd and pings from
+    its event loop; READY and STATUS reach the supervisor; a fed watchdog restarts nothing."""
+    volume = _volume(tmp_path / "vol0.img")
+    server = SupervisedServer([volume], tmp_path / "run")
+    server.extra_supervise_args = ["--watchdog", "1"]
+    with server:
+        child = server.child_pid()
+        server.wait_log(rf"child pid {child} ready")
+        server.wait_log(r"child status: 1 volume served")
+        time.sleep(3)  # three intervals
+        assert server.child_pid() == child
+        assert "watchdog:" not in server.log(), server.log()
