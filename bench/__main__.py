@@ -33,7 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench import dangling, loadgen_table, metadata_fs, recovery
+from bench import dangling, loadgen_table, metadata_fs, recovery, restart
 from bench.qsd import QsdProcess
 from vhost_pv.volume.volume import CreateOptions, create_volume
 from vhost_pv_tools.guest import VhostUserBlkDisk, ensure_guest_image, run_guest
@@ -102,7 +102,7 @@ def run_round(
 
 
 PARTS = ("loadgen-direct", "loadgen-buffered", "loadgen-dangling", "rss", "guest", "dangling", "metadata",
-         "recovery")
+         "recovery", "restart")
 ALIASES = {"loadgen": ("loadgen-direct", "loadgen-buffered", "loadgen-dangling"), "all": PARTS}
 
 
@@ -137,6 +137,9 @@ def mode_line(parts: set[str]) -> str:
         lines.append("  metadata fs: reads in a TCG guest, vhost-pv virtio-fs vs virtiofsd cache=none")
     if "recovery" in parts:
         lines.append("  recovery: vhost-pv serve (host page cache), QEMU reconnect=1, kill -9 + restart")
+    if "restart" in parts:
+        lines.append("  restart: listening sockets kept (fd store / vhost-pv supervise), QEMU reconnect=1, "
+                     "restarts by hand with LISTEN_FDS, SIGUSR2 upgrade, kill -9 under supervise")
     return "\n".join(lines)
 
 
@@ -289,6 +292,25 @@ def recovery_part(args: argparse.Namespace, console: Console, summary: dict[str,
         problems.append(f"crash recovery: {rows['fio_errors']} fio verify errors")
 
 
+def restart_part(args: argparse.Namespace, console: Console, summary: dict[str, Any],
+                 problems: list[str]) -> None:
+    console.print(f"restarts: {args.restart_rounds} x {len(restart.WAYS)} restarts with the sockets kept "
+                  "under fio --verify in a guest ...")
+    with tempfile.TemporaryDirectory(prefix="vhost-pv-bench-") as tmp:
+        rows = restart.restart_rows(Path(tmp), rounds=args.restart_rounds)
+    table = Table(title="restarts the guest does not notice: listening sockets kept across the restart, "
+                        f"fio --verify in a TCG guest (QEMU reconnect={restart.RECONNECT_S}, whole seconds "
+                        "in QEMU 7.2)")
+    for column in ("row", "value", "goal"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    for row in restart.table_rows(rows):
+        table.add_row(*row)
+    console.print(table)
+    summary["restart"] = rows
+    if rows["fio_errors"]:
+        problems.append(f"restart: {rows['fio_errors']} fio verify or probe errors")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,6 +341,9 @@ def main() -> int:
                         "(default: all)")
     parser.add_argument("--kills", type=int, default=5,
                         help="crash recovery: daemon kills under the guest (default 5)")
+    parser.add_argument("--restart-rounds", type=int, default=2,
+                        help=f"restart: guests, each through the {len(restart.WAYS)} ways to restart "
+                        "(default 2)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.loadgen_runtime = args.loadgen_runtime or args.runtime or 5
@@ -342,7 +367,7 @@ def main() -> int:
 
     if parts & {"loadgen-direct", "loadgen-buffered", "loadgen-dangling", "rss"}:
         attempt("loadgen", lambda: loadgen_parts(args, parts, console, summary, problems))
-    guest_parts = parts & {"guest", "dangling", "recovery"}
+    guest_parts = parts & {"guest", "dangling", "recovery", "restart"}
     if guest_parts:
         before = len(problems)
         attempt("guest image", ensure_guest_image)
@@ -356,6 +381,8 @@ def main() -> int:
         attempt("metadata fs", lambda: metadata_part(console, summary))
     if "recovery" in guest_parts:
         attempt("crash recovery", lambda: recovery_part(args, console, summary, problems))
+    if "restart" in guest_parts:
+        attempt("restart", lambda: restart_part(args, console, summary, problems))
 
     elapsed = time.monotonic() - started
     console.print(f"bench took {elapsed / 60:.1f} min; "

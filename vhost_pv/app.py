@@ -18,6 +18,7 @@ from vhost_pv.control import handlers
 from vhost_pv.control.server import ControlServer
 from vhost_pv.guard.alerts import AlertHub
 from vhost_pv.guard.containers import EngineWatcher, ProcessWatcher
+from vhost_pv.handover import handover
 from vhost_pv.meta.store import MetadataStore
 from vhost_pv.service.frontends import FrontendService, MetadataFsFrontend
 from vhost_pv.service.runtime import RuntimeVolumes
@@ -135,6 +136,7 @@ class App:
         log.info("SIGHUP: metadata policy reloaded from %s", self.config.meta_policy)
 
     async def _start(self) -> None:
+        handover().load()  # listeners passed by the service manager, before anything listens
         self.config.socket_dir.mkdir(parents=True, exist_ok=True)
         self.runtime.start()
         if self.volumes.failed and not self.volumes.served and self.config.state_dir is None:
@@ -165,6 +167,7 @@ class App:
             await self._start_metrics(*self.config.metrics)
         # The control socket comes last: once it answers, everything else is up.
         await self.control.start()
+        handover().drop_unclaimed()
         if self.process_watcher is not None:
             await self.process_watcher.start()
         if self.engine_watcher is not None:

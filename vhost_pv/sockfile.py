@@ -29,6 +29,8 @@ import struct
 import time
 from pathlib import Path
 
+from vhost_pv.handover import bound_file, handover
+
 
 @dataclasses.dataclass(frozen=True)
 class PeerCredentials:
@@ -140,7 +142,12 @@ class SocketClaim:
         self._lock_fd = fd
 
     def listen(self, backlog: int = 16) -> socket.socket:
-        """Remove a stale socket (we hold the lock: nobody serves it) and bind, mode 0600."""
+        """Remove a stale socket (we hold the lock: nobody serves it) and bind, mode 0600.
+        A listener the service manager passed for this path is adopted instead (see
+        vhost_pv.handover); every listener goes to the manager's fd store, if there is one."""
+        adopted = self._adopt()
+        if adopted is not None:
+            return adopted
         try:
             if self.path.is_socket() or self.path.is_symlink():
                 self.path.unlink()
@@ -162,6 +169,33 @@ class SocketClaim:
         finally:
             os.umask(old_umask)
         sock.setblocking(False)
+        handover().created_listener(self.path, sock)
+        return sock
+
+    def _adopt(self) -> socket.socket | None:
+        """The passed listener for our path, if any. We hold the lock, so the socket file at
+        the path is the one the previous holder bound and passed on: it becomes ours."""
+        sock = handover().take(self.path)
+        if sock is None:
+            return None
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            st = None
+        bound = bound_file(sock)
+        if st is None or not stat.S_ISSOCK(st.st_mode) or (
+                bound is not None and bound != (st.st_dev, st.st_ino)):
+            # Nobody can reach a listener whose file is gone or was replaced (a daemon started
+            # by hand in between, killed since): it leaves the store, a new one is bound.
+            logging.getLogger("vhost_pv.daemon").warning(
+                "%s: a listener was passed for it but the socket file is %s; listening anew",
+                self.path, "gone" if st is None or not stat.S_ISSOCK(st.st_mode) else "another socket's")
+            sock.close()
+            handover().forget(self.path, stored=True)
+            return None
+        self._inode = (st.st_dev, st.st_ino)
+        handover().adopted_listener(self.path, sock)
+        logging.getLogger("vhost_pv.daemon").info("%s: adopted the passed listener", self.path)
         return sock
 
     def _unlink_if_ours(self) -> None:
@@ -173,8 +207,15 @@ class SocketClaim:
                 self.path.unlink()
         self._inode = None
 
-    def release(self) -> None:
-        """Unlink our socket (only if it still is ours), then the lock file, then unlock."""
+    def release(self, *, for_good: bool = False) -> None:
+        """Unlink our socket (only if it still is ours), then the lock file, then unlock.
+        A listener that outlives the process (passed, or in the manager's fd store) keeps its
+        file: the next process serves it. `for_good`: the path is not served any more, so it
+        leaves the store and its file goes too."""
+        if for_good:
+            handover().forget(self.path)
+        if handover().keeps(self.path):
+            self._inode = None
         self._unlink_if_ours()
         if self._lock_fd >= 0:
             # Unlinked while locked: whoever opened the old file re-checks the inode.

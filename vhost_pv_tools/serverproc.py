@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Self
 
 
 class ServerError(RuntimeError):
@@ -50,20 +51,30 @@ class ServerProcess:
     def socket_for(self, volume: Path | str) -> Path:
         return self.socket_dir / f"{Path(volume).stem}.sock"
 
-    def start(self) -> ServerProcess:
-        self.socket_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            *self.prefix,
-            sys.executable, "-m", "vhost_pv.cli", "serve",
+    def serve_args(self) -> list[str]:
+        return [
+            "serve",
             "--socket-dir", str(self.socket_dir),
             "--control", str(self.control),
             "--queues", str(self.queues),
             *self.extra_args,
             *map(str, self.volumes),
         ]
+
+    def command(self) -> list[str]:
+        return [*self.prefix, sys.executable, "-m", "vhost_pv.cli", *self.serve_args()]
+
+    def start(self) -> Self:
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             env={**os.environ, **self.env} if self.env else None)
+        self.wait_listening()
+        return self
+
+    def wait_listening(self) -> None:
+        """Until the control socket accepts and every volume socket file is there."""
+        assert self.process is not None
         wanted = [self.control, *(self.socket_for(v) for v in self.volumes)]
         deadline = time.monotonic() + self.start_timeout
         while not (all(p.exists() for p in wanted) and self._control_listening()):
@@ -73,7 +84,6 @@ class ServerProcess:
                 self.kill()
                 raise ServerError(f"vhost-pv serve did not create its sockets:\n{self.log()}")
             time.sleep(0.05)
-        return self
 
     def _control_listening(self) -> bool:
         """The socket file appears at bind(), before listen(): only a connect proves it is up.
@@ -130,7 +140,7 @@ class ServerProcess:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -145,3 +155,56 @@ class ServerProcess:
                 raise ServerError(f"vhost-pv serve exited with {code}:\n{self.log()}")
         else:
             self.kill()
+
+
+class SupervisedServer(ServerProcess):
+    """`vhost-pv supervise -- serve ...`: the daemon as the supervisor's child, its listening
+    sockets kept across restarts. `process` is the supervisor; the daemon is `child_pid`."""
+
+    def __init__(self, volumes: Sequence[Path], workdir: Path, *, standby: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(volumes, workdir, **kwargs)
+        self.pid_file = workdir / "supervise.pid"
+        self.standby = standby
+        self.extra_supervise_args: list[str] = []
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "vhost_pv.cli", "supervise", "--pid-file", str(self.pid_file),
+                *([] if self.standby else ["--no-standby"]), *self.extra_supervise_args,
+                "--", *self.serve_args()]
+
+    def child_pid(self, timeout: float = 30.0) -> int:
+        """The daemon's pid, from its own control socket (so: once it answers)."""
+        from vhost_pv.control import client
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return int(client.status(self.control)["pid"])
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def wait_new_child(self, old: int, timeout: float = 30.0) -> int:
+        """The pid of the daemon that replaced `old`, once it answers on the control socket."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self.child_pid(timeout)
+            if pid != old:
+                return pid
+            if time.monotonic() > deadline:
+                raise ServerError(f"the daemon was not restarted:\n{self.log()}")
+            time.sleep(0.02)
+
+    def kill_child(self) -> int:
+        """kill -9 the daemon (not the supervisor); its pid."""
+        pid = self.child_pid()
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def graceful_restart(self) -> int:
+        """SIGUSR2 to the supervisor; the old daemon's pid."""
+        pid = self.child_pid()
+        os.kill(self.pid, signal.SIGUSR2)
+        return pid

@@ -36,6 +36,7 @@ EXIT_INTERRUPTED = 130
 # in the order `vhost-pv --help` lists them.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("serve", "serve", "serve volumes to vhost-user-blk frontends"),
+    ("supervise", "supervise", "run serve, restart it at once, keep its sockets across restarts"),
     ("status", "admin", "ask a running daemon for its state"),
     ("ls", "admin", "one line per served volume: state, dangling age, ring, time limit"),
     ("add", "admin", "serve one more volume file, with its own options"),
@@ -60,7 +61,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 )
 
 EPILOG = """commands by audience:
-  serve                                         the daemon
+  serve supervise                               the daemon (supervise: restarts keep its sockets)
   status ls add remove ioctl reclaim bind set   a running daemon, through its control socket
   bind-vm delete alerts ring-ctl meta meta-relay
   create inspect ring verify set-file           volume files, no daemon needed

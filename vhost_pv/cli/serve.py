@@ -108,6 +108,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ValueError as exc:  # PolicyError, and a file that is not UTF-8
             render.error(str(exc))
             return EXIT_FAILED
+    from vhost_pv.handover import exit_now_if_handed_over, wait_for_turn
+
+    if not wait_for_turn():  # a standby under `vhost-pv supervise` whose turn never came
+        return EXIT_OK
     # A volume that cannot be opened does not stop the others: the daemon logs it, alerts
     # and lists it in status (see VolumeService._open_volume).
     try:
@@ -118,6 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (HeaderError, RingError, ValueError) as exc:
         render.error(str(exc))
         return EXIT_FAILED
+    exit_now_if_handed_over(EXIT_OK)  # a restart: the next daemon waits for our exit
     return EXIT_OK
 
 

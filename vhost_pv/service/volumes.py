@@ -320,18 +320,20 @@ class VolumeService:
     async def close(self) -> None:
         """Stop serving every volume."""
         for served in list(self.served.values()):
-            await self._retire(served)
+            await self._retire(served, for_good=False)  # the daemon stops: the next one serves it
         self.served.clear()
 
-    async def _retire(self, served: ServedVolume) -> None:
-        """Stop serving one volume: listener, connection, guard, data path."""
+    async def _retire(self, served: ServedVolume, *, for_good: bool = True) -> None:
+        """Stop serving one volume: listener, connection, guard, data path. `for_good` (unless
+        the whole daemon stops): not served by the next daemon either, so its listener leaves
+        the service manager's fd store and its socket file goes."""
         if served.accept_task is not None:
             served.accept_task.cancel()
         if served.listener is not None:
             served.listener.close()
             served.listener = None
         if served.claim is not None:
-            served.claim.release()  # unlinks the socket only if it still is the one we bound
+            served.claim.release(for_good=for_good)  # unlinks the socket only if it still is ours
             served.claim = None
         if served.connection is not None:
             served.connection.task.cancel()
@@ -392,7 +394,7 @@ class VolumeService:
             served.listener.close()
             served.listener = None
         if served.claim is not None:
-            served.claim.release()
+            served.claim.release(for_good=True)  # removed: out of the fd store, file unlinked
             served.claim = None
 
     @staticmethod
