@@ -142,14 +142,24 @@ class PrefixFormatter(logging.Formatter):
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+_OURS = "_vhost_pv_logsetup"
+"""Marks the handler configure() installed."""
+
+
 def configure(level: int, *, stream: TextIO | None = None, journal_socket: str = JOURNAL_SOCKET) -> str:
-    """Set up the root logger; returns which way was chosen ("journal", "prefixed", "plain")."""
+    """Set up the root logger; returns which way was chosen ("journal", "prefixed", "plain",
+    or "inherited" when the root already has handlers of someone else's)."""
     stream = stream or sys.stderr
     root = logging.getLogger()
-    for old in list(root.handlers):
+    # Only a handler this function installed is replaced. Handlers someone else put on the
+    # root (a program embedding the CLI, pytest's capture) are theirs: as logging.basicConfig
+    # does, the root is then left as it is, but for the level.
+    for old in [h for h in root.handlers if getattr(h, _OURS, False)]:
         root.removeHandler(old)
         old.close()
     root.setLevel(level)
+    if root.handlers:
+        return "inherited"
     chosen = "plain"
     handler: logging.Handler
     if stderr_is_journal(stream):
@@ -163,5 +173,6 @@ def configure(level: int, *, stream: TextIO | None = None, journal_socket: str =
     else:
         handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+    setattr(handler, _OURS, True)
     root.addHandler(handler)
     return chosen

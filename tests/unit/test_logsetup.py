@@ -22,14 +22,18 @@ from vhost_pv import logsetup
 @pytest.fixture(autouse=True)
 def _restore_root_logger() -> Iterator[None]:
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    level = root.level
     yield
-    for handler in list(root.handlers):
+    for handler in [h for h in root.handlers if getattr(h, logsetup._OURS, False)]:
         root.removeHandler(handler)
         handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
     root.setLevel(level)
+
+
+def _bare_root() -> None:
+    """The root as a fresh process has it: no handlers. pytest adds its capture handlers at
+    the start of each test phase (and removes them at its end), so this runs in the test."""
+    logging.getLogger().handlers = []
 
 
 @pytest.fixture
@@ -66,6 +70,7 @@ def test_journal_native_protocol(tmp_path: Path, stderr_file: TextIO) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         listener.bind(str(journal))
         listener.settimeout(5)
+        _bare_root()
         assert logsetup.configure(logging.INFO, stream=stderr_file, journal_socket=str(journal)) == "journal"
         log = logging.getLogger("vhost_pv.daemon")
         log.warning("%s: now DANGLING by %s", "vol0", "engine",
@@ -114,6 +119,7 @@ def _line_of(text: str) -> int:
 
 
 def test_prefixed_lines_without_the_journal_socket(tmp_path: Path, stderr_file: TextIO) -> None:
+    _bare_root()
     assert logsetup.configure(logging.DEBUG, stream=stderr_file,
                               journal_socket=str(tmp_path / "absent")) == "prefixed"
     log = logging.getLogger("vhost_pv.daemon")
@@ -140,6 +146,7 @@ def test_plain_text_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     st = os.stat(other)
     monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
     with open(tmp_path / "stderr", "w+") as stream:
+        _bare_root()
         assert logsetup.configure(logging.INFO, stream=stream, journal_socket=str(tmp_path)) == "plain"
         logging.getLogger("vhost_pv.daemon").warning("vol0: now DANGLING")
         stream.seek(0)
@@ -148,3 +155,20 @@ def test_plain_text_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
                         line)
     monkeypatch.delenv("JOURNAL_STREAM")
     assert not logsetup.stderr_is_journal()
+
+
+def test_someone_elses_handlers_are_left_alone(tmp_path: Path) -> None:
+    """A program embedding the CLI (or pytest) configured logging: configure() leaves its
+    handlers in place and adds none (as logging.basicConfig does); its own handler from an
+    earlier call is replaced, not doubled."""
+    with open(tmp_path / "a", "w+") as first, open(tmp_path / "b", "w+") as second:
+        _bare_root()
+        assert logsetup.configure(logging.INFO, stream=first) == "plain"
+        assert logsetup.configure(logging.INFO, stream=second) == "plain"
+        root = logging.getLogger()
+        assert len(root.handlers) == 1
+        theirs = logging.StreamHandler(first)
+        root.addHandler(theirs)
+        root.removeHandler(root.handlers[0])
+        assert logsetup.configure(logging.DEBUG, stream=second) == "inherited"
+        assert root.handlers == [theirs] and root.level == logging.DEBUG
