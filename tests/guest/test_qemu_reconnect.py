@@ -8,13 +8,11 @@ second time (the guest sees a used id it no longer owns) and others never (fio h
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-from support.guestio import read_data, text_pattern, wait_console
+from support.guestio import fio_jobs, fio_rounds_job, read_data, text_pattern, wait_console
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import ReclaimMode
@@ -31,27 +29,7 @@ DAEMON_ARGS = ["--direct"]
 # fio rounds over the disk: random 4k writes at depth 32 (reads in between, both completing
 # out of order), then a verify pass over everything written. A lost write, a request
 # completed twice or one never completed shows as a verify error or as a hang.
-GUEST_JOB = """
-set -e
-echo FIO-START
-for round in 1 2 3 4; do
-  fio --name=v$round --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=32 \\
-      --rw=randrw --rwmixread=30 --bs=4k --size={size}M --verify=crc32c --verify_fatal=1 \\
-      --randseed=$round --output-format=json --output=/tmp/fio$round.json
-  echo "=== BEGIN fio$round ==="
-  cat /tmp/fio$round.json
-  echo "=== END fio$round ==="
-done
-echo FIO-ROUNDS-DONE
-"""
-
-
-def fio_jobs(console: str) -> list[dict[str, Any]]:
-    jobs: list[dict[str, Any]] = []
-    for text in re.findall(r"=== BEGIN fio\d+ ===\r?\n(.*?)=== END fio\d+ ===", console, re.DOTALL):
-        text = text.replace("\r\n", "\n")
-        jobs.extend(json.loads(text[text.index("{"):])["jobs"])
-    return jobs
+GUEST_JOB = fio_rounds_job(rounds=4, iodepth=32, size_mib=DISK_MIB // 2)
 
 
 def requests(server: ServerProcess) -> int:
@@ -75,7 +53,7 @@ def test_daemon_sigkill_and_restart_under_fio_verify(guest_image: GuestImage, tm
     server = ServerProcess([path], workdir, extra_args=DAEMON_ARGS).start()
     try:
         disk = VhostUserBlkDisk(server.socket_for(path), reconnect=1)
-        with start_guest(GUEST_JOB.format(size=DISK_MIB // 2), disks=[disk], image=guest_image) as guest:
+        with start_guest(GUEST_JOB, disks=[disk], image=guest_image) as guest:
             wait_for(lambda: "FIO-START" in guest.console_so_far(), "fio never started", 120,
                      guest.console_so_far)
             restarts = 0

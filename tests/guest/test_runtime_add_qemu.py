@@ -4,13 +4,10 @@ removed again beside it: the guest sees no error and no verify failure."""
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
-from typing import Any
 
 from support.attach import Guest, pattern, run_cli
-from support.guestio import wait_console
+from support.guestio import fio_jobs, fio_rounds_job, wait_console
 
 from vhost_pv.control import client
 from vhost_pv.volume.volume import CreateOptions, create_volume
@@ -19,27 +16,7 @@ from vhost_pv_tools.serverproc import ServerProcess
 
 MiB = 1 << 20
 
-GUEST_JOB = """
-set -e
-echo FIO-START
-for round in 1 2 3; do
-  fio --name=v$round --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 \\
-      --rw=randrw --rwmixread=30 --bs=4k --size=16M --verify=crc32c --verify_fatal=1 \\
-      --randseed=$round --output-format=json --output=/tmp/fio$round.json
-  echo "=== BEGIN fio$round ==="
-  cat /tmp/fio$round.json
-  echo "=== END fio$round ==="
-done
-echo FIO-ROUNDS-DONE
-"""
-
-
-def _fio_jobs(console: str) -> list[dict[str, Any]]:
-    jobs: list[dict[str, Any]] = []
-    for text in re.findall(r"=== BEGIN fio\d+ ===\r?\n(.*?)=== END fio\d+ ===", console, re.DOTALL):
-        text = text.replace("\r\n", "\n")
-        jobs.extend(json.loads(text[text.index("{"):])["jobs"])
-    return jobs
+GUEST_JOB = fio_rounds_job(rounds=3, iodepth=16, size_mib=16)
 
 
 def _ctl(server: ServerProcess, *args: str) -> None:
@@ -77,7 +54,7 @@ def test_guest_on_an_added_volume_is_not_disturbed_by_another_add_and_remove(
             wait_console(guest, "FIO-ROUNDS-DONE", timeout=600)
             console = guest.console_so_far()
         status = client.status(server.control)
-    jobs = _fio_jobs(console)
+    jobs = fio_jobs(console)
     assert len(jobs) == 3, console[-3000:]
     for job in jobs:
         assert job["error"] == 0, console[-3000:]

@@ -13,19 +13,17 @@ the guest wants it). Keys under secrets/ need that token in `X-Metadata-Token`.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from vhost_pv.guarded_http import GuardedHttpServer
 from vhost_pv.meta.store import MetadataError, MetadataStore, Tree, listing
-from vhost_pv.sockfile import Acceptor, fds_free, watch_task
 
 log = logging.getLogger("vhost_pv.meta.http")
 
@@ -36,8 +34,6 @@ BOOT_TOKEN_PATH = "instance/boot-token"
 MAX_WAIT_S = 300.0
 MAX_CONNECTIONS = 32
 """HTTP connections at once (any local user can connect): more are closed at accept."""
-FD_RESERVE = 64
-"""fds kept free for the vhost-user sockets: no HTTP connection is taken below this."""
 
 Alert = Callable[..., object]
 """raise_alert(kind, volume, message, severity=..., **details)"""
@@ -56,110 +52,26 @@ class MetadataHttpServer:
         """A connection with no request in a handler for this long is closed: slow headers
         (slowloris), idle keep-alive, or a connection that never sends anything."""
         self.refused = 0
-        self.dropped = 0
-        self._runner: web.AppRunner | None = None
-        self._listener: socket.socket | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        # Open connections: [deadline (monotonic), requests in a handler now].
-        self._connections: dict[asyncio.Transport, list[float]] = {}
+        self._http = GuardedHttpServer(self._handle_request, host, port, what="metadata http", logger=log,
+                                       idle_timeout=idle_timeout, max_connections=MAX_CONNECTIONS)
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        # access_log=None: paths only, but keep logs ours.
-        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.idle_timeout)
-        await self._runner.setup()
-        # Our own listener and accept loop rather than aiohttp's site: under uvloop an accept()
-        # error (EMFILE...) closes a server's listener for good; and each connection is
-        # counted and given a deadline here.
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-            sock.listen(128)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            await self._runner.cleanup()
-            self._runner = None
-            raise
-        self._listener = sock
-        self.port = int(sock.getsockname()[1])  # ephemeral: learn what the kernel gave
-        self._tasks = [watch_task(asyncio.create_task(self._accept_loop(), name="metadata-http-accept"), log),
-                       watch_task(asyncio.create_task(self._expire_loop(), name="metadata-http-expire"), log)]
+        await self._http.start()
+        self.port = self._http.port  # ephemeral: what the kernel gave
         log.info("metadata server for VM %s on http://%s:%d%s", self.store.vm, self.host, self.port, PREFIX)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        for transport in self._connections:
-            transport.abort()
-        self._connections.clear()
+        await self._http.close()
 
-    async def _accept_loop(self) -> None:
-        assert self._listener is not None and self._runner is not None
-        loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
-        acceptor = Acceptor(self._listener, "metadata http", log)
-        while True:
-            sock = await acceptor.accept()
-            self._forget_closed()
-            if len(self._connections) >= MAX_CONNECTIONS or not fds_free(FD_RESERVE):
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 1000 == 0:
-                    log.warning("metadata: connection closed at accept: %d open, or fds short "
-                                "(%d dropped in all)", len(self._connections), self.dropped)
-                sock.close()
-                continue
-            try:
-                transport, _ = await loop.connect_accepted_socket(server, sock)
-            except OSError as exc:
-                log.warning("metadata: cannot set up a connection: %s", exc)
-                sock.close()
-                continue
-            self._connections[transport] = [time.monotonic() + self.idle_timeout, 0]
-
-    def _forget_closed(self) -> None:
-        for transport in [t for t in self._connections if t.is_closing()]:
-            del self._connections[transport]
-
-    async def _expire_loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
-            now = time.monotonic()
-            self._forget_closed()
-            for transport, (deadline, active) in list(self._connections.items()):
-                if not active and now >= deadline:
-                    log.info("metadata: closing a connection with no complete request for %g s",
-                             self.idle_timeout)
-                    transport.abort()
-                    del self._connections[transport]
+    @property
+    def dropped(self) -> int:
+        """Connections closed at accept (too many open, or fds short)."""
+        return self._http.dropped
 
     def _refuse(self, request: web.Request, status: int, why: str) -> web.Response:
         self.refused += 1
         log.warning("metadata: refused %s %s from %s: %s", request.method, request.path, request.remote, why)
         return web.Response(status=status, text=why + "\n", headers={"Metadata-Flavor": FLAVOR})
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        entry = self._connections.get(request.transport) if request.transport else None
-        if entry is not None:
-            entry[1] += 1
-        try:
-            return await self._handle_request(request)
-        finally:
-            if entry is not None:
-                entry[1] -= 1
-                entry[0] = time.monotonic() + self.idle_timeout
 
     async def _handle_request(self, request: web.Request) -> web.StreamResponse:
         if request.method != "GET":

@@ -327,14 +327,7 @@ class VolumeService:
         """Stop serving one volume: listener, connection, guard, data path. `for_good` (unless
         the whole daemon stops): not served by the next daemon either, so its listener leaves
         the service manager's fd store and its socket file goes."""
-        if served.accept_task is not None:
-            served.accept_task.cancel()
-        if served.listener is not None:
-            served.listener.close()
-            served.listener = None
-        if served.claim is not None:
-            served.claim.release(for_good=for_good)  # unlinks the socket only if it still is ours
-            served.claim = None
+        self._stop_listening(served, for_good=for_good)
         if served.connection is not None:
             served.connection.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -387,14 +380,17 @@ class VolumeService:
             await self._retire(served)
 
     @staticmethod
-    def _stop_listening(served: ServedVolume) -> None:
+    def _stop_listening(served: ServedVolume, *, for_good: bool = True) -> None:
+        """No more frontends for this volume. `for_good` (unless the whole daemon stops): not
+        served by the next daemon either, so its listener leaves the service manager's fd
+        store and its socket file goes; otherwise the file stays for the next daemon."""
         if served.accept_task is not None:
             served.accept_task.cancel()
         if served.listener is not None:
             served.listener.close()
             served.listener = None
         if served.claim is not None:
-            served.claim.release(for_good=True)  # removed: out of the fd store, file unlinked
+            served.claim.release(for_good=for_good)  # unlinks the socket only if it still is ours
             served.claim = None
 
     @staticmethod
