@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,6 +164,14 @@ def _connector(listener: socket.socket, *argv: str) -> subprocess.Popen[str]:
     return process
 
 
+def _execed(process: subprocess.Popen[bytes], marker: bytes) -> None:
+    """Until the child has exec'd: between fork and exec its cmdline is still ours."""
+    deadline = time.monotonic() + 30
+    while marker not in Path(f"/proc/{process.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the child never exec'd"
+        time.sleep(0.01)
+
+
 def _end(process: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.kill()
@@ -209,6 +218,7 @@ def test_a_process_that_exits_mid_check_is_refused() -> None:
     be another process's), and the reader refuses what it read."""
     process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "-name", "guest=vm7"],
                                stdin=subprocess.PIPE)
+    _execed(process, b"guest=vm7")
     pidfd = os.pidfd_open(process.pid)
     ended: list[int] = []
 
@@ -226,6 +236,7 @@ def test_a_process_that_exits_mid_check_is_refused() -> None:
     # The same reader on a live process of the same command line reads it.
     again = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "-name", "guest=vm7"],
                              stdin=subprocess.PIPE)
+    _execed(again, b"guest=vm7")
     pidfd = os.pidfd_open(again.pid)
     try:
         assert read_identity(pidfd, again.pid).vm_name == "vm7"
