@@ -9,13 +9,13 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.nobody import NOBODY, python_for_nobody
 
 from vhost_pv.control import client
 from vhost_pv.control.wire import (
@@ -28,9 +28,6 @@ from vhost_pv.control.wire import (
 )
 from vhost_pv.volume.volume import CreateOptions, create_volume, read_header
 from vhost_pv_tools.serverproc import ServerProcess
-
-NOBODY = 65534
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -228,50 +225,31 @@ print("allowed", len(status["volumes"]))
 """
 
 
-def _nobody_python() -> tuple[list[str], dict[str, str]]:
-    """An interpreter uid 65534 can execute, and an environment that finds vhost_pv with it.
-
-    The venv's python may live below a directory only root can enter (e.g. /root/.pyenv); then
-    fall back to the system python3 with the venv's site-packages on the path.
-    """
-    site = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": "/tmp",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), *site]),
-    }
-    for candidate in (str(REPO / ".venv" / "bin" / "python"), sys.executable, "/usr/bin/python3"):
-        try:
-            probe = subprocess.run(
-                [candidate, "-c", "import vhost_pv.control.client"],
-                user=NOBODY, group=NOBODY, extra_groups=[], env=env, cwd="/tmp",
-                capture_output=True, timeout=30, check=False,
-            )
-        except (PermissionError, FileNotFoundError):
-            continue
-        if probe.returncode == 0:
-            return [candidate], env
-    pytest.skip("no python interpreter that uid 65534 can run")
+@pytest.fixture(scope="module")
+def nobody() -> Iterator[tuple[str, dict[str, str]]]:
+    """An interpreter and environment with which uid 65534 runs this checkout's code."""
+    with python_for_nobody() as found:
+        yield found
 
 
-def _run_as_nobody(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    python, env = _nobody_python()
+def _run_as_nobody(nobody: tuple[str, dict[str, str]], argv: list[str]) -> subprocess.CompletedProcess[str]:
+    python, env = nobody
     return subprocess.run(
-        [*python, *argv], user=NOBODY, group=NOBODY, extra_groups=[], env=env, cwd="/tmp",
+        [python, *argv], user=NOBODY, group=NOBODY, extra_groups=[], env=env, cwd="/tmp",
         capture_output=True, text=True, timeout=30, check=False,
     )
 
 
 @pytest.mark.timeout(60)
-def test_peercred_refuses_other_uid(server: ServerProcess, volume: Path, workdir: Path) -> None:
+def test_peercred_refuses_other_uid(server: ServerProcess, volume: Path, workdir: Path,
+                                    nobody: tuple[str, dict[str, str]]) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to run a client under another uid")
     # Open the file permissions wide: only the SO_PEERCRED check stands in the way.
     assert stat.S_IMODE(workdir.stat().st_mode) == 0o755
     os.chmod(server.control, 0o666)
 
-    result = _run_as_nobody(["-c", _CLIENT_SCRIPT, str(server.control)])
+    result = _run_as_nobody(nobody, ["-c", _CLIENT_SCRIPT, str(server.control)])
     assert result.returncode == 3, (result.stdout, result.stderr)
     assert "permission denied: uid not allowed" in result.stderr
     assert f"status {-errno.EACCES}" in result.stderr
@@ -279,7 +257,7 @@ def test_peercred_refuses_other_uid(server: ServerProcess, volume: Path, workdir
     assert "Traceback" not in result.stderr
 
     # The CLI says the same, without a traceback.
-    cli = _run_as_nobody(["-m", "vhost_pv.cli", "status", "--control", str(server.control)])
+    cli = _run_as_nobody(nobody, ["-m", "vhost_pv.cli", "status", "--control", str(server.control)])
     assert cli.returncode == 1, (cli.stdout, cli.stderr)
     assert "permission denied" in cli.stderr
     assert "Traceback" not in cli.stderr
@@ -319,13 +297,14 @@ print(json.dumps(outcomes))
 
 
 @pytest.mark.timeout(60)
-def test_peercred_refusal_answers_every_request(server: ServerProcess, volume: Path) -> None:
+def test_peercred_refusal_answers_every_request(server: ServerProcess, volume: Path,
+                                                nobody: tuple[str, dict[str, str]]) -> None:
     # A plain write-then-read client must always see the refusal, never a broken pipe: the daemon
     # reads the request before it answers and hangs up.
     if os.getuid() != 0:
         pytest.skip("needs root to run a client under another uid")
     os.chmod(server.control, 0o666)
-    result = _run_as_nobody(["-c", _RAW_REFUSAL_SCRIPT, str(server.control)])
+    result = _run_as_nobody(nobody, ["-c", _RAW_REFUSAL_SCRIPT, str(server.control)])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {f"status={-errno.EACCES} seq_echoed=True": 100}
     assert server.log().count(f"uid={NOBODY}") == 100
@@ -343,14 +322,14 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
 
 @pytest.mark.timeout(60)
 def test_vhost_user_socket_refuses_uid_not_recorded_in_the_volume(
-    server: ServerProcess, volume: Path, workdir: Path
+    server: ServerProcess, volume: Path, workdir: Path, nobody: tuple[str, dict[str, str]]
 ) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to run a frontend under another uid")
     vhost_socket = server.socket_for(volume)
     assert stat.S_IMODE(vhost_socket.stat().st_mode) == 0o600
     os.chmod(vhost_socket, 0o666)  # only the SO_PEERCRED check against the volume remains
-    result = _run_as_nobody(["-c", _FRONTEND_SCRIPT, str(vhost_socket)])
+    result = _run_as_nobody(nobody, ["-c", _FRONTEND_SCRIPT, str(vhost_socket)])
     assert result.returncode == 0 and result.stdout.strip() == "eof", (result.stdout, result.stderr)
     log = server.log()
     assert "refused frontend" in log and f"uid={NOBODY}" in log and "not allowed to attach" in log

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from support.attach import Guest, pattern
 from support.daemon_status import volume_entry, wait_until
+from support.nobody import NOBODY, python_for_nobody
 
 from vhost_pv.control import client
 from vhost_pv.guard.containers import ProcessWatcher
@@ -29,7 +30,7 @@ from vhost_pv.volume.volume import CreateOptions, create_volume
 from vhost_pv_tools.serverproc import ServerError, ServerProcess
 
 MiB = 1 << 20
-UID = GID = 65534  # nobody / nogroup
+UID = GID = NOBODY  # nobody / nogroup
 CAP_NET_ADMIN = 12
 
 
@@ -48,10 +49,9 @@ _DENY_WRITE_EXECUTE = _MDWE + (
 )
 
 
-REPO = Path(__file__).resolve().parents[2]
-# The interpreter the unprivileged daemon runs: the venv's, at a path that uid can reach
-# (see the `home` fixture: a clone under /root, mode 0700, is reached through a bind mount).
-_python = [sys.executable]
+# The interpreter the unprivileged daemon runs, and its environment (support.nobody: the
+# checkout is bind-mounted where that uid can reach it if need be); set by `home`.
+_python: list[str] = []
 _env: dict[str, str] = {}
 
 
@@ -64,39 +64,21 @@ def _setpriv(*caps: str) -> list[str]:
             *_python, "-c", _DENY_WRITE_EXECUTE]
 
 
-def _reachable(python: str, path: Path) -> bool:
-    probe = subprocess.run(["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", python,
-                            "-c", "import vhost_pv._native"], cwd="/", capture_output=True,
-                           timeout=60, env={**os.environ, "PYTHONPATH": str(path)})
-    return probe.returncode == 0
-
-
 @pytest.fixture
 def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A directory the unprivileged uid owns (pytest's tmp_path is private to root). When the
-    checkout itself is out of that uid's reach (a clone under /root, mode 0700), the checkout
-    is bind-mounted read-only under it and the daemon imported from there."""
+    """A directory the unprivileged uid owns (pytest's tmp_path is private to root)."""
     path = Path(tempfile.mkdtemp(prefix="vhost-pv-lp-", dir="/tmp"))
     os.chmod(path, 0o755)
-    mounted: Path | None = None
     try:
         for sub in ("run", "run/sockets", "volumes"):
             (path / sub).mkdir(exist_ok=True)
         for entry in (path / "run", path / "run/sockets", path / "volumes"):
             os.chown(entry, UID, GID)
-        if not _reachable(sys.executable, REPO):
-            mounted = path / "repo"
-            mounted.mkdir()
-            subprocess.run(["mount", "--bind", "-o", "ro", str(REPO), str(mounted)], check=True)
-            python = mounted / Path(sys.executable).relative_to(REPO) \
-                if Path(sys.executable).is_relative_to(REPO) else Path(sys.executable)
-            assert _reachable(str(python), mounted), "the bind-mounted checkout is out of reach too"
-            monkeypatch.setattr(sys.modules[__name__], "_python", [str(python)])
-            monkeypatch.setattr(sys.modules[__name__], "_env", {"PYTHONPATH": str(mounted)})
-        yield path
+        with python_for_nobody() as (python, env):
+            monkeypatch.setattr(sys.modules[__name__], "_python", [python])
+            monkeypatch.setattr(sys.modules[__name__], "_env", env)
+            yield path
     finally:
-        if mounted is not None:
-            subprocess.run(["umount", "-l", str(mounted)], check=False)
         shutil.rmtree(path, ignore_errors=True)
 
 
