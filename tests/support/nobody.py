@@ -51,6 +51,7 @@ def _found(root: Path) -> tuple[str, dict[str, str]] | None:
 @contextlib.contextmanager
 def python_for_nobody() -> Iterator[tuple[str, dict[str, str]]]:
     """(interpreter, environment) with which uid 65534 imports this checkout's vhost_pv."""
+    assert os.getuid() == 0, "these tests run as root: they start processes as another uid"
     found = _found(REPO)
     if found is not None:
         yield found
